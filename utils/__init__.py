@@ -1,0 +1,28 @@
+"""Companion package of *Rearchitecting LLMs*: the helpers every notebook imports.
+
+    from utils import load_model, load_texts, make_dataloader, perplexity
+
+Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.architectures` (the course
+models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (datasets and
+dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
+(charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
+:mod:`~utils.results` (saving a notebook's results).
+"""
+
+from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
+from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
+from .data import DATASETS, load_records, load_texts, make_dataloader
+from .evaluation import count_parameters, measure_forward, measure_generation, perplexity, speed_ratios
+from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
+from .plots import plot_comparison, plot_layer_scores, plot_stacked
+from .profiles import describe_profile, get_profile, runs_dir
+from .results import save_results
+
+__all__ = [
+    "ARCHITECTURES", "ArchSpec", "CPU_MODEL_ID", "DATASETS", "OfflineModelMissing",
+    "build_on_meta", "count_parameters", "describe_profile", "get_profile", "get_spec",
+    "kv_cache_bytes", "kv_cache_bytes_per_token", "load_model", "load_records", "load_texts",
+    "load_tokenizer", "make_dataloader", "measure_forward", "measure_generation",
+    "parameter_breakdown", "perplexity", "plot_comparison", "plot_layer_scores", "plot_stacked",
+    "real_config", "runs_dir", "save_results", "speed_ratios", "tiny_config",
+]

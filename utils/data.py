@@ -1,0 +1,157 @@
+"""Datasets for the three profiles, and the dataloader every chapter uses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from .profiles import DATA_DIR, get_profile
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a course dataset lives in each profile."""
+
+    name: str
+    sample_file: str  # offline stand-in in data/ (cpu and tiny profiles)
+    hub_path: str  # Hugging Face Hub dataset (full profile)
+    hub_config: str | None
+    text_field: str
+    label_field: str | None = None
+    label_names: tuple[str, ...] | None = None
+    description: str = ""
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "wikitext": DatasetSpec(
+        "wikitext", "wikitext_sample.jsonl", "Salesforce/wikitext", "wikitext-2-raw-v1", "text",
+        description="encyclopedic paragraphs (general English)",
+    ),
+    "sms_spam": DatasetSpec(
+        "sms_spam", "sms_spam_sample.jsonl", "ucirvine/sms_spam", None, "sms",
+        label_field="label", label_names=("ham", "spam"),
+        description="short informal text messages labelled ham or spam",
+    ),
+    "cosmopedia": DatasetSpec(
+        "cosmopedia", "cosmopedia_sample.jsonl", "HuggingFaceTB/cosmopedia-100k", None, "text",
+        description="synthetic educational text (textbook sections, explainers, how-tos)",
+    ),
+}
+ALIASES = {"wikitext2": "wikitext", "wikitext-2": "wikitext", "sms": "sms_spam", "spam": "sms_spam"}
+
+
+def _spec(name: str) -> DatasetSpec:
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in DATASETS:
+        raise ValueError(
+            f"Unknown dataset {name!r}. Known datasets: "
+            + ", ".join(f"{k} ({v.description})" for k, v in DATASETS.items())
+        )
+    return DATASETS[key]
+
+
+def _split_of(index: int) -> str:
+    # A fixed, interleaved split for sets that ship without one: 20% test, 10% validation.
+    bucket = index % 10
+    return "test" if bucket < 2 else "validation" if bucket == 2 else "train"
+
+
+def _check_args(split: str, n: int | None) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not valid; use one of {', '.join(SPLITS)}.")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+        raise ValueError(f"n must be a positive integer (or None for all records), got {n!r}.")
+
+
+def _offline_records(spec: DatasetSpec, split: str) -> list[dict]:
+    path = DATA_DIR / spec.sample_file
+    if not path.exists():
+        raise FileNotFoundError(f"The offline sample {path} is missing; it ships with the repository "
+                                "(restore it with `git checkout -- data/`).")
+    with path.open(encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [row for i, row in enumerate(rows) if _split_of(i) == split]
+
+
+def _hub_records(spec: DatasetSpec, split: str) -> list[dict]:
+    from datasets import load_dataset  # imported here: only the full profile needs it
+
+    if spec.name == "wikitext":
+        data = load_dataset(spec.hub_path, spec.hub_config, split=split)
+        # wikitext stores one line per row; keep real paragraphs, drop headings and blank lines.
+        lines = (row["text"].strip() for row in data)
+        return [{"text": line} for line in lines if len(line) > 200 and not line.startswith("=")]
+    data = load_dataset(spec.hub_path, spec.hub_config, split="train")
+    records = []
+    for i, row in enumerate(data):
+        if _split_of(i) != split:
+            continue
+        record = {"text": row[spec.text_field]}
+        if spec.label_field:
+            record["label"] = spec.label_names[row[spec.label_field]]
+        records.append(record)
+    return records
+
+
+def load_records(name: str, *, split: str = "train", n: int | None = None) -> list[dict]:
+    """Records (dicts with at least ``"text"``) of a course dataset, for the active profile.
+
+    ``sms_spam`` records also have ``"label"`` (``"ham"`` or ``"spam"``). The ``cpu`` and
+    ``tiny`` profiles read the samples in ``data/``; ``full`` downloads the real dataset.
+    Datasets without their own splits get a fixed one: 70% train, 10% validation, 20% test.
+    """
+    spec = _spec(name)
+    _check_args(split, n)
+    records = _offline_records(spec, split) if get_profile() != "full" else _hub_records(spec, split)
+    return records[:n] if n is not None else records
+
+
+def load_texts(name: str, *, split: str = "train", n: int | None = None) -> list[str]:
+    """Texts of a course dataset: ``"wikitext"``, ``"sms_spam"`` or ``"cosmopedia"``.
+
+    Args:
+        name: dataset name (an unknown one raises ``ValueError`` listing the known ones).
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        n: keep the first ``n`` texts (default: all).
+    """
+    return [record["text"] for record in load_records(name, split=split, n=n)]
+
+
+def make_dataloader(texts: Sequence[str], tokenizer, *, batch_size: int = 8, max_length: int = 256,
+                    shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """A DataLoader of plain dicts ``{"input_ids", "attention_mask"}`` (right-padded tensors).
+
+    Plain dicts, not the tokenizer's ``BatchEncoding``: optipfair only accepts dicts. Each text
+    is truncated to ``max_length`` tokens; padding positions have ``attention_mask == 0``.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not a single string: wrap it as [text].")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty: pass at least one string (e.g. load_texts('wikitext', n=32)).")
+    if not all(isinstance(t, str) and t for t in texts):
+        raise ValueError("every item of texts must be a non-empty string.")
+    if batch_size < 1 or max_length < 2:
+        raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size} and {max_length}.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token.")
+    encoded = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    pad_id = tokenizer.pad_token_id
+
+    def collate(batch: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)

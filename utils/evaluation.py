@@ -1,0 +1,162 @@
+"""Measurements every chapter repeats: size, perplexity, speed."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters; shared (tied) tensors are counted once.
+
+    Works on models built on the ``meta`` device too.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"count_parameters expects a torch.nn.Module, got {type(model).__name__}.")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, dataloader: Iterable[dict], *, progress: bool = True,
+               desc: str = "perplexity") -> float:
+    """Token-weighted perplexity over a whole dataloader, padding excluded.
+
+    ``exp(total negative log-likelihood / number of predicted tokens)``: each position whose
+    target token is real (``attention_mask == 1``) counts once, so long and short texts weigh
+    by their length rather than per batch.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    total_nll, total_tokens = 0.0, 0
+    for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
+        input_ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                              ignore_index=-100, reduction="sum")
+        total_nll += nll.item()
+        total_tokens += int((targets != -100).sum())
+    model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("The dataloader holds no token to predict (empty, or every text is one token long).")
+    return math.exp(total_nll / total_tokens)
+
+
+def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty string or a non-empty list of non-empty strings.")
+    return prompts
+
+
+@torch.no_grad()
+def measure_generation(model, tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 32,
+                       runs: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Time greedy generation, after ``warmup`` untimed runs; medians over ``runs``.
+
+    All prompts form one left-padded batch, and exactly ``max_new_tokens`` tokens are produced
+    for each (end-of-sequence is ignored), so two models are compared on the same work.
+
+    Returns a dict with ``latency_s`` (whole generate call), ``ttft_s`` (time to first token:
+    prefill plus one step), ``tokens_per_s`` (new tokens of the batch / latency),
+    ``decode_tokens_per_s`` (tokens after the first / time after the first),
+    ``batch_size``, ``new_tokens`` and ``runs``.
+    """
+    prompts = _as_prompt_list(prompts)
+    if max_new_tokens < 2 or runs < 1 or warmup < 0:
+        raise ValueError("Use max_new_tokens >= 2, runs >= 1 and warmup >= 0.")
+    device = _device_of(model)
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only models generate after the last real token
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = previous_side
+    inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+    common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+
+    def timed(n_tokens: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=n_tokens, min_new_tokens=n_tokens, **common)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        timed(max_new_tokens)
+    ttft = statistics.median(timed(1) for _ in range(runs))
+    latency = statistics.median(timed(max_new_tokens) for _ in range(runs))
+    batch = len(prompts)
+    return {
+        "latency_s": latency,
+        "ttft_s": ttft,
+        "tokens_per_s": batch * max_new_tokens / latency,
+        "decode_tokens_per_s": batch * (max_new_tokens - 1) / max(latency - ttft, 1e-9),
+        "batch_size": batch,
+        "new_tokens": max_new_tokens,
+        "runs": runs,
+    }
+
+
+@torch.no_grad()
+def measure_forward(model, dataloader: Iterable[dict], *, runs: int = 3, warmup: int = 1) -> dict[str, float]:
+    """Forward-pass (prefill) throughput over a dataloader: real tokens per second, median of ``runs``.
+
+    Unlike token-by-token generation, a forward pass over whole sequences is dominated by
+    matrix multiplications, so its speed tracks the model's FLOPs.
+    """
+    batches = list(dataloader)
+    if not batches:
+        raise ValueError("The dataloader is empty: nothing to time.")
+    if runs < 1 or warmup < 0:
+        raise ValueError("Use runs >= 1 and warmup >= 0.")
+    device = _device_of(model)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def one_pass() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for b in batches:
+            model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                  use_cache=False)
+        _sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        one_pass()
+    seconds = statistics.median(one_pass() for _ in range(runs))
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "runs": runs}
+
+
+def speed_ratios(candidate: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """Speed-ups of ``candidate`` over ``base`` (> 1 means faster), for the keys both share.
+
+    Throughputs (keys ending in ``_per_s``) divide candidate by base; times (``_s``) divide
+    base by candidate.
+    """
+    ratios = {}
+    for key, value in candidate.items():
+        if key not in base or not isinstance(value, float):
+            continue
+        if key.endswith("_per_s"):
+            ratios[key] = value / base[key]
+        elif key.endswith("_s") or key == "seconds":
+            ratios[key] = base[key] / value
+    return ratios
