@@ -112,7 +112,7 @@ FALLBACK_MODEL_ID = "meta-llama/Llama-3.2-1B"
 
 #: Width of every tiny model (hidden size) and of each attention head.
 TINY_HIDDEN = 64
-TINY_HEAD_DIM = 16
+TINY_HEAD_DIM = 8
 
 
 def get_spec(model_id: str) -> ArchSpec:
@@ -171,7 +171,7 @@ def tiny_config(model_id: str, vocab_size: int, *, hidden_size: int = TINY_HIDDE
 
     Keeps: family, number of decoder layers, attention kind (MHA/GQA/MQA), MLP expansion
     ratio (rounded to a multiple of 16), tied embeddings, Gemma 3's sliding/full pattern.
-    Shrinks: width to ``hidden_size`` (default 64), heads to 4 of 16 dimensions, vocabulary
+    Shrinks: width to ``hidden_size`` (default 64), heads to 8 of 8 dimensions, vocabulary
     to the tiny tokenizer's ``vocab_size``. ``special_token_ids`` (``bos_token_id``,
     ``eos_token_id``, ``pad_token_id``) should come from that tokenizer; ids outside the
     vocabulary are dropped.
@@ -181,7 +181,12 @@ def tiny_config(model_id: str, vocab_size: int, *, hidden_size: int = TINY_HIDDE
         raise ValueError(f"hidden_size must be a multiple of {TINY_HEAD_DIM}, got {hidden_size}.")
     heads = hidden_size // TINY_HEAD_DIM
     group = spec.num_heads // spec.num_kv_heads  # query heads per key/value head
-    kv_heads = 1 if spec.num_kv_heads == 1 else max(1, heads // min(group, heads))
+    if spec.attention_kind == "MHA":
+        kv_heads = heads
+    elif spec.attention_kind == "MQA":
+        kv_heads = 1
+    else:  # GQA: keep at least two key/value heads, so that it stays grouped-query attention
+        kv_heads = max(2, heads // group)
     intermediate = int(16 * math.ceil(hidden_size * spec.expansion_ratio / 16))
     kwargs = _config_kwargs(spec, hidden=hidden_size, intermediate=intermediate, heads=heads,
                             kv_heads=kv_heads, head_dim=TINY_HEAD_DIM, vocab=vocab_size)

@@ -1,0 +1,55 @@
+"""Habits that keep the repository tidy: clean notebooks that follow the template, and lint."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+SETUP_CELL = (ROOT / "notebooks" / "setup_cell.py").read_text(encoding="utf-8").strip()
+COLAB_PREFIX = "https://colab.research.google.com/github/rearchitecting-llms/course/blob/main/"
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebook found under notebooks/"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stored_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not cell.outputs, f"{path.name}: clear outputs before committing"
+            assert cell.execution_count is None, f"{path.name}: clear execution counts"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_the_template(path):
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# "), "starts with a title"
+    assert COLAB_PREFIX + path.relative_to(ROOT).as_posix() in first.source, "Colab badge points to itself"
+    assert "What you will learn" in first.source and "runtime" in first.source.lower()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[0].source.strip() == SETUP_CELL, "first code cell is the shared setup cell, verbatim"
+    assert any("parameters" in c.metadata.get("tags", []) for c in code), "has a cell tagged 'parameters'"
+    assert "save_results(" in "".join(c.source for c in code), "writes its results under runs/"
+    assert any("What you learned" in c.source for c in nb.cells if c.cell_type == "markdown")
+    assert nb.cells[0].source.count(path.stem.split("_")[0]) >= 1
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_folder_has_a_readme(path):
+    assert (path.parent / "README.md").exists()
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff")
+    cmd = [ruff] if ruff else [sys.executable, "-m", "ruff"]
+    result = subprocess.run(cmd + ["check", "utils", "tests", "scripts", "notebooks"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
