@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile != "full":
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.pop("MPLBACKEND", None)  # let the kernel use its inline backend, so figures are saved
     sys.path.insert(0, str(ROOT))
 
     import papermill

@@ -31,3 +31,28 @@ def tiny_llama(tiny):
     from utils import load_model
 
     return load_model("meta-llama/Llama-3.2-1B")
+
+
+# --- notebook cost: time of each notebook in the tiny profile --------------------------------------
+_NOTEBOOK_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::")[0]
+    if path.endswith(".ipynb"):
+        _NOTEBOOK_SECONDS[path] = _NOTEBOOK_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _NOTEBOOK_SECONDS:
+        return
+    import json
+    from pathlib import Path
+
+    terminalreporter.section("time of each notebook (tiny profile)")
+    for path, seconds in sorted(_NOTEBOOK_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
+    out = Path(__file__).resolve().parent.parent / "runs" / "tiny"
+    out.mkdir(parents=True, exist_ok=True)
+    times = {Path(p).stem: round(s, 1) for p, s in _NOTEBOOK_SECONDS.items()}
+    (out / "notebook_times.json").write_text(json.dumps(times, indent=2) + "\n")
