@@ -11,11 +11,12 @@ PROFILE ?= cpu
 CH      ?=
 NB      ?=
 
-.PHONY: help setup run test results lint tokenizer figures clean
+.PHONY: help setup run test results bench lint tokenizer figures clean
 
 help:
 	@echo "make run [CH=CH04] [NB=CH04_NB01] [PROFILE=cpu|tiny|full]  execute notebooks into runs/<profile>/"
 	@echo "make test                                                 run the whole test suite (offline)"
+	@echo "make bench                                               utils vs optipfair benchmark (part of a full make run)"
 	@echo "make results                                              rebuild RESULTS.md from runs/cpu/"
 	@echo "make setup                                                only create .venv and install"
 
@@ -34,6 +35,10 @@ run: setup
 
 test: setup
 	RLLM_PROFILE=tiny HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest
+
+bench: setup
+	RLLM_PROFILE=$(PROFILE) $(PY) scripts/benchmark.py
+	$(PY) scripts/collect_results.py --profile $(PROFILE)
 
 results: setup
 	$(PY) scripts/collect_results.py --profile $(PROFILE)

@@ -57,9 +57,9 @@ def flat_items(data, prefix: str = ""):
             yield name, value
 
 
-def collect(profile: str = "cpu") -> Path:
-    """Build the report for ``profile``; return its path."""
-    run_dir = ROOT / "runs" / profile
+def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
+    """Build the report for ``profile`` from ``root/runs/<profile>/``; return its path."""
+    run_dir = root / "runs" / profile
     payloads = []
     for path in sorted(run_dir.glob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -67,8 +67,9 @@ def collect(profile: str = "cpu") -> Path:
             payloads.append(data)
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    out = ROOT / "RESULTS.md" if profile == "cpu" else run_dir / "RESULTS.md"
+    out = root / "RESULTS.md" if profile == "cpu" else run_dir / "RESULTS.md"
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Results — `{profile}` profile", ""]
     if not payloads:
         lines.append(f"No results yet: run `python scripts/run_notebooks.py --profile {profile}` first.")

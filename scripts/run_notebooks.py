@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a value of the notebooks' parameters cell (Python literal)")
     parser.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     parser.add_argument("--no-collect", action="store_true", help="do not rebuild RESULTS.md at the end")
+    parser.add_argument("--benchmark", action=argparse.BooleanOptionalAction, default=None,
+                        help="also run scripts/benchmark.py (default: only when running every notebook)")
     args = parser.parse_args(argv)
 
     os.environ["RLLM_PROFILE"] = args.profile
@@ -109,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         timings[path.stem] = round(seconds, 1)
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
         print(f"    done in {seconds:.0f} s -> {output.relative_to(ROOT)}")
+
+    if args.benchmark or (args.benchmark is None and not args.chapter and not args.notebook and not failures):
+        import subprocess
+
+        print("\n[benchmark] scripts/benchmark.py: our utilities next to optipfair", flush=True)
+        start = time.perf_counter()
+        code = subprocess.call([sys.executable, str(ROOT / "scripts" / "benchmark.py")], cwd=ROOT)
+        if code:
+            print("FAILED: scripts/benchmark.py (see the traceback above)", file=sys.stderr)
+            failures.append("benchmark")
+        else:
+            timings["BENCH_utils_vs_optipfair"] = round(time.perf_counter() - start, 1)
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
 
     if not args.no_collect:
         from collect_results import collect
