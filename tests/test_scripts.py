@@ -50,7 +50,8 @@ def test_collector_builds_tables_from_json(tmp_path):
     env = {"profile": "cpu", "date": "2026-01-01 00:00 UTC", "device": "CPU", "cpu_threads": 2, "python": "3.11",
            "torch": "2", "transformers": "5", "optipfair": "0.4.2"}
     payload = {"notebook": "CH04_NB01_x", "environment": env,
-               "results": {"model": "m", "table": [{"variant": "base", "ppl": 17.25}, {"variant": "pruned", "ppl": 20.5}],
+               "results": {"model": "m",
+                           "table": [{"variant": "base", "ppl": 17.25}, {"variant": "pruned", "ppl": 20.5}],
                            "quality_bar": {"ratio": 1.19, "nested": {"ok": True}}}}
     (run_dir / "CH04_NB01_x.json").write_text(json.dumps(payload))
     (run_dir / "timings.json").write_text(json.dumps({"CH04_NB01_x": 12.0}))
