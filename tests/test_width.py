@@ -78,7 +78,7 @@ def test_pruned_equals_masking_neurons(tiny):
     mlp = copy.deepcopy(utils.glu_mlps(model)[0])
     x = torch.randn(2, 5, mlp.gate_proj.in_features)
     scores = utils.width.static_scores(mlp.gate_proj.weight, mlp.up_proj.weight, "pon")
-    keep = utils.kept_indices([scores], 100)[0]
+    keep = utils.width.kept_indices([scores], 100)[0]
     drop = torch.ones(mlp.gate_proj.out_features, dtype=torch.bool)
     drop[keep] = False
     with torch.no_grad():

@@ -136,6 +136,19 @@ def activation_norms(model: nn.Module, dataloader: Iterable, *, progress: bool =
     return [s.sqrt().float() for s in sums]
 
 
+def scores_from_activations(model: nn.Module, norms: list[torch.Tensor], method: str = DEFAULT_DATA_METHOD
+                            ) -> list[torch.Tensor]:
+    """Data-driven scores from already collected :func:`activation_norms` (no new forward pass)."""
+    method = _check_method(method)
+    if method not in DATA_METHODS:
+        raise ValueError(f"scores_from_activations needs a data-driven method ({', '.join(DATA_METHODS)}), "
+                         f"got {method!r}.")
+    mlps = glu_mlps(model)
+    if len(norms) != len(mlps):
+        raise ValueError(f"norms must hold one vector per layer ({len(mlps)}), got {len(norms)}.")
+    return [_data_scores(m, n, method) for m, n in zip(mlps, norms)]
+
+
 def _data_scores(mlp: nn.Module, act_norm: torch.Tensor, method: str) -> torch.Tensor:
     down = mlp.down_proj.weight.detach().float().cpu()  # [hidden, intermediate]
     act_norm = act_norm.float().cpu()
@@ -168,8 +181,7 @@ def neuron_importance(model: nn.Module, *, method: str = DEFAULT_STATIC_METHOD, 
             raise ValueError(f"method {method!r} is data-driven: pass dataloader= (calibration batches, e.g. "
                              "utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)), "
                              f"or use a static method ({', '.join(STATIC_METHODS)}).")
-        norms = activation_norms(model, dataloader, progress=progress)
-        return [_data_scores(m, n, method) for m, n in zip(mlps, norms)]
+        return scores_from_activations(model, activation_norms(model, dataloader, progress=progress), method)
     if dataloader is not None:
         raise ValueError(f"method {method!r} uses weights only and would ignore the dataloader: drop "
                          f"dataloader=, or choose a data-driven method ({', '.join(DATA_METHODS)}).")
