@@ -174,6 +174,10 @@ def test_bad_inputs(tiny, calib):
         utils.neuron_importance(model, method="maw", dataloader=calib)
     with pytest.raises(ValueError, match="one per layer"):
         utils.prune_glu(model, 0.2, scores=[torch.ones(3)])
+    with pytest.raises(ValueError, match="needs a data-driven method"):
+        utils.scores_from_activations(model, [torch.ones(256)], "maw")
+    with pytest.raises(ValueError, match="one vector per layer"):
+        utils.scores_from_activations(model, [torch.ones(256)], "contribution")
     assert model.config.intermediate_size == 256  # nothing was changed by the failed calls
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="has no gate_proj; width pruning of GLU MLPs needs"):

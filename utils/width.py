@@ -20,6 +20,10 @@ Scores (higher = keep):
   Frobenius norm of the rank-one term ``a_i W_down[:, i]^T``; the same activation-times-weight
   idea as Wanda, Sun et al. 2023, and FLAP, An et al. 2024, applied to a whole column).
 
+The data-driven default is ``"hybrid"``: on SmolLM2-135M at 20% it gave the lowest held-out wikitext
+perplexity of the three in our cpu runs (``"contribution"`` was a little worse); unlike optipfair's
+version, its activation norm excludes padding and is one norm over all tokens, not a sum of per-batch norms.
+
 :func:`prune_glu` keeps the same number of neurons in every layer, so ``config.intermediate_size``
 stays a single integer and the pruned model saves and reloads with plain ``transformers``.
 """
@@ -33,11 +37,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 STATIC_METHODS: tuple[str, ...] = ("maw", "vow", "pon", "l2")
-DATA_METHODS: tuple[str, ...] = ("contribution", "hybrid", "activation")
+DATA_METHODS: tuple[str, ...] = ("hybrid", "contribution", "activation")
 #: Default criterion without calibration data.
 DEFAULT_STATIC_METHOD = "maw"
 #: Default criterion when a dataloader is given.
-DEFAULT_DATA_METHOD = "contribution"
+DEFAULT_DATA_METHOD = "hybrid"
 
 
 def glu_mlps(model: nn.Module) -> list[nn.Module]:
@@ -170,8 +174,8 @@ def neuron_importance(model: nn.Module, *, method: str = DEFAULT_STATIC_METHOD, 
 
     Args:
         model: a model with GLU MLPs (Llama, Gemma, Qwen, Mistral ...).
-        method: ``"maw"``, ``"vow"``, ``"pon"``, ``"l2"`` (static) or ``"contribution"``,
-            ``"hybrid"``, ``"activation"`` (data-driven; need ``dataloader``).
+        method: ``"maw"``, ``"vow"``, ``"pon"``, ``"l2"`` (static) or ``"hybrid"``,
+            ``"contribution"``, ``"activation"`` (data-driven; need ``dataloader``).
         dataloader: calibration batches (dicts with ``input_ids`` and ``attention_mask``).
     """
     method = _check_method(method)
@@ -261,7 +265,7 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
         ratio: share of each layer's neurons to remove, strictly between 0 and 1.
         expansion_ratio: or the new intermediate/hidden ratio (exactly one of the two).
         divisor: round the kept width down to a multiple of it (e.g. 64, 128, 256).
-        method: criterion (see :func:`neuron_importance`). Default: ``"contribution"`` with a
+        method: criterion (see :func:`neuron_importance`). Default: ``"hybrid"`` with a
             dataloader, ``"maw"`` without.
         dataloader: calibration batches for data-driven methods.
         scores: precomputed scores (one vector per layer, from :func:`neuron_importance`);
