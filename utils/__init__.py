@@ -19,3 +19,4 @@ from .profiles import describe_profile, get_profile, runs_dir
 from .results import save_results
 
 # Technique helpers added by later chapters are imported below, one line per module.
+from .width import activation_norms, glu_mlps, neuron_importance, prune_glu, scores_from_activations, target_width
