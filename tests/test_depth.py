@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from utils import load_model, load_texts, make_dataloader
 from utils.architectures import tiny_config
 from utils.depth import (
+    DEFAULT_STRATEGY,
     STRATEGIES,
     angular_distances,
     block_importance,
@@ -108,8 +109,8 @@ def test_block_importance_bad_inputs(tokenizer, loader):
 
 def test_block_importance_costs_about_one_forward(tokenizer):
     """Hooks only: a scoring pass costs about one plain forward pass (loose bound for noisy CPUs)."""
-    model = _tiny(FAMILIES["qwen3"], tokenizer, hidden_size=128, intermediate_size=384)
-    dl = make_dataloader(load_texts("wikitext", n=16), tokenizer, batch_size=8, max_length=128)
+    model = _tiny(FAMILIES["qwen3"], tokenizer)
+    dl = make_dataloader(load_texts("wikitext", n=8), tokenizer, batch_size=8, max_length=96)
     batches = list(dl)
 
     def plain():
@@ -120,7 +121,7 @@ def test_block_importance_costs_about_one_forward(tokenizer):
     plain()
     block_importance(model, batches, progress=False)
     timings = {"plain": [], "scored": []}
-    for _ in range(5):
+    for _ in range(3):
         start = time.perf_counter()
         plain()
         timings["plain"].append(time.perf_counter() - start)
@@ -293,7 +294,7 @@ def test_default_strategy_beats_one_shot_on_real_model(monkeypatch):
     calib = make_dataloader(load_texts("wikitext", split="train", n=16), tok, batch_size=8, max_length=128)
     held_out = make_dataloader(load_texts("wikitext", split="test", n=16), tok, batch_size=8, max_length=128)
     ppl = {}
-    for strategy in ("cosine", "iterative"):
+    for strategy in ("cosine", DEFAULT_STRATEGY):
         chosen = choose_blocks_to_remove(model, calib, 6, strategy=strategy, progress=False)
         ppl[strategy] = perplexity(remove_blocks(copy.deepcopy(model), chosen), held_out, progress=False)
-    assert ppl["iterative"] < ppl["cosine"]
+    assert ppl[DEFAULT_STRATEGY] < ppl["cosine"]

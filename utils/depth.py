@@ -31,7 +31,7 @@ STRATEGIES: dict[str, str] = {
     "angular_window": "the n consecutive blocks whose input and output are closest in angle (Gromov et al. 2024)",
     "iterative": "remove the least important block, re-score the smaller model, repeat n times",
 }
-DEFAULT_STRATEGY = "iterative"
+DEFAULT_STRATEGY = "angular_window"
 _PROTECTING = ("cosine_protected", "angular_window", "iterative")
 
 
@@ -236,10 +236,16 @@ def choose_blocks_to_remove(model, dataloader: Iterable[dict] | None, n: int, *,
     """Indices (sorted, in the original numbering) of ``n`` decoder blocks to remove.
 
     Strategies (see :data:`STRATEGIES`): ``"last"``, ``"middle"``, ``"weight_norm"`` (no data
-    needed), ``"cosine"``, ``"cosine_protected"``, ``"angular_window"`` and ``"iterative"``
-    (default): remove the lowest-importance block, re-score the remaining model on the same
-    data, repeat — a block's importance changes once its neighbours are gone, so one-shot
-    scores over-select runs of similar blocks. It costs ``n`` importance passes.
+    needed), ``"cosine"``, ``"cosine_protected"``, ``"angular_window"`` (default) and
+    ``"iterative"``.
+
+    ``"angular_window"`` (Gromov et al. 2024) removes the run of ``n`` consecutive blocks whose
+    input (entering the first) and output (leaving the last) are closest in angle: it scores
+    what the model loses when the whole run goes, not each block alone, in one forward pass
+    per batch. On SmolLM2-135M (6 of 30 blocks, calibrated on wikitext train) it gave lower
+    held-out perplexity than one-shot cosine selection on wikitext and sms_spam test text.
+    ``"iterative"`` removes the lowest-importance block, re-scores the smaller model and
+    repeats (``n`` scoring passes).
 
     Args:
         model: the model to score; it is left unchanged.
