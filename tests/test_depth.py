@@ -197,7 +197,7 @@ def test_choose_bad_inputs(tokenizer, loader):
 
 # --- removing ---------------------------------------------------------------------------------
 
-def _greedy(model, ids, use_cache, n=24):
+def _greedy(model, ids, use_cache, n=12):
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
 
