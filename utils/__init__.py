@@ -19,3 +19,4 @@ from .profiles import describe_profile, get_profile, runs_dir
 from .results import save_results
 
 # Technique helpers added by later chapters are imported below, one line per module.
+from .distillation import budget, distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share  # isort: skip  # noqa: E501
