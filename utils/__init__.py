@@ -20,3 +20,4 @@ from .results import save_results
 
 # Technique helpers added by later chapters are imported below, one line per module.
 from .distillation import budget, distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share  # isort: skip  # noqa: E501
+from .width import activation_norms, glu_mlps, kept_indices, neuron_importance, prune_glu, target_width  # isort: skip

@@ -1,0 +1,182 @@
+"""Width pruning of GLU MLPs (utils.width): selection, surgery round trips, optipfair agreement, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import utils
+from utils.width import DATA_METHODS, STATIC_METHODS
+
+FAMILIES = ["meta-llama/Llama-3.2-1B", "google/gemma-3-270m", "Qwen/Qwen3-0.6B"]
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    cache = {}
+
+    def get(model_id):
+        if model_id not in cache:
+            cache[model_id] = utils.load_model(model_id)
+        model, tok = cache[model_id]
+        return copy.deepcopy(model), tok
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def calib(tiny):
+    _, tok = tiny(FAMILIES[0])
+    texts = utils.load_texts("wikitext", split="train", n=6)
+    return utils.make_dataloader(texts, tok, batch_size=3, max_length=32)
+
+
+def _ids(tok):
+    return tok(["The river flows through the old town and"], return_tensors="pt")["input_ids"]
+
+
+@pytest.mark.parametrize("model_id", FAMILIES)
+def test_prune_save_reload_same_logits(tiny, calib, model_id, tmp_path):
+    model, tok = tiny(model_id)
+    before, original = utils.count_parameters(model), model.config.intermediate_size
+    utils.prune_glu(model, 0.25, dataloader=calib, progress=False)
+    width = model.config.intermediate_size
+    assert width == original - int(0.25 * original)
+    for mlp in utils.glu_mlps(model):
+        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == width
+        assert mlp.gate_proj.weight.dtype == torch.float32
+    assert utils.count_parameters(model) < before
+    ids = _ids(tok)
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.intermediate_size == width
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_id", FAMILIES)
+def test_generation_with_cache_equals_without(tiny, model_id):
+    model, tok = tiny(model_id)
+    utils.prune_glu(model, expansion_ratio=2.0, divisor=32, progress=False)
+    assert model.config.intermediate_size == 128
+    ids = _ids(tok)
+    common = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **common)
+        plain = model.generate(ids, use_cache=False, **common)
+    assert torch.equal(cached, plain)
+
+
+def test_pruned_equals_masking_neurons(tiny):
+    """Removing neurons gives exactly the output of the full MLP with those neurons zeroed."""
+    model, _ = tiny(FAMILIES[0])
+    mlp = copy.deepcopy(utils.glu_mlps(model)[0])
+    x = torch.randn(2, 5, mlp.gate_proj.in_features)
+    scores = utils.width.static_scores(mlp.gate_proj.weight, mlp.up_proj.weight, "pon")
+    keep = utils.kept_indices([scores], 100)[0]
+    drop = torch.ones(mlp.gate_proj.out_features, dtype=torch.bool)
+    drop[keep] = False
+    with torch.no_grad():
+        acts = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        acts[..., drop] = 0
+        expected = mlp.down_proj(acts)
+    pruned = copy.deepcopy(model)
+    utils.prune_glu(pruned, 1 - 100 / 256, scores=[scores] + [torch.ones(256)] * (len(utils.glu_mlps(model)) - 1))
+    with torch.no_grad():
+        torch.testing.assert_close(utils.glu_mlps(pruned)[0](x), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["MAW", "VOW", "PON", "L2"])
+def test_static_selection_equals_optipfair(tiny, method):
+    import optipfair
+
+    model, _ = tiny(FAMILIES[0])
+    ours = utils.prune_glu(copy.deepcopy(model), 0.3, method=method.lower(), progress=False)
+    theirs = optipfair.prune_model(copy.deepcopy(model), pruning_type="MLP_GLU", neuron_selection_method=method,
+                                   pruning_percentage=30, show_progress=False)
+    assert ours.config.intermediate_size == theirs.config.intermediate_size
+    for a, b in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert a[0] == b[0]
+        assert torch.equal(a[1], b[1]), a[0]
+
+
+def test_divisor_and_expansion_match_optipfair(tiny):
+    import optipfair
+
+    model, _ = tiny(FAMILIES[2])
+    ours = utils.prune_glu(copy.deepcopy(model), 0.3, divisor=32, progress=False)
+    theirs = optipfair.prune_model(copy.deepcopy(model), pruning_type="MLP_GLU", neuron_selection_method="MAW",
+                                   pruning_percentage=30, expansion_divisor=32, show_progress=False)
+    assert ours.config.intermediate_size == theirs.config.intermediate_size == 128
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_scores_shapes_and_data_methods(tiny, calib):
+    model, _ = tiny(FAMILIES[0])
+    n_layers = model.config.num_hidden_layers
+    for method in STATIC_METHODS + DATA_METHODS:
+        scores = utils.neuron_importance(model, method=method,
+                                         dataloader=calib if method in DATA_METHODS else None, progress=False)
+        assert len(scores) == n_layers
+        assert all(s.shape == (256,) and torch.isfinite(s).all() for s in scores)
+    norms = utils.activation_norms(model, calib, progress=False)
+    contribution = utils.neuron_importance(model, method="contribution", dataloader=calib, progress=False)
+    down = utils.glu_mlps(model)[3].down_proj.weight
+    torch.testing.assert_close(contribution[3], norms[3] * down.norm(dim=0))
+
+
+def test_activation_norms_exclude_padding(tiny):
+    """Padding must not count: a padded batch gives the same norms as the texts one by one."""
+    model, tok = tiny(FAMILIES[0])
+    texts = ["A short one.", "A much longer sentence about rivers, towns and the people who live there."]
+    padded = utils.make_dataloader(texts, tok, batch_size=2)
+    single = utils.make_dataloader(texts, tok, batch_size=1)
+    a = utils.activation_norms(model, padded, progress=False)
+    b = utils.activation_norms(model, single, progress=False)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_target_width():
+    assert utils.target_width(1536, 576, 0.2) == 1536 - 307
+    assert utils.target_width(1536, 576, 0.2, divisor=64) == 1216
+    assert utils.target_width(8192, 2048, expansion_ratio=2.0) == 4096
+
+
+def test_bad_inputs(tiny, calib):
+    model, _ = tiny(FAMILIES[0])
+    for bad in (0, 1, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            utils.prune_glu(model, bad)
+    with pytest.raises(ValueError, match="exactly one of"):
+        utils.prune_glu(model)
+    with pytest.raises(ValueError, match="exactly one of"):
+        utils.prune_glu(model, 0.2, expansion_ratio=2.0)
+    with pytest.raises(ValueError, match="not fewer than"):
+        utils.prune_glu(model, expansion_ratio=8.0)
+    with pytest.raises(ValueError, match="rounds the width down to 0"):
+        utils.prune_glu(model, 0.2, divisor=512)
+    with pytest.raises(ValueError, match="divisor must be a positive integer"):
+        utils.prune_glu(model, 0.2, divisor=0)
+    with pytest.raises(ValueError, match="Valid methods: .*maw.*contribution"):
+        utils.prune_glu(model, 0.2, method="magnitude")
+    with pytest.raises(ValueError, match="pass dataloader="):
+        utils.prune_glu(model, 0.2, method="hybrid")
+    with pytest.raises(ValueError, match="pass dataloader="):
+        utils.neuron_importance(model, method="contribution")
+    with pytest.raises(ValueError, match="drop dataloader="):
+        utils.neuron_importance(model, method="maw", dataloader=calib)
+    with pytest.raises(ValueError, match="one per layer"):
+        utils.prune_glu(model, 0.2, scores=[torch.ones(3)])
+    assert model.config.intermediate_size == 256  # nothing was changed by the failed calls
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="has no gate_proj; width pruning of GLU MLPs needs"):
+        utils.prune_glu(gpt2, 0.2)
+    with pytest.raises(ValueError, match="has no gate_proj"):
+        utils.neuron_importance(gpt2)

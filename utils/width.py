@@ -1,0 +1,285 @@
+"""Width pruning of gated (GLU) MLPs: score the neurons, keep the best, rebuild the layers (CH05).
+
+A GLU MLP computes ``down( act(gate(x)) * up(x) )``. Its neuron *i* owns row *i* of
+``gate_proj``, row *i* of ``up_proj`` and column *i* of ``down_proj``; width pruning removes
+whole triples, so the three ``nn.Linear`` layers shrink together and the model stays dense.
+
+Scores (higher = keep):
+
+* static, from weights only (the definitions of optipfair 0.4.2, so the selections agree):
+  ``"maw"`` peak-to-peak range ``max(w) + |min(w)|`` of the gate row plus that of the up row
+  (optipfair calls it MAW/PPM, Martra 2025); ``"vow"`` variance of the gate row plus variance
+  of the up row; ``"pon"`` product of the L1 norms of the gate and up rows; ``"l2"`` sum of
+  their L2 norms.
+* data-driven, from what each neuron does on calibration data. A pre-hook on ``down_proj``
+  captures its input ``a = act(gate(x)) * up(x)`` for every real token (padding excluded):
+  ``"activation"`` the L2 norm of the neuron's activations over all tokens (CFSP, Wang et
+  al. 2024, Eq. 8); ``"hybrid"`` optipfair's idea: (max-normalised peak-to-peak of gate row, up
+  row and down column, summed) times that activation norm; ``"contribution"`` the size of the
+  neuron's whole contribution to the MLP output, ``||a_i|| * ||W_down[:, i]||`` (exactly the
+  Frobenius norm of the rank-one term ``a_i W_down[:, i]^T``; the same activation-times-weight
+  idea as Wanda, Sun et al. 2023, and FLAP, An et al. 2024, applied to a whole column).
+
+:func:`prune_glu` keeps the same number of neurons in every layer, so ``config.intermediate_size``
+stays a single integer and the pruned model saves and reloads with plain ``transformers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+STATIC_METHODS: tuple[str, ...] = ("maw", "vow", "pon", "l2")
+DATA_METHODS: tuple[str, ...] = ("contribution", "hybrid", "activation")
+#: Default criterion without calibration data.
+DEFAULT_STATIC_METHOD = "maw"
+#: Default criterion when a dataloader is given.
+DEFAULT_DATA_METHOD = "contribution"
+
+
+def glu_mlps(model: nn.Module) -> list[nn.Module]:
+    """The gated MLP of every decoder block, in order (modules with gate_proj, up_proj, down_proj).
+
+    Raises:
+        ValueError: if the model has no such module (GPT-2's MLP, or Phi-3's fused gate_up_proj).
+    """
+    mlps = [m for m in model.modules()
+            if all(isinstance(getattr(m, name, None), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj"))]
+    if not mlps:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        fused = any(hasattr(m, "gate_up_proj") for m in model.modules())
+        hint = (" It fuses gate and up into one gate_up_proj: split it into gate_proj/up_proj first."
+                if fused else " Use a Llama, Gemma, Qwen or Mistral-style model.")
+        raise ValueError(f"Model ({kind}) has no gate_proj; width pruning of GLU MLPs needs separate "
+                         f"gate_proj, up_proj and down_proj Linear layers.{hint}")
+    return mlps
+
+
+def _check_method(method: str) -> str:
+    name = str(method).lower()
+    if name not in STATIC_METHODS + DATA_METHODS:
+        raise ValueError(f"Unknown method {method!r}. Valid methods: static (weights only) "
+                         f"{', '.join(STATIC_METHODS)}; data-driven (need a dataloader) {', '.join(DATA_METHODS)}.")
+    return name
+
+
+def _peak_to_peak(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    return weight.amax(dim=dim) + weight.amin(dim=dim).abs()
+
+
+def static_scores(gate: torch.Tensor, up: torch.Tensor, method: str = "maw") -> torch.Tensor:
+    """Score each neuron of one layer from its gate row and up row (``[intermediate, hidden]`` each)."""
+    gate, up = gate.float(), up.float()
+    if method == "maw":
+        return _peak_to_peak(gate, 1) + _peak_to_peak(up, 1)
+    if method == "vow":
+        return gate.var(dim=1) + up.var(dim=1)
+    if method == "pon":
+        return gate.abs().sum(dim=1) * up.abs().sum(dim=1)
+    if method == "l2":
+        return gate.norm(dim=1) + up.norm(dim=1)
+    raise ValueError(f"static_scores: method must be one of {', '.join(STATIC_METHODS)}, got {method!r}.")
+
+
+def _batch_inputs(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+    elif isinstance(batch, (list, tuple)):
+        ids, mask = batch[0], (batch[1] if len(batch) > 1 else None)
+    else:
+        raise TypeError(f"Unsupported batch type {type(batch).__name__}: use dicts with input_ids and "
+                        "attention_mask (utils.make_dataloader makes them).")
+    mask = torch.ones_like(ids) if mask is None else mask
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def activation_norms(model: nn.Module, dataloader: Iterable, *, progress: bool = True) -> list[torch.Tensor]:
+    """L2 norm of each MLP neuron's activation over every real token of ``dataloader``, per layer.
+
+    A forward pre-hook on each ``down_proj`` reads its input ``act(gate(x)) * up(x)`` and adds
+    the squares of the non-padding positions; the result is ``sqrt(sum over tokens a_i^2)``.
+    """
+    mlps = glu_mlps(model)
+    device = next(model.parameters()).device
+    sums = [torch.zeros(m.down_proj.in_features, dtype=torch.float64) for m in mlps]
+    state: dict[str, torch.Tensor] = {}
+
+    def make_hook(index: int):
+        def hook(module, args):
+            acts = args[0]
+            real = state["mask"].reshape(-1).bool()
+            acts = acts.reshape(-1, acts.shape[-1])[real]  # padding excluded
+            sums[index] += acts.float().pow(2).sum(dim=0).double().cpu()
+        return hook
+
+    handles = [m.down_proj.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(mlps)]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in tqdm(dataloader, desc="calibration", disable=not progress, leave=False):
+            ids, mask = _batch_inputs(batch, device)
+            state["mask"] = mask
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("The dataloader is empty: calibration needs at least one batch.")
+    return [s.sqrt().float() for s in sums]
+
+
+def _data_scores(mlp: nn.Module, act_norm: torch.Tensor, method: str) -> torch.Tensor:
+    down = mlp.down_proj.weight.detach().float().cpu()  # [hidden, intermediate]
+    act_norm = act_norm.float().cpu()
+    if method == "activation":
+        return act_norm.clone()
+    if method == "contribution":
+        return act_norm * down.norm(dim=0)
+    # hybrid: normalised structural range of the (gate row, up row, down column) triple x activations
+    gate = mlp.gate_proj.weight.detach().float().cpu()
+    up = mlp.up_proj.weight.detach().float().cpu()
+    parts = [_peak_to_peak(gate, 1), _peak_to_peak(up, 1), _peak_to_peak(down, 0)]
+    structural = sum(p / (p.max() + 1e-8) for p in parts)
+    return structural * act_norm
+
+
+def neuron_importance(model: nn.Module, *, method: str = DEFAULT_STATIC_METHOD, dataloader: Iterable | None = None,
+                      progress: bool = True) -> list[torch.Tensor]:
+    """One importance vector per layer (length = that layer's intermediate size); higher = keep.
+
+    Args:
+        model: a model with GLU MLPs (Llama, Gemma, Qwen, Mistral ...).
+        method: ``"maw"``, ``"vow"``, ``"pon"``, ``"l2"`` (static) or ``"contribution"``,
+            ``"hybrid"``, ``"activation"`` (data-driven; need ``dataloader``).
+        dataloader: calibration batches (dicts with ``input_ids`` and ``attention_mask``).
+    """
+    method = _check_method(method)
+    mlps = glu_mlps(model)
+    if method in DATA_METHODS:
+        if dataloader is None:
+            raise ValueError(f"method {method!r} is data-driven: pass dataloader= (calibration batches, e.g. "
+                             "utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)), "
+                             f"or use a static method ({', '.join(STATIC_METHODS)}).")
+        norms = activation_norms(model, dataloader, progress=progress)
+        return [_data_scores(m, n, method) for m, n in zip(mlps, norms)]
+    if dataloader is not None:
+        raise ValueError(f"method {method!r} uses weights only and would ignore the dataloader: drop "
+                         f"dataloader=, or choose a data-driven method ({', '.join(DATA_METHODS)}).")
+    return [static_scores(m.gate_proj.weight.detach().cpu(), m.up_proj.weight.detach().cpu(), method)
+            for m in mlps]
+
+
+def target_width(intermediate: int, hidden: int, ratio: float | None = None, *,
+                 expansion_ratio: float | None = None, divisor: int | None = None) -> int:
+    """Neurons to keep per layer for a pruning ``ratio`` (share removed) or an ``expansion_ratio``.
+
+    ``ratio`` removes ``int(ratio * intermediate)`` neurons (as optipfair does);
+    ``expansion_ratio`` keeps ``round(expansion_ratio * hidden)``; ``divisor`` then rounds the
+    width down to a multiple of itself (GPU-friendly shapes).
+    """
+    if (ratio is None) == (expansion_ratio is None):
+        raise ValueError("Pass exactly one of ratio= (share of neurons to remove, e.g. 0.2) or expansion_ratio= "
+                         "(new intermediate/hidden, e.g. 2.0).")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise ValueError(f"ratio must be strictly between 0 and 1 (the share of neurons removed, "
+                             f"e.g. 0.2 for 20%), got {ratio!r}.")
+        keep = intermediate - int(ratio * intermediate)
+    else:
+        if isinstance(expansion_ratio, bool) or not isinstance(expansion_ratio, (int, float)) or expansion_ratio <= 0:
+            raise ValueError(f"expansion_ratio must be a positive number (new intermediate/hidden), got "
+                             f"{expansion_ratio!r}.")
+        keep = int(round(expansion_ratio * hidden))
+        if keep >= intermediate:
+            raise ValueError(f"expansion_ratio={expansion_ratio} keeps {keep} neurons, not fewer than the current "
+                             f"{intermediate} (expansion ratio {intermediate / hidden:.2f}): choose a smaller one.")
+    if divisor is not None:
+        if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+            raise ValueError(f"divisor must be a positive integer such as 32, 64, 128 or 256, got {divisor!r}.")
+        keep = (keep // divisor) * divisor
+        if keep == 0:
+            raise ValueError(f"divisor={divisor} rounds the width down to 0 neurons: use a smaller divisor "
+                             "or prune less.")
+    if not 0 < keep < intermediate:
+        raise ValueError(f"The target keeps {keep} of {intermediate} neurons: it must keep at least one and "
+                         "remove at least one.")
+    return keep
+
+
+def _sliced_linear(layer: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    weight = layer.weight.detach().index_select(dim, index.to(layer.weight.device))
+    out_f, in_f = weight.shape
+    new = nn.Linear(in_f, out_f, bias=layer.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if layer.bias is not None:
+            bias = layer.bias.detach()
+            new.bias.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    return new
+
+
+def _set_intermediate_size(model: nn.Module, size: int) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    for cfg in configs:
+        if hasattr(cfg, "intermediate_size"):
+            cfg.intermediate_size = size
+
+
+@torch.no_grad()
+def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: float | None = None,
+              divisor: int | None = None, method: str | None = None, dataloader: Iterable | None = None,
+              scores: list[torch.Tensor] | None = None, progress: bool = True) -> nn.Module:
+    """Remove the least important neurons of every GLU MLP, in place, and return the model.
+
+    Args:
+        ratio: share of each layer's neurons to remove, strictly between 0 and 1.
+        expansion_ratio: or the new intermediate/hidden ratio (exactly one of the two).
+        divisor: round the kept width down to a multiple of it (e.g. 64, 128, 256).
+        method: criterion (see :func:`neuron_importance`). Default: ``"contribution"`` with a
+            dataloader, ``"maw"`` without.
+        dataloader: calibration batches for data-driven methods.
+        scores: precomputed scores (one vector per layer, from :func:`neuron_importance`);
+            then ``method`` and ``dataloader`` are not used.
+
+    Every layer keeps the same number of neurons (its top scores, in their original order); the
+    three Linear layers are rebuilt with the same dtype, device and bias, and
+    ``config.intermediate_size`` is updated.
+    """
+    mlps = glu_mlps(model)
+    intermediate = mlps[0].gate_proj.out_features
+    if any(m.gate_proj.out_features != intermediate for m in mlps):
+        raise ValueError("The MLPs have different widths already; prune_glu keeps one uniform width.")
+    hidden = mlps[0].gate_proj.in_features
+    keep = target_width(intermediate, hidden, ratio, expansion_ratio=expansion_ratio, divisor=divisor)
+    if scores is None:
+        if method is None:
+            method = DEFAULT_DATA_METHOD if dataloader is not None else DEFAULT_STATIC_METHOD
+        scores = neuron_importance(model, method=method, dataloader=dataloader, progress=progress)
+    elif len(scores) != len(mlps) or any(len(s) != intermediate for s in scores):
+        raise ValueError(f"scores must hold {len(mlps)} vectors of length {intermediate} (one per layer).")
+    for mlp, layer_scores in zip(mlps, scores):
+        index = torch.topk(layer_scores.float().cpu(), keep, largest=True).indices.sort().values
+        mlp.gate_proj = _sliced_linear(mlp.gate_proj, index, 0)
+        mlp.up_proj = _sliced_linear(mlp.up_proj, index, 0)
+        mlp.down_proj = _sliced_linear(mlp.down_proj, index, 1)
+    _set_intermediate_size(model, keep)
+    return model
+
+
+def kept_indices(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
+    """The sorted indices of the ``keep`` best neurons of each layer (what :func:`prune_glu` keeps)."""
+    return [torch.topk(s.float().cpu(), keep).indices.sort().values for s in scores]
