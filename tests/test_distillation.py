@@ -202,3 +202,19 @@ def test_recovered_share_and_budget(monkeypatch):
     assert math.isnan(utils.recovered_share(10.0, 9.0, 9.0))
     monkeypatch.setenv("RLLM_PROFILE", "cpu")
     assert utils.budget(full=1, cpu=2, tiny=3) == 2
+
+
+@pytest.mark.slow
+def test_distill_two_steps_on_the_real_cpu_model(monkeypatch):
+    monkeypatch.setenv("RLLM_PROFILE", "cpu")
+    teacher, tok = utils.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    student = copy.deepcopy(teacher)
+    layers = student.model.layers
+    del layers[20]
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i
+    student.config.num_hidden_layers = len(layers)
+    dl = utils.make_dataloader(utils.load_texts("wikitext", split="train", n=4), tok, batch_size=2, max_length=32)
+    history = utils.distill(student, teacher, dl, max_steps=2, eval_dataloader=dl, progress=False)
+    assert len(history["loss"]) == 2 and all(math.isfinite(v) for v in history["loss"])
+    assert history["eval_ppl"][-1] < history["eval_ppl"][0]
