@@ -12,6 +12,7 @@ dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.p
 from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
 from .data import DATASETS, load_records, load_texts, make_dataloader
+from .depth import block_importance, choose_blocks_to_remove, remove_blocks
 from .evaluation import count_parameters, measure_forward, measure_generation, perplexity, speed_ratios
 from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
