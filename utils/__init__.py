@@ -6,18 +6,26 @@ Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.architectures` (the
 models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (datasets and
 dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
 (charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
-:mod:`~utils.results` (saving a notebook's results).
+:mod:`~utils.results` (saving a notebook's results), and the technique helpers: :mod:`~utils.depth`
+(CH04), :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06).
 """
 
 from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
 from .data import DATASETS, load_records, load_texts, make_dataloader
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks
+from .distillation import budget, distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
 from .evaluation import count_parameters, measure_forward, measure_generation, perplexity, speed_ratios
 from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .profiles import describe_profile, get_profile, runs_dir
 from .results import save_results
-
-# Technique helpers added by later chapters are imported below, one line per module.
-from .width import activation_norms, glu_mlps, neuron_importance, prune_glu, scores_from_activations, target_width
+from .width import (
+                           activation_norms,
+                           glu_mlps,
+                           kept_indices,
+                           neuron_importance,
+                           prune_glu,
+                           scores_from_activations,
+                           target_width,
+)

@@ -1,0 +1,220 @@
+"""Tests of utils.distillation: the loss's properties, the training loop, layer maps, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import utils
+from utils.distillation import feature_loss, soft_target_loss
+
+
+def _logits(seed: int, shape=(2, 5, 11)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _labels(shape=(2, 5), vocab=11) -> torch.Tensor:
+    labels = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(7))
+    labels[1, 3:] = -100  # right padding in the second row
+    return labels
+
+
+def _tiny_llama(layers: int = 4, vocab: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def _drop_block(model: LlamaForCausalLM, index: int) -> LlamaForCausalLM:
+    """A student: ``model`` minus one block, attention indices renumbered (test-local surgery)."""
+    del model.model.layers[index]
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    model.config.num_hidden_layers = len(model.model.layers)
+    return model
+
+
+def _batches(n: int = 4, vocab: int = 64, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, 12), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+# --- loss properties -------------------------------------------------------------------------
+
+def test_identical_logits_give_zero_soft_loss():
+    z = _logits(0)
+    assert soft_target_loss(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    loss = utils.distillation_loss(z, z.clone(), temperature=3.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_loss_is_t_squared_times_kl_of_softened_distributions():
+    s, t = _logits(0), _logits(1)
+    for temperature in (1.0, 2.0, 4.0):
+        kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                      log_target=True, reduction="none").sum(-1).mean()
+        got = utils.distillation_loss(s, t, temperature=temperature)
+        torch.testing.assert_close(got, kl * temperature**2)
+
+
+def test_ignored_positions_have_no_effect():
+    s, t, labels = _logits(0), _logits(1), _labels()
+    before = utils.distillation_loss(s, t, labels, alpha=0.5)
+    s2, t2 = s.clone(), t.clone()
+    s2[1, 3:] += 100 * torch.randn_like(s2[1, 3:])
+    t2[1, 3:] -= 50
+    after = utils.distillation_loss(s2, t2, labels, alpha=0.5)
+    torch.testing.assert_close(before, after)
+
+
+def test_alpha_blends_soft_and_cross_entropy():
+    s, t, labels = _logits(0), _logits(1), _labels()
+    soft = utils.distillation_loss(s, t, labels, alpha=1.0)
+    ce = utils.distillation_loss(s, t, labels, alpha=0.0)
+    expected_ce = F.cross_entropy(s[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(ce, expected_ce)
+    mask = labels != -100
+    torch.testing.assert_close(soft, soft_target_loss(s, t, mask, temperature=2.0))
+    mixed = utils.distillation_loss(s, t, labels, alpha=0.3)
+    torch.testing.assert_close(mixed, 0.3 * soft + 0.7 * ce)
+
+
+def test_feature_term_is_one_minus_cosine_and_masked():
+    s, t, labels = _logits(0), _logits(1), _labels()
+    h = torch.randn(2, 5, 8)
+    assert feature_loss([(h, h * 2.0)]).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_loss([(h, -h)]).item() == pytest.approx(2.0, abs=1e-5)
+    base = utils.distillation_loss(s, t, labels, alpha=1.0)
+    with_feat, parts = utils.distillation_loss(s, t, labels, alpha=1.0, hidden_pairs=[(h, -h)], beta=0.5,
+                                               return_parts=True)
+    torch.testing.assert_close(with_feat, base + 0.5 * 2.0)
+    assert set(parts) == {"soft", "ce", "feature"}
+    h2 = h.clone()
+    h2[1, 3:] = torch.randn(2, 8)  # ignored positions
+    torch.testing.assert_close(feature_loss([(h2, -h)], labels != -100), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"alpha": -0.1}, "alpha"),
+    ({"beta": -1.0}, "beta"),
+    ({"beta": 1.0}, "hidden_pairs"),
+])
+def test_loss_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        utils.distillation_loss(_logits(0), _logits(1), _labels(), **kwargs)
+
+
+def test_loss_rejects_shape_and_vocab_mismatch():
+    with pytest.raises(ValueError, match="Vocabulary mismatch"):
+        utils.distillation_loss(_logits(0), _logits(1, (2, 5, 12)))
+    with pytest.raises(ValueError, match="same batch"):
+        utils.distillation_loss(_logits(0), _logits(1, (2, 6, 11)))
+    with pytest.raises(ValueError, match="labels"):
+        utils.distillation_loss(_logits(0), _logits(1), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="same width"):
+        feature_loss([(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))])
+
+
+# --- layer maps ------------------------------------------------------------------------------
+
+def test_layer_maps():
+    assert utils.make_layer_map(3, 6, "uniform") == [1, 3, 5]
+    assert utils.make_layer_map(24, 30, "uniform")[-1] == 29
+    assert utils.make_layer_map(3, 6, "last") == [3, 4, 5]
+    assert utils.kept_blocks(6, [1, 4]) == [0, 2, 3, 5]
+    assert utils.make_layer_map(4, 6, "kept", removed=[1, 4]) == [0, 2, 3, 5]
+    with pytest.raises(ValueError, match="Unknown layer map"):
+        utils.make_layer_map(3, 6, "diagonal")
+    with pytest.raises(ValueError, match="student"):
+        utils.make_layer_map(7, 6)
+    with pytest.raises(ValueError, match="outside"):
+        utils.kept_blocks(6, [6])
+
+
+# --- training --------------------------------------------------------------------------------
+
+def test_distill_lowers_training_loss_and_keeps_teacher_frozen():
+    teacher = _tiny_llama()
+    student = _drop_block(copy.deepcopy(teacher), 2)
+    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    data = _batches(2)
+    history = utils.distill(student, teacher, data * 10, max_steps=20, lr=3e-3, eval_dataloader=data,
+                            progress=False)
+    assert len(history["loss"]) == 20
+    assert sum(history["loss"][-3:]) / 3 < sum(history["loss"][:3]) / 3
+    assert history["eval_step"] == [0, 20] and history["eval_ppl"][-1] < history["eval_ppl"][0]
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, teacher_state[key])
+    assert all(p.requires_grad for p in teacher.parameters())  # flags restored
+
+
+def test_distill_epochs_grad_accum_and_feature_map():
+    teacher = _tiny_llama()
+    student = _drop_block(copy.deepcopy(teacher), 1)
+    data = _batches(3)
+    history = utils.distill(student, teacher, data, epochs=2, grad_accum=2, eval_dataloader=data,
+                            layer_map=utils.kept_blocks(4, [1]), beta=1.0, progress=False)
+    assert len(history["step"]) == 4  # ceil(3 / 2) steps per epoch
+    assert history["eval_epoch"] == [0, 1, 2]
+    assert history["layer_map"] == [0, 2, 3]
+    assert all(v >= 0 and math.isfinite(v) for v in history["feature"])
+    fig = utils.plot_history(history)
+    assert fig.axes[0].get_title() and fig.axes[1].get_ylabel() == "perplexity"
+
+
+def test_distill_rejects_bad_inputs():
+    teacher = _tiny_llama()
+    student = copy.deepcopy(teacher)
+    with pytest.raises(ValueError, match="empty"):
+        utils.distill(student, teacher, [], progress=False)
+    with pytest.raises(ValueError, match="Vocabulary mismatch"):
+        utils.distill(_tiny_llama(vocab=80), teacher, _batches(1), progress=False)
+    with pytest.raises(ValueError, match="same object"):
+        utils.distill(teacher, teacher, _batches(1), progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        utils.distill(student, teacher, _batches(1), alpha=2.0, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        utils.distill(student, teacher, _batches(1), temperature=0, progress=False)
+    with pytest.raises(ValueError, match="layer_map"):
+        utils.distill(student, teacher, _batches(1), beta=0.5, progress=False)
+    with pytest.raises(ValueError, match="one teacher index per student block"):
+        utils.distill(student, teacher, _batches(1), beta=0.5, layer_map=[0, 1], progress=False)
+
+
+def test_recovered_share_and_budget(monkeypatch):
+    assert utils.recovered_share(10.0, 20.0, 12.0) == pytest.approx(0.8)
+    assert math.isnan(utils.recovered_share(10.0, 9.0, 9.0))
+    monkeypatch.setenv("RLLM_PROFILE", "cpu")
+    assert utils.budget(full=1, cpu=2, tiny=3) == 2
+
+
+@pytest.mark.slow
+def test_distill_two_steps_on_the_real_cpu_model(monkeypatch):
+    monkeypatch.setenv("RLLM_PROFILE", "cpu")
+    teacher, tok = utils.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    student = copy.deepcopy(teacher)
+    layers = student.model.layers
+    del layers[20]
+    for i, layer in enumerate(layers):
+        layer.self_attn.layer_idx = i
+    student.config.num_hidden_layers = len(layers)
+    dl = utils.make_dataloader(utils.load_texts("wikitext", split="train", n=4), tok, batch_size=2, max_length=32)
+    history = utils.distill(student, teacher, dl, max_steps=2, eval_dataloader=dl, progress=False)
+    assert len(history["loss"]) == 2 and all(math.isfinite(v) for v in history["loss"])
+    assert history["eval_ppl"][-1] < history["eval_ppl"][0]
