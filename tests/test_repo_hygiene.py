@@ -53,3 +53,14 @@ def test_ruff_is_clean():
     result = subprocess.run(cmd + ["check", "utils", "tests", "scripts", "notebooks"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_lists_every_notebook_and_only_existing_ones():
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    linked = set(re.findall(r"\(notebooks/([^)]+\.ipynb)\)", readme))
+    badged = set(re.findall(re.escape(COLAB_PREFIX) + r"notebooks/([^)]+\.ipynb)", readme))
+    existing = {p.relative_to(ROOT / "notebooks").as_posix() for p in NOTEBOOKS}
+    assert linked == existing, "README chapter table must link every notebook, and only those"
+    assert badged == existing, "one Colab badge per existing notebook"
