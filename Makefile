@@ -44,7 +44,7 @@ results: setup
 	$(PY) scripts/collect_results.py --profile $(PROFILE)
 
 lint: setup
-	$(PY) -m ruff check utils tests scripts notebooks
+	$(PY) -m ruff check . 
 
 tokenizer: setup
 	$(PY) scripts/build_tiny_tokenizer.py

@@ -52,7 +52,7 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("time of each notebook (tiny profile)")
     for path, seconds in sorted(_NOTEBOOK_SECONDS.items(), key=lambda item: -item[1]):
         terminalreporter.write_line(f"{seconds:7.1f} s  {path}")
-    out = Path(__file__).resolve().parent.parent / "runs" / "tiny"
+    out = Path(__file__).resolve().parent / "runs" / "tiny"
     out.mkdir(parents=True, exist_ok=True)
     times = {Path(p).stem: round(s, 1) for p, s in _NOTEBOOK_SECONDS.items()}
     (out / "notebook_times.json").write_text(json.dumps(times, indent=2) + "\n")
