@@ -70,11 +70,6 @@ def timed(fn, *args, **kwargs):
     return result, seconds, peak
 
 
-def matmul_params(model) -> int:
-    """Weights that take part in a matrix multiply per token (every Linear, incl. the LM head)."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
 def plain_forward(model, loader):
     with torch.no_grad():
         for batch in loader:
@@ -91,7 +86,6 @@ def main() -> None:
     n_remove = max(1, round(DEPTH_FRACTION * n_blocks))
     base_ppl = utils.perplexity(base, held_out, progress=False)
     base_speed = utils.measure_forward(base, held_out, runs=3)
-    base_flops = matmul_params(base)
     plain_forward(base, calib)  # warm-up
     _, forward_s, forward_mem = timed(plain_forward, base, calib)
     rows = []
@@ -105,7 +99,7 @@ def main() -> None:
             row.update({"parameters": utils.count_parameters(model), "ppl_heldout": ppl,
                         "ppl_vs_base": ppl / base_ppl,
                         "forward_speedup": speed["tokens_per_s"] / base_speed["tokens_per_s"],
-                        "ideal_speedup": base_flops / matmul_params(model)})
+                        "ideal_speedup": utils.ideal_speedup(base, model)})
         rows.append(row)
 
     add("plain forward pass (reference)", "-", forward_s, forward_mem)

@@ -93,3 +93,20 @@ def test_measure_forward_and_ratios(tiny_llama):
     assert ratios == {"tokens_per_s": 2.0, "latency_s": 2.0}
     with pytest.raises(ValueError, match="empty"):
         measure_forward(model, [])
+
+
+def test_matmul_parameters_and_ideal_speedup(tiny):
+    from utils import ideal_speedup, load_model, matmul_parameters, prune_glu
+
+    model, _ = load_model("meta-llama/Llama-3.2-1B")
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_parameters(model) == linear  # the tied LM head is a Linear and is counted
+    assert ideal_speedup(model, model) == 1.0
+    import copy
+
+    pruned = prune_glu(copy.deepcopy(model), 0.5)
+    assert ideal_speedup(model, pruned) > 1.0
+    gpt2, _ = load_model("distilbert/distilgpt2")
+    assert matmul_parameters(gpt2) > gpt2.lm_head.weight.numel()  # Conv1D projections count too
+    with pytest.raises(ValueError, match="no Linear"):
+        ideal_speedup(model, torch.nn.Sequential(torch.nn.ReLU()))

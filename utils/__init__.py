@@ -15,17 +15,25 @@ from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, rea
 from .data import DATASETS, load_records, load_texts, make_dataloader
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks
 from .distillation import budget, distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
-from .evaluation import count_parameters, measure_forward, measure_generation, perplexity, speed_ratios
+from .evaluation import (
+    count_parameters,
+    ideal_speedup,
+    matmul_parameters,
+    measure_forward,
+    measure_generation,
+    perplexity,
+    speed_ratios,
+)
 from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .profiles import describe_profile, get_profile, runs_dir
 from .results import save_results
 from .width import (
-                           activation_norms,
-                           glu_mlps,
-                           kept_indices,
-                           neuron_importance,
-                           prune_glu,
-                           scores_from_activations,
-                           target_width,
+    activation_norms,
+    glu_mlps,
+    kept_indices,
+    neuron_importance,
+    prune_glu,
+    scores_from_activations,
+    target_width,
 )

@@ -160,3 +160,29 @@ def speed_ratios(candidate: dict[str, float], base: dict[str, float]) -> dict[st
         elif key.endswith("_s") or key == "seconds":
             ratios[key] = base[key] / value
     return ratios
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    """Weights that take part in a matrix multiplication for every token: all ``nn.Linear`` weights,
+    the LM head included (a tied head is counted here even though it shares the embedding tensor),
+    plus GPT-2's ``Conv1D`` projections. Embedding look-ups and norms cost no matmul and are left out.
+    """
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            total += weight.numel()
+    return total
+
+
+def ideal_speedup(base: torch.nn.Module, pruned: torch.nn.Module) -> float:
+    """Speed-up predicted from FLOPs: ``matmul_parameters(base) / matmul_parameters(pruned)``.
+
+    A forward pass costs about two FLOPs per matmul weight per token, so this is the ratio a
+    compute-bound forward pass could reach. It ignores attention's context-length terms, so it is
+    a guide, not a promise; compare it with the measured :func:`measure_forward` ratio.
+    """
+    smaller = matmul_parameters(pruned)
+    if smaller == 0:
+        raise ValueError("The pruned model has no Linear layer: nothing to compare.")
+    return matmul_parameters(base) / smaller
