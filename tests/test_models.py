@@ -94,6 +94,7 @@ def test_cpu_profile_loads_real_smollm2_fast_after_first_time(monkeypatch, cpu_m
     assert time.perf_counter() - start < 5.0
     assert "SmolLM2-135M-Instruct" in capsys.readouterr().out
     assert model.config.num_hidden_layers == 30 and utils.count_parameters(model) == 134_515_008
+    assert model.name_or_path == utils.CPU_MODEL_ID  # the model's name, not the cache folder
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0])

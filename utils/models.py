@@ -162,6 +162,7 @@ def _load_cpu_model():
     if _cpu_cache_ready():
         tokenizer = AutoTokenizer.from_pretrained(target)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+        model.name_or_path = CPU_MODEL_ID  # report the model, not the cache folder
         return model, tokenizer
     gguf = _gguf_path()
     print(f"[cpu profile] First load: de-quantising {gguf.name} (about 30-60 s); "
@@ -180,6 +181,7 @@ def _load_cpu_model():
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing}, unexpected={unexpected}")
     model.tie_weights()
+    model.name_or_path = CPU_MODEL_ID
     del quantised
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
