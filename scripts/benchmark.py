@@ -85,7 +85,6 @@ def main() -> None:
     n_blocks = base.config.num_hidden_layers
     n_remove = max(1, round(DEPTH_FRACTION * n_blocks))
     base_ppl = utils.perplexity(base, held_out, progress=False)
-    base_speed = utils.measure_forward(base, held_out, runs=3)
     plain_forward(base, calib)  # warm-up
     _, forward_s, forward_mem = timed(plain_forward, base, calib)
     rows = []
@@ -95,10 +94,10 @@ def main() -> None:
         row.update(extra or {})
         if model is not None:
             ppl = utils.perplexity(model, held_out, progress=False)
-            speed = utils.measure_forward(model, held_out, runs=3)
+            speed = utils.compare_forward({"base": base, "pruned": model}, held_out, runs=3)  # alternately
             row.update({"parameters": utils.count_parameters(model), "ppl_heldout": ppl,
                         "ppl_vs_base": ppl / base_ppl,
-                        "forward_speedup": speed["tokens_per_s"] / base_speed["tokens_per_s"],
+                        "forward_speedup": speed["pruned"]["tokens_per_s"] / speed["base"]["tokens_per_s"],
                         "ideal_speedup": utils.ideal_speedup(base, model)})
         rows.append(row)
 

@@ -110,3 +110,25 @@ def test_matmul_parameters_and_ideal_speedup(tiny):
     assert matmul_parameters(gpt2) > gpt2.lm_head.weight.numel()  # Conv1D projections count too
     with pytest.raises(ValueError, match="no Linear"):
         ideal_speedup(model, torch.nn.Sequential(torch.nn.ReLU()))
+
+
+def test_compare_forward_times_models_alternately(tiny_llama):
+    from utils import compare_forward
+
+    model, tokenizer = tiny_llama
+    loader = make_dataloader(load_texts("wikitext", n=4), tokenizer, batch_size=2, max_length=16)
+    calls = []
+    original = model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append("a")
+        return original(*args, **kwargs)
+
+    model.forward = counting_forward
+    stats = compare_forward({"a": model, "b": model}, loader, runs=2, warmup=0)
+    assert set(stats) == {"a", "b"} and stats["a"]["tokens"] == stats["b"]["tokens"]
+    assert stats["a"]["tokens_per_s"] > 0 and len(calls) == 2 * 2 * 2  # 2 models x 2 runs x 2 batches
+    with pytest.raises(ValueError, match="models is empty"):
+        compare_forward({}, loader)
+    with pytest.raises(ValueError, match="empty"):
+        compare_forward({"a": model}, [])

@@ -16,6 +16,7 @@ from .data import DATASETS, load_records, load_texts, make_dataloader
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks
 from .distillation import budget, distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
 from .evaluation import (
+    compare_forward,
     count_parameters,
     ideal_speedup,
     matmul_parameters,

@@ -145,6 +145,43 @@ def measure_forward(model, dataloader: Iterable[dict], *, runs: int = 3, warmup:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "runs": runs}
 
 
+@torch.no_grad()
+def compare_forward(models: dict, dataloader: Iterable[dict], *, runs: int = 5, warmup: int = 1) -> dict[str, dict]:
+    """Forward throughput of several models, timed **alternately** (A, B, A, B, ...) on the same batches.
+
+    Timing one model after the other lets a slow drift of the machine (another process, clock
+    changes) bias the comparison; alternating spreads it evenly. Returns, per name, the same dict as
+    :func:`measure_forward` (median of ``runs``).
+    """
+    if not models:
+        raise ValueError("models is empty: pass e.g. {'base': base_model, 'pruned': pruned_model}.")
+    batches = list(dataloader)
+    if not batches:
+        raise ValueError("The dataloader is empty: nothing to time.")
+    if runs < 1 or warmup < 0:
+        raise ValueError("Use runs >= 1 and warmup >= 0.")
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+
+    def one_pass(model) -> float:
+        device = _device_of(model)
+        _sync(device)
+        start = time.perf_counter()
+        for b in batches:
+            model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                  use_cache=False)
+        _sync(device)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(warmup + runs):
+        for name, model in models.items():
+            seconds = one_pass(model)
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return {name: {"seconds": statistics.median(t), "tokens": tokens,
+                   "tokens_per_s": tokens / statistics.median(t), "runs": runs} for name, t in times.items()}
+
+
 def speed_ratios(candidate: dict[str, float], base: dict[str, float]) -> dict[str, float]:
     """Speed-ups of ``candidate`` over ``base`` (> 1 means faster), for the keys both share.
 
