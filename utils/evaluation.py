@@ -115,6 +115,17 @@ def measure_generation(model, tokenizer, prompts: str | Sequence[str], *, max_ne
     }
 
 
+def _forward_seconds(model, batches: list[dict]) -> float:
+    """Seconds for one forward pass (no KV cache) over every batch."""
+    device = _device_of(model)
+    _sync(device)
+    start = time.perf_counter()
+    for b in batches:
+        model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+    _sync(device)
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
 def measure_forward(model, dataloader: Iterable[dict], *, runs: int = 3, warmup: int = 1) -> dict[str, float]:
     """Forward-pass (prefill) throughput over a dataloader: real tokens per second, median of ``runs``.
@@ -127,21 +138,10 @@ def measure_forward(model, dataloader: Iterable[dict], *, runs: int = 3, warmup:
         raise ValueError("The dataloader is empty: nothing to time.")
     if runs < 1 or warmup < 0:
         raise ValueError("Use runs >= 1 and warmup >= 0.")
-    device = _device_of(model)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-
-    def one_pass() -> float:
-        _sync(device)
-        start = time.perf_counter()
-        for b in batches:
-            model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                  use_cache=False)
-        _sync(device)
-        return time.perf_counter() - start
-
     for _ in range(warmup):
-        one_pass()
-    seconds = statistics.median(one_pass() for _ in range(runs))
+        _forward_seconds(model, batches)
+    seconds = statistics.median(_forward_seconds(model, batches) for _ in range(runs))
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "runs": runs}
 
 
@@ -161,21 +161,10 @@ def compare_forward(models: dict, dataloader: Iterable[dict], *, runs: int = 5, 
     if runs < 1 or warmup < 0:
         raise ValueError("Use runs >= 1 and warmup >= 0.")
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-
-    def one_pass(model) -> float:
-        device = _device_of(model)
-        _sync(device)
-        start = time.perf_counter()
-        for b in batches:
-            model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                  use_cache=False)
-        _sync(device)
-        return time.perf_counter() - start
-
     times: dict[str, list[float]] = {name: [] for name in models}
     for round_ in range(warmup + runs):
         for name, model in models.items():
-            seconds = one_pass(model)
+            seconds = _forward_seconds(model, batches)
             if round_ >= warmup:
                 times[name].append(seconds)
     return {name: {"seconds": statistics.median(t), "tokens": tokens,
