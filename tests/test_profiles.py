@@ -33,3 +33,11 @@ def test_runs_dir_is_per_profile(tiny):
 def test_cache_dir_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("RLLM_CACHE_DIR", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_budget_picks_the_active_profile(monkeypatch):
+    from utils import budget
+
+    for profile, expected in (("full", 1), ("cpu", 2), ("tiny", 3)):
+        monkeypatch.setenv("RLLM_PROFILE", profile)
+        assert budget(full=1, cpu=2, tiny=3) == expected

@@ -14,7 +14,7 @@ from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdo
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
 from .data import DATASETS, load_records, load_texts, make_dataloader
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks
-from .distillation import budget, distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
+from .distillation import distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
 from .evaluation import (
     compare_forward,
     count_parameters,
@@ -27,7 +27,7 @@ from .evaluation import (
 )
 from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
-from .profiles import describe_profile, get_profile, runs_dir
+from .profiles import budget, describe_profile, get_profile, runs_dir
 from .results import save_results
 from .width import (
     activation_norms,

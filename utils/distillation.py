@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .evaluation import perplexity
-from .profiles import get_profile
 
 IGNORE_INDEX = -100
 
@@ -31,14 +30,6 @@ IGNORE_INDEX = -100
 #: more held-out perplexity than 1e-3, which overshoots in so few steps.
 DEFAULT_LR = 5e-4
 DEFAULT_WARMUP_STEPS = 3
-
-
-def budget(*, full, cpu, tiny):
-    """The value for the active profile: ``budget(full=2000, cpu=240, tiny=8)``.
-
-    Lets a notebook size its training (samples, steps) per profile without branching on it.
-    """
-    return {"full": full, "cpu": cpu, "tiny": tiny}[get_profile()]
 
 
 # --- the loss --------------------------------------------------------------------------------

@@ -72,3 +72,11 @@ def describe_profile() -> str:
         "tiny": "tiny random models for smoke tests: every cell runs, the numbers mean nothing",
     }[profile]
     return f"RLLM_PROFILE={profile}: {meaning}"
+
+
+def budget(*, full, cpu, tiny):
+    """The value for the active profile, e.g. ``budget(full=2000, cpu=240, tiny=8)``.
+
+    Lets a notebook size its work (samples, steps) per profile without branching on the profile.
+    """
+    return {"full": full, "cpu": cpu, "tiny": tiny}[get_profile()]
