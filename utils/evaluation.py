@@ -133,16 +133,7 @@ def measure_forward(model, dataloader: Iterable[dict], *, runs: int = 3, warmup:
     Unlike token-by-token generation, a forward pass over whole sequences is dominated by
     matrix multiplications, so its speed tracks the model's FLOPs.
     """
-    batches = list(dataloader)
-    if not batches:
-        raise ValueError("The dataloader is empty: nothing to time.")
-    if runs < 1 or warmup < 0:
-        raise ValueError("Use runs >= 1 and warmup >= 0.")
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    for _ in range(warmup):
-        _forward_seconds(model, batches)
-    seconds = statistics.median(_forward_seconds(model, batches) for _ in range(runs))
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "runs": runs}
+    return compare_forward({"model": model}, dataloader, runs=runs, warmup=warmup)["model"]
 
 
 @torch.no_grad()
