@@ -184,3 +184,115 @@ def test_bad_inputs(tiny, calib):
         utils.prune_glu(gpt2, 0.2)
     with pytest.raises(ValueError, match="has no gate_proj"):
         utils.neuron_importance(gpt2)
+
+
+# --- least-squares repair of down_proj ------------------------------------------------------
+
+def test_grams_match_activation_norms_and_stop_early(tiny, calib):
+    model, _ = tiny(FAMILIES[0])
+    norms = utils.activation_norms(model, calib, progress=False)
+    grams = utils.activation_grams(model, calib, progress=False)
+    assert sorted(grams) == list(range(model.config.num_hidden_layers))
+    for i, g in grams.items():
+        assert g.shape == (256, 256) and g.dtype == torch.float64
+        torch.testing.assert_close(g, g.T)
+        torch.testing.assert_close(g.diagonal().sqrt().float(), norms[i], rtol=1e-4, atol=1e-5)
+    partial = utils.activation_grams(model, calib, layers=[1, 3], progress=False)  # stops after layer 3
+    assert sorted(partial) == [1, 3]
+    for i in (1, 3):
+        torch.testing.assert_close(partial[i], grams[i])
+
+
+def test_compensation_lowers_the_reconstruction_error():
+    torch.manual_seed(0)
+    hidden, width, tokens = 8, 24, 400
+    mixing = torch.randn(width, 12)
+    acts = torch.randn(tokens, 12) @ mixing.T + 0.05 * torch.randn(tokens, width)  # correlated neurons
+    weight = torch.randn(hidden, width)
+    gram = acts.T.double() @ acts.double()
+    kept = torch.arange(0, width, 2)
+    target = acts @ weight.T
+
+    def error(w):
+        return (target - acts[:, kept] @ w.T).pow(2).sum().item()
+
+    repaired = utils.compensate_down_proj(weight, gram, kept, damping=1e-4)
+    assert repaired.shape == (hidden, len(kept)) and repaired.dtype == weight.dtype
+    assert error(repaired) < 0.05 * error(weight[:, kept])
+    heavy = utils.compensate_down_proj(weight, gram, kept, damping=1e6)  # huge ridge: back to the plain cut
+    torch.testing.assert_close(heavy, weight[:, kept], atol=1e-3, rtol=1e-3)
+    # with nothing removed there is nothing to repair
+    torch.testing.assert_close(utils.compensate_down_proj(weight, gram, torch.arange(width)), weight)
+
+
+def test_prune_glu_repair_changes_only_down_proj_values(tiny, calib):
+    model, _ = tiny(FAMILIES[1])
+    plain = utils.prune_glu(copy.deepcopy(model), 0.25, dataloader=calib, reconstruct=False, progress=False)
+    repaired = utils.prune_glu(copy.deepcopy(model), 0.25, dataloader=calib, progress=False)  # default: repair
+    changed = 0
+    for a, b in zip(utils.glu_mlps(plain), utils.glu_mlps(repaired)):
+        assert torch.equal(a.gate_proj.weight, b.gate_proj.weight)  # same neurons kept
+        assert torch.equal(a.up_proj.weight, b.up_proj.weight)
+        assert a.down_proj.weight.shape == b.down_proj.weight.shape
+        changed += not torch.equal(a.down_proj.weight, b.down_proj.weight)
+    assert changed == len(utils.glu_mlps(plain))
+
+
+def test_repair_lowers_mlp_output_error_on_calibration_text(tiny, calib):
+    model, _ = tiny(FAMILIES[0])
+    first = utils.glu_mlps(model)[0]
+    inputs = []
+    handle = first.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    with torch.no_grad():
+        for batch in calib:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+    with torch.no_grad():
+        reference = first(x)
+        errors = {}
+        for flag in (False, True):
+            pruned = utils.prune_glu(copy.deepcopy(model), 0.5, dataloader=calib, reconstruct=flag, progress=False)
+            errors[flag] = (utils.glu_mlps(pruned)[0](x) - reference).pow(2).sum().item()
+    assert errors[True] < errors[False]
+
+
+def test_layer_groups_give_the_same_result(tiny, calib, monkeypatch):
+    model, _ = tiny(FAMILIES[2])
+    one_pass = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, progress=False)
+    monkeypatch.setattr(utils.width, "GRAM_BUDGET_BYTES", 256 * 256 * 4 * 2)  # two layers per pass
+    assert len(utils.width._layer_groups(utils.glu_mlps(model), utils.width.GRAM_BUDGET_BYTES)) > 1
+    grouped = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, progress=False)
+    for (name, a), (_, b) in zip(one_pass.state_dict().items(), grouped.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_static_selection_with_repair_keeps_static_neurons(tiny, calib):
+    model, _ = tiny(FAMILIES[0])
+    static = utils.prune_glu(copy.deepcopy(model), 0.2, method="maw", progress=False)
+    repaired = utils.prune_glu(copy.deepcopy(model), 0.2, method="maw", dataloader=calib, progress=False)
+    for a, b in zip(utils.glu_mlps(static), utils.glu_mlps(repaired)):
+        assert torch.equal(a.gate_proj.weight, b.gate_proj.weight)
+        assert not torch.equal(a.down_proj.weight, b.down_proj.weight)
+
+
+def test_repair_bad_inputs(tiny, calib):
+    model, _ = tiny(FAMILIES[0])
+    with pytest.raises(ValueError, match="reconstruct=True .* pass dataloader="):
+        utils.prune_glu(model, 0.2, reconstruct=True)
+    for bad in (0, -1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="damping must be a positive number"):
+            utils.prune_glu(model, 0.2, dataloader=calib, damping=bad)
+    with pytest.raises(ValueError, match="layers must be indices"):
+        utils.activation_grams(model, calib, layers=[99])
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        utils.activation_grams(model, [])
+    weight, gram = torch.randn(4, 6), torch.eye(6)
+    with pytest.raises(ValueError, match="gram must be \\[6, 6\\]"):
+        utils.compensate_down_proj(weight, torch.eye(5), [0, 1])
+    for kept in ([], [0, 0], [6], [-1]):
+        with pytest.raises(ValueError, match="distinct neuron indices"):
+            utils.compensate_down_proj(weight, gram, kept)
+    with pytest.raises(ValueError, match="damping must be"):
+        utils.compensate_down_proj(weight, gram, [0, 1], damping=0.0)
+    assert model.config.intermediate_size == 256

@@ -30,7 +30,9 @@ from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .profiles import budget, describe_profile, get_profile, runs_dir
 from .results import save_results
 from .width import (
+    activation_grams,
     activation_norms,
+    compensate_down_proj,
     glu_mlps,
     kept_indices,
     neuron_importance,
