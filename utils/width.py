@@ -59,7 +59,7 @@ DEFAULT_DATA_METHOD = "hybrid"
 DEFAULT_DAMPING = 0.1
 #: Largest total size of the Gram matrices gathered in one calibration pass (float32, on the model's device);
 #: beyond it the layers are processed in groups, one pass per group.
-GRAM_BUDGET_BYTES = 2 * 1024**3
+GRAM_BUDGET_BYTES = 1024**3
 
 
 def glu_mlps(model: nn.Module) -> list[nn.Module]:
@@ -284,7 +284,7 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
 
     ``a_t`` is the input of ``down_proj`` at token ``t`` (padding excluded), so ``G`` is
     ``[intermediate, intermediate]``; its diagonal is the squared :func:`activation_norms`. The forward
-    pass stops after the deepest chosen layer. Returns ``{layer index: G}`` in float64 on the CPU.
+    pass stops after the deepest chosen layer. Returns ``{layer index: G}`` in float32 on the CPU.
 
     Memory: one float32 matrix per chosen layer on the model's device while it runs (for Llama-3.2-1B,
     8192 x 8192 x 4 bytes = 268 MB a layer), which is why :func:`prune_glu` asks for a few layers at a time.
@@ -329,7 +329,7 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
         model.train(was_training)
     if seen == 0:
         raise ValueError("The dataloader is empty: calibration needs at least one batch.")
-    return {i: g.double().cpu() for i, g in grams.items()}
+    return {i: g.cpu() for i, g in grams.items()}
 
 
 def compensate_down_proj(down_weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *,
