@@ -130,7 +130,7 @@ def main() -> None:
                                      pruning_percentage=100 * WIDTH_RATIO, dataloader=calib, show_progress=False)
 
     model, s, m = timed(ours_width)
-    add(f"width: {WIDTH_RATIO:.0%} of MLP neurons", "utils (default, data-driven)", s, m, model)
+    add(f"width: {WIDTH_RATIO:.0%} of MLP neurons", "utils (default: hybrid + least-squares repair)", s, m, model)
     model, s, m = timed(optipfair_width)
     add(f"width: {WIDTH_RATIO:.0%} of MLP neurons", "optipfair (hybrid MAW)", s, m, model)
     del model
