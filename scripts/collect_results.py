@@ -21,6 +21,7 @@ CHAPTER_TITLES = {
     "CH05": "CH05 · Width pruning of GLU MLPs",
     "CH06": "CH06 · Knowledge distillation",
     "BENCH": "Benchmark · our utilities next to optipfair",
+    "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
 }
 
 
@@ -91,7 +92,7 @@ def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
     by_chapter: dict[str, list[dict]] = {}
     for payload in payloads:
         by_chapter.setdefault(payload["notebook"].split("_")[0], []).append(payload)
-    for chapter in sorted(by_chapter, key=lambda c: (c == "BENCH", c)):
+    for chapter in sorted(by_chapter, key=lambda c: (c in ("BENCH", "SWEEP"), c)):
         lines += [f"## {CHAPTER_TITLES.get(chapter, chapter)}", ""]
         for payload in by_chapter[chapter]:
             results = payload["results"]

@@ -65,3 +65,15 @@ def test_collector_builds_tables_from_json(tmp_path):
 def test_collector_without_results(tmp_path):
     out = collect_results.collect("tiny", root=tmp_path)
     assert "No results yet" in out.read_text()
+
+
+def test_distillation_sweep_runs_in_tiny():
+    import sweep_distill
+
+    results = sweep_distill.run(["default", "ce-only"])
+    variants = [row["variant"] for row in results["table"]]
+    assert variants[:2] == ["base (teacher)", "pruned, no recovery"] and len(variants) == 4
+    assert all(row["ppl_wikitext"] > 0 and row["ppl_cosmopedia"] > 0 for row in results["table"])
+    assert results["defaults"]["alpha"] == sweep_distill.utils.distillation.DEFAULT_ALPHA
+    with pytest.raises(SystemExit, match="Available: default"):
+        sweep_distill.run(["no-such-variant"])

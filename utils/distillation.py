@@ -30,6 +30,8 @@ IGNORE_INDEX = -100
 #: more held-out perplexity than 1e-3, which overshoots in so few steps.
 DEFAULT_LR = 5e-4
 DEFAULT_WARMUP_STEPS = 3
+DEFAULT_ALPHA = 0.9
+DEFAULT_TEMPERATURE = 2.0
 
 
 # --- the loss --------------------------------------------------------------------------------
@@ -270,8 +272,8 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *, epochs: int = 1,
-            max_steps: int | None = None, lr: float = DEFAULT_LR, temperature: float = 2.0,
-            alpha: float = 0.9, layer_map=None, beta: float = 0.0, grad_accum: int = 1,
+            max_steps: int | None = None, lr: float = DEFAULT_LR, temperature: float = DEFAULT_TEMPERATURE,
+            alpha: float = DEFAULT_ALPHA, layer_map=None, beta: float = 0.0, grad_accum: int = 1,
             eval_dataloader=None, warmup_steps: int = DEFAULT_WARMUP_STEPS, weight_decay: float = 0.0,
             train_embeddings: bool = False, max_grad_norm: float = 1.0, progress: bool = True) -> dict:
     """Train ``student`` to imitate ``teacher`` on ``dataloader``; return the history.
