@@ -41,9 +41,9 @@ BATCH, MAX_LENGTH = utils.budget(full=8, cpu=8, tiny=4), 128
 VARIANTS: dict[str, tuple[str, dict]] = {
     "default": ("defaults of utils.distill", {}),
     "alpha0.9": ("alpha=0.9 (mostly soft targets)", {"alpha": 0.9}),
+    "alpha0.3": ("alpha=0.3 (more cross-entropy)", {"alpha": 0.3}),
     "ce-only": ("alpha=0 (cross-entropy only: no teacher)", {"alpha": 0.0}),
     "T1": ("temperature=1", {"temperature": 1.0}),
-    "lr1e-3": ("lr=1e-3", {"lr": 1e-3}),
     "features": ("+ features through the kept-block map (beta=1)", {"layer_map": "kept", "beta": 1.0}),
 }
 
