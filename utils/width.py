@@ -332,6 +332,11 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
     return {i: g.cpu() for i, g in grams.items()}
 
 
+def _check_damping(damping) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0 or math.isinf(damping):
+        raise ValueError(f"damping must be a positive number ({DEFAULT_DAMPING} is the default), got {damping!r}.")
+
+
 def compensate_down_proj(down_weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *,
                          damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """Least-squares values for the kept ``down_proj`` columns after the other neurons are removed.
@@ -349,8 +354,7 @@ def compensate_down_proj(down_weight: torch.Tensor, gram: torch.Tensor, kept: to
     Returns:
         The new ``[hidden, len(kept)]`` weight, in ``down_weight``'s dtype and device.
     """
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0 or math.isinf(damping):
-        raise ValueError(f"damping must be a positive number (0.1 is the default), got {damping!r}.")
+    _check_damping(damping)
     hidden, width = down_weight.shape
     if gram.shape != (width, width):
         raise ValueError(f"gram must be [{width}, {width}] (one row and column per neuron of this layer), "
@@ -421,8 +425,7 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
     if reconstruct and dataloader is None:
         raise ValueError("reconstruct=True re-fits down_proj on calibration activations: pass dataloader= "
                          "(e.g. utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)).")
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping > 0:
-        raise ValueError(f"damping must be a positive number (0.1 is the default), got {damping!r}.")
+    _check_damping(damping)
     if method is None:
         method = DEFAULT_DATA_METHOD if dataloader is not None else DEFAULT_STATIC_METHOD
     method = _check_method(method)
@@ -442,7 +445,7 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
                 else:
                     layer_scores = static_scores(mlps[i].gate_proj.weight.detach().cpu(),
                                                  mlps[i].up_proj.weight.detach().cpu(), method)
-                kept[i] = torch.topk(layer_scores.float().cpu(), keep).indices.sort().values
+                kept[i] = kept_indices([layer_scores], keep)[0]
                 new_down[i] = compensate_down_proj(mlps[i].down_proj.weight, grams[i], kept[i], damping=damping)
             del grams
     else:
