@@ -119,35 +119,42 @@ def _batch_inputs(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
-def activation_norms(model: nn.Module, dataloader: Iterable, *, progress: bool = True) -> list[torch.Tensor]:
-    """L2 norm of each MLP neuron's activation over every real token of ``dataloader``, per layer.
+class _StopForward(Exception):
+    """Raised by a hook once the deepest layer of interest has been seen: the rest of the forward is skipped."""
 
-    A forward pre-hook on each ``down_proj`` reads its input ``act(gate(x)) * up(x)`` and adds
-    the squares of the non-padding positions; the result is ``sqrt(sum over tokens a_i^2)``.
-    """
+
+@torch.no_grad()
+def _run_calibration(model: nn.Module, dataloader: Iterable, layers: list[int], consume, *, desc: str,
+                     progress: bool) -> None:
+    """Feed ``dataloader`` through ``model`` and call ``consume(layer, acts)`` with the ``down_proj`` input
+    of each chosen layer, real tokens only (``acts``: ``[tokens, intermediate]``, float32). The forward
+    pass stops after the deepest chosen layer."""
     mlps = glu_mlps(model)
     device = next(model.parameters()).device
-    sums = [torch.zeros(m.down_proj.in_features, dtype=torch.float64) for m in mlps]
     state: dict[str, torch.Tensor] = {}
+    last = max(layers)
 
     def make_hook(index: int):
         def hook(module, args):
             acts = args[0]
             real = state["mask"].reshape(-1).bool()
-            acts = acts.reshape(-1, acts.shape[-1])[real]  # padding excluded
-            sums[index] += acts.float().pow(2).sum(dim=0).double().cpu()
+            consume(index, acts.reshape(-1, acts.shape[-1])[real].float())  # padding excluded
+            if index == last:
+                raise _StopForward
         return hook
 
-    handles = [m.down_proj.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(mlps)]
+    handles = [mlps[i].down_proj.register_forward_pre_hook(make_hook(i)) for i in layers]
     was_training = model.training
     model.eval()
     seen = 0
     try:
-        for batch in tqdm(dataloader, desc="calibration", disable=not progress, leave=False):
+        for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
             ids, mask = _batch_inputs(batch, device)
             state["mask"] = mask
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
             seen += 1
     finally:
         for h in handles:
@@ -155,6 +162,21 @@ def activation_norms(model: nn.Module, dataloader: Iterable, *, progress: bool =
         model.train(was_training)
     if seen == 0:
         raise ValueError("The dataloader is empty: calibration needs at least one batch.")
+
+
+def activation_norms(model: nn.Module, dataloader: Iterable, *, progress: bool = True) -> list[torch.Tensor]:
+    """L2 norm of each MLP neuron's activation over every real token of ``dataloader``, per layer.
+
+    A forward pre-hook on each ``down_proj`` reads its input ``act(gate(x)) * up(x)`` and adds
+    the squares of the non-padding positions; the result is ``sqrt(sum over tokens a_i^2)``.
+    """
+    mlps = glu_mlps(model)
+    sums = [torch.zeros(m.down_proj.in_features, dtype=torch.float64) for m in mlps]
+
+    def consume(index: int, acts: torch.Tensor) -> None:
+        sums[index] += acts.pow(2).sum(dim=0).double().cpu()
+
+    _run_calibration(model, dataloader, list(range(len(mlps))), consume, desc="calibration", progress=progress)
     return [s.sqrt().float() for s in sums]
 
 
@@ -273,11 +295,6 @@ def _set_intermediate_size(model: nn.Module, size: int) -> None:
             cfg.intermediate_size = size
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the last layer of interest has been seen: the rest of the forward is skipped."""
-
-
-@torch.no_grad()
 def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable[int] | None = None,
                      progress: bool = True) -> dict[int, torch.Tensor]:
     """Gram matrix ``G = sum_t a_t a_t^T`` of each chosen layer's MLP activations over every real token.
@@ -297,38 +314,11 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
     device = next(model.parameters()).device
     grams = {i: torch.zeros(mlps[i].down_proj.in_features, mlps[i].down_proj.in_features, device=device)
              for i in chosen}
-    state: dict[str, torch.Tensor] = {}
-    last = chosen[-1]
 
-    def make_hook(index: int):
-        def hook(module, args):
-            acts = args[0]
-            real = state["mask"].reshape(-1).bool()
-            acts = acts.reshape(-1, acts.shape[-1])[real].float()  # padding excluded
-            grams[index].addmm_(acts.T, acts)
-            if index == last:
-                raise _StopForward
-        return hook
+    def consume(index: int, acts: torch.Tensor) -> None:
+        grams[index].addmm_(acts.T, acts)
 
-    handles = [mlps[i].down_proj.register_forward_pre_hook(make_hook(i)) for i in chosen]
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        for batch in tqdm(dataloader, desc="calibration (Gram)", disable=not progress, leave=False):
-            ids, mask = _batch_inputs(batch, device)
-            state["mask"] = mask
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("The dataloader is empty: calibration needs at least one batch.")
+    _run_calibration(model, dataloader, chosen, consume, desc="calibration (Gram)", progress=progress)
     return {i: g.cpu() for i, g in grams.items()}
 
 
