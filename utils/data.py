@@ -129,6 +129,10 @@ def make_dataloader(texts: Sequence[str], tokenizer, *, batch_size: int = 8, max
 
     Plain dicts, not the tokenizer's ``BatchEncoding``: optipfair only accepts dicts. Each text
     is truncated to ``max_length`` tokens; padding positions have ``attention_mask == 0``.
+
+    With ``shuffle=True`` the order comes from a generator seeded once with ``seed``, so each pass
+    over the loader draws a *new* order (what several epochs want). Runs that must see the same
+    batches in the same order should each build their own loader with the same seed.
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string: wrap it as [text].")
