@@ -350,15 +350,17 @@ def compensate_down_proj(down_weight: torch.Tensor, gram: torch.Tensor, kept: to
     if gram.shape != (width, width):
         raise ValueError(f"gram must be [{width}, {width}] (one row and column per neuron of this layer), "
                          f"got {tuple(gram.shape)}.")
-    kept = torch.as_tensor(kept, dtype=torch.long).cpu()
+    device = gram.device  # solve where the Gram matrix lives (a GPU makes wide layers fast), in float64
+    kept = torch.as_tensor(kept, dtype=torch.long).to(device)
     if kept.numel() == 0 or kept.unique().numel() != kept.numel() or kept.min() < 0 or kept.max() >= width:
         raise ValueError(f"kept must be distinct neuron indices in 0..{width - 1}.")
-    removed = torch.ones(width, dtype=torch.bool)
+    removed = torch.ones(width, dtype=torch.bool, device=device)
     removed[kept] = False
-    weight = down_weight.detach().double().cpu()
-    g = gram.double().cpu()
+    weight = down_weight.detach().to(device=device, dtype=torch.float64)
+    g = gram.double()
     g_kk = g[kept][:, kept]
-    g_kk = g_kk + damping * g_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(kept), dtype=g.dtype)
+    g_kk = g_kk + damping * g_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(kept), dtype=g.dtype,
+                                                                                   device=device)
     g_rk = g[removed][:, kept]
     # (W_R G_RK) (G_KK + lambda I)^-1, as a solve with the symmetric matrix on the left
     correction = torch.linalg.solve(g_kk, (weight[:, removed] @ g_rk).T).T
@@ -437,7 +439,8 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
                     layer_scores = static_scores(mlps[i].gate_proj.weight.detach().cpu(),
                                                  mlps[i].up_proj.weight.detach().cpu(), method)
                 kept[i] = kept_indices([layer_scores], keep)[0]
-                new_down[i] = compensate_down_proj(mlps[i].down_proj.weight, grams[i], kept[i], damping=damping)
+                down = mlps[i].down_proj.weight
+                new_down[i] = compensate_down_proj(down, grams[i].to(down.device), kept[i], damping=damping)
             del grams
     else:
         if scores is None:
