@@ -66,9 +66,13 @@ def plot_comparison(values: Mapping[str, float], *, title: str, ylabel: str, bas
     ax.bar_label(bars, labels=[fmt.format(v) for v in numbers], padding=2, fontsize=8)
     if baseline is not None:
         ax.axhline(baseline, linestyle="--", color="black", linewidth=1, label=baseline_label)
-        ax.legend()
+        ax.legend(loc="upper right")
     if log:
         ax.set_yscale("log")
+    # headroom above the tallest bar for the value labels and the legend
+    top = max(numbers + ([baseline] if baseline is not None else []))
+    if top > 0:
+        ax.set_ylim(top=top * (3.0 if log else 1.25))
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", rotation=20 if len(labels) > 4 else 0)
