@@ -27,8 +27,9 @@ IGNORE_INDEX = -100
 
 #: Defaults of :func:`distill`, set for short recovery runs (CH02_NB02 records how far 30 steps get).
 #: Tuned on SmolLM2-135M with 6 of 30 blocks removed and 30 steps of 8 x 128 wikitext tokens, evaluated
-#: on held-out wikitext and cosmopedia (``scripts/sweep_distill.py`` re-runs the comparison and writes
-#: it to RESULTS.md): 5e-4 recovered more than 2e-4 or 1e-3 (which overshoots in so few steps). An even
+#: on held-out wikitext and cosmopedia. The learning rate was chosen first (with alpha 0.9): 5e-4
+#: recovered more than 2e-4 or 1e-3, which overshoots in so few steps. The blend, temperature and feature
+#: term were compared next (``scripts/sweep_distill.py`` re-runs that comparison for RESULTS.md). An even
 #: blend of soft targets and cross-entropy (alpha 0.5) recovered far more than alpha 0.9: in a short run
 #: the true next tokens of in-domain text are the most direct signal. Cross-entropy alone (alpha 0) did
 #: about as well on the training domain but clearly worse on held-out text of another domain: the
