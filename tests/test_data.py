@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from utils import DATASETS, load_records, load_texts, load_tokenizer, make_dataloader
+from utils import DATASETS, batch_tensors, load_records, load_texts, load_tokenizer, make_dataloader
 from utils.profiles import DATA_DIR
 
 
@@ -85,3 +85,15 @@ def test_shuffled_order_is_reproducible_per_loader(tiny):
     first_pass = order(first)
     assert first_pass == order(again)  # same seed, fresh loader: same batches in the same order
     assert order(first) != first_pass  # a second pass over the same loader draws a new order
+
+
+def test_batch_tensors_unpacks_dicts_and_tuples():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    for batch in ({"input_ids": ids, "attention_mask": mask}, (ids, mask), [ids, mask]):
+        got_ids, got_mask = batch_tensors(batch, "cpu")
+        assert torch.equal(got_ids, ids) and torch.equal(got_mask, mask)
+    for batch in ({"input_ids": ids}, (ids,)):  # no mask: every position is real
+        assert torch.equal(batch_tensors(batch, "cpu")[1], torch.ones_like(ids))
+    with pytest.raises(TypeError, match="Unsupported batch type Tensor: use dicts"):
+        batch_tensors(ids, "cpu")

@@ -12,7 +12,7 @@ dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.p
 
 from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
-from .data import DATASETS, load_records, load_texts, make_dataloader
+from .data import DATASETS, batch_tensors, load_records, load_texts, make_dataloader
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks
 from .distillation import distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
 from .evaluation import (

@@ -159,3 +159,22 @@ def make_dataloader(texts: Sequence[str], tokenizer, *, batch_size: int = 8, max
 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(encoded, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
+def batch_tensors(batch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of one batch, on ``device``; an all-ones mask when none is given.
+
+    Accepts the dicts of :func:`make_dataloader` (or any dict with ``input_ids``) and
+    ``(input_ids, attention_mask)`` tuples. Every helper that runs a model over a dataloader reads
+    its batches through this function.
+    """
+    if isinstance(batch, dict):
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+    elif isinstance(batch, (list, tuple)):
+        ids, mask = batch[0], (batch[1] if len(batch) > 1 else None)
+    else:
+        raise TypeError(f"Unsupported batch type {type(batch).__name__}: use dicts with input_ids and "
+                        "attention_mask (utils.make_dataloader makes them).")
+    mask = torch.ones_like(ids) if mask is None else mask
+    return ids.to(device), mask.to(device)

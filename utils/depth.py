@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import batch_tensors
+from .evaluation import _device_of
+
 #: Strategy names accepted by :func:`choose_blocks_to_remove`, with a one-line description.
 STRATEGIES: dict[str, str] = {
     "last": "the last n blocks",
@@ -37,10 +40,15 @@ _PROTECTING = ("cosine_protected", "angular_window", "iterative")
 
 # --- finding the blocks ---------------------------------------------------------------------
 
+#: Where decoder blocks live in the model families we meet, first match wins.
+_BLOCK_PATHS = ("model.layers", "model.language_model.layers", "model.decoder.layers", "transformer.h",
+                "gpt_neox.layers", "layers")
+
+
 def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The ``ModuleList`` of decoder blocks: ``model.model.layers`` (Llama, Gemma 3, Qwen 3, ...)
     or ``model.transformer.h`` (GPT-2)."""
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "layers"):
+    for path in _BLOCK_PATHS:
         owner = model
         for part in path.split("."):
             owner = getattr(owner, part, None)
@@ -53,7 +61,7 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def _set_decoder_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> None:
-    for path in ("model.layers", "model.language_model.layers", "transformer.h", "layers"):
+    for path in _BLOCK_PATHS:
         *parents, last = path.split(".")
         owner = model
         for part in parents:
@@ -69,10 +77,6 @@ def _set_decoder_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> 
 def _text_config(model):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # --- importance -----------------------------------------------------------------------------
@@ -125,9 +129,7 @@ def _boundary_similarities(model, dataloader, *, pairs: Sequence[tuple[int, int]
     model.eval()
     try:
         for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
-            input_ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+            input_ids, mask = batch_tensors(batch, device)
             boundary.clear()
             model(input_ids=input_ids, attention_mask=mask, use_cache=False)
             real = mask.bool()

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .evaluation import perplexity
+from .data import batch_tensors
+from .depth import decoder_blocks
+from .evaluation import _device_of, perplexity
 
 IGNORE_INDEX = -100
 
@@ -198,24 +200,10 @@ def make_layer_map(num_student_layers: int, num_teacher_layers: int, kind: str =
     raise ValueError(f"Unknown layer map kind {kind!r}: use 'uniform', 'last' or 'kept' (or pass a list).")
 
 
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
-        try:
-            for name in path.split("."):
-                obj = getattr(obj, name)
-        except AttributeError:
-            continue
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise ValueError(f"Cannot find the decoder blocks of {type(model).__name__} (looked for model.layers, "
-                     "transformer.h, ...); use layer_map=None for this model.")
-
-
 def _resolve_layer_map(layer_map, student, teacher) -> list[int] | None:
     if layer_map is None:
         return None
-    n_s, n_t = len(_decoder_layers(student)), len(_decoder_layers(teacher))
+    n_s, n_t = len(decoder_blocks(student)), len(decoder_blocks(teacher))
     if isinstance(layer_map, str):
         if layer_map == "kept":
             removed = getattr(student.config, "removed_layers", None)
@@ -238,7 +226,7 @@ class _BlockOutputs:
 
     def __init__(self, model: torch.nn.Module, indices: Sequence[int]):
         self.outputs: dict[int, torch.Tensor] = {}
-        layers = _decoder_layers(model)
+        layers = decoder_blocks(model)
         self.handles = [layers[i].register_forward_hook(self._hook(i)) for i in sorted(set(indices))]
 
     def _hook(self, index: int):
@@ -336,7 +324,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *, e
                          "block indices, e.g. kept_blocks(num_teacher_layers, removed).")
     mapping = _resolve_layer_map(layer_map, student, teacher) if beta > 0 else None
 
-    device = next(student.parameters()).device
+    device = _device_of(student)
     if next(teacher.parameters()).device != device:
         teacher.to(device)
     amp_dtype = _autocast_dtype(student)
@@ -386,9 +374,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *, e
             batches = list(dataloader) if n_batches is None else dataloader
             last_index = (len(batches) if n_batches is None else n_batches) - 1
             for index, batch in enumerate(batches):
-                input_ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+                input_ids, mask = batch_tensors(batch, device)
                 labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     with torch.no_grad():

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import batch_tensors
+
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters; shared (tied) tensors are counted once.
@@ -45,8 +47,7 @@ def perplexity(model: torch.nn.Module, dataloader: Iterable[dict], *, progress: 
     device = _device_of(model)
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
-        input_ids = batch["input_ids"].to(device)
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).to(device)
+        input_ids, mask = batch_tensors(batch, device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits
         targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -120,8 +121,9 @@ def _forward_seconds(model, batches: list[dict]) -> float:
     device = _device_of(model)
     _sync(device)
     start = time.perf_counter()
-    for b in batches:
-        model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+    for batch in batches:
+        input_ids, mask = batch_tensors(batch, device)
+        model(input_ids=input_ids, attention_mask=mask, use_cache=False)
     _sync(device)
     return time.perf_counter() - start
 

@@ -47,6 +47,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import batch_tensors
+from .evaluation import _device_of
+
 STATIC_METHODS: tuple[str, ...] = ("maw", "vow", "pon", "l2")
 DATA_METHODS: tuple[str, ...] = ("hybrid", "contribution", "activation")
 #: Default criterion without calibration data.
@@ -107,19 +110,6 @@ def static_scores(gate: torch.Tensor, up: torch.Tensor, method: str = "maw") -> 
     raise ValueError(f"static_scores: method must be one of {', '.join(STATIC_METHODS)}, got {method!r}.")
 
 
-def _batch_inputs(batch, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(batch, dict):
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-    elif isinstance(batch, (list, tuple)):
-        ids, mask = batch[0], (batch[1] if len(batch) > 1 else None)
-    else:
-        raise TypeError(f"Unsupported batch type {type(batch).__name__}: use dicts with input_ids and "
-                        "attention_mask (utils.make_dataloader makes them).")
-    mask = torch.ones_like(ids) if mask is None else mask
-    return ids.to(device), mask.to(device)
-
-
 class _StopForward(Exception):
     """Raised by a hook once the deepest layer of interest has been seen: the rest of the forward is skipped."""
 
@@ -131,7 +121,7 @@ def _run_calibration(model: nn.Module, dataloader: Iterable, layers: list[int], 
     of each chosen layer, real tokens only (``acts``: ``[tokens, intermediate]``, float32). The forward
     pass stops after the deepest chosen layer."""
     mlps = glu_mlps(model)
-    device = next(model.parameters()).device
+    device = _device_of(model)
     state: dict[str, torch.Tensor] = {}
     last = max(layers)
 
@@ -150,7 +140,7 @@ def _run_calibration(model: nn.Module, dataloader: Iterable, layers: list[int], 
     seen = 0
     try:
         for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
-            ids, mask = _batch_inputs(batch, device)
+            ids, mask = batch_tensors(batch, device)
             state["mask"] = mask
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -312,7 +302,7 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
     bad = [i for i in chosen if not 0 <= i < len(mlps)]
     if bad or not chosen:
         raise ValueError(f"layers must be indices in 0..{len(mlps) - 1}, got {bad or 'none'}.")
-    device = next(model.parameters()).device
+    device = _device_of(model)
     grams = {i: torch.zeros(mlps[i].down_proj.in_features, mlps[i].down_proj.in_features, device=device)
              for i in chosen}
 
