@@ -226,12 +226,15 @@ def test_compare_speed_ratios_spreads_and_verdicts(monkeypatch):
     assert result["models"]["slow"]["speedup"]["generation"]["verdict"] == "too_slow"
     assert "speedup" not in result["models"]["base"]
     text = speed_conclusion(result, "half")
-    assert text.startswith("half vs base: forward x1.60") and "60% of the ideal gain" in text
-    assert "generation x1.00" in text and "within noise" in text and "gains less than the forward" in text
+    assert text.startswith("half vs base (median of 3 runs [lowest, highest]; FLOPs ideal x2.00):")
+    assert "forward      x1.60 [x1.60, x1.60]: 60% of the ideal gain" in text
+    assert "generation   x1.00 [x0.91, x1.11]: within noise of x1.00" in text
+    assert "gains less than the forward" in text
     assert result["models"]["base"]["generation"]["step_vs_forward"] == pytest.approx(0.5)  # 0.1 s vs 0.2 s/token
     assert "dominate" not in text  # a step costs less than the forward pass's tokens: no overhead story
     assert "faster than the FLOPs ideal" in speed_conclusion(result, "odd")
-    assert len(speed_conclusion(result).splitlines()) == 3
+    assert "slower than x1.00 beyond the spread" in speed_conclusion(result, "slow")
+    assert sum(line.endswith(":") for line in speed_conclusion(result).splitlines()) == 3  # one header per model
 
 
 def test_compare_speed_single_run_and_other_base(monkeypatch):
@@ -243,7 +246,7 @@ def test_compare_speed_single_run_and_other_base(monkeypatch):
     assert result["base"] == "small" and big["ideal_speedup"] == pytest.approx(0.5)
     assert big["speedup"]["forward"]["ratio"] == pytest.approx(0.5)
     assert big["speedup"]["forward"]["verdict"] == "single_run" and "generation" not in big
-    assert "noise unknown" in speed_conclusion(result)
+    assert "forward      x0.50 [x0.50, x0.50]: one run, noise unknown" in speed_conclusion(result)
 
 
 def test_compare_speed_bad_inputs(monkeypatch):

@@ -346,49 +346,53 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
 _KIND_LABELS = {"forward": "forward", "first_token": "first token", "generation": "generation"}
 
 
-def _describe_ratio(kind: str, s: dict, runs: int) -> str:
-    text = f"{_KIND_LABELS[kind]} x{s['ratio']:.2f}"
+def _verdict_text(s: dict) -> str:
     if s["verdict"] == "single_run":
-        return text + " (one run: noise unknown)"
-    text += f" (x{s['min']:.2f} to x{s['max']:.2f} over {runs} runs"
-    text += f"; ideal x{s['ideal']:.2f})" if s["ideal"] is not None else ")"
+        return "one run, noise unknown"
     if s["verdict"] == "within_noise":
-        return text + ": within noise of x1.00"
+        return "within noise of x1.00"
     if s["verdict"] == "too_fast":
-        return text + ": faster than the FLOPs ideal beyond the spread, suspect noise or a cost FLOPs leave out"
+        return "faster than the FLOPs ideal beyond the spread: suspect noise, or a cost the FLOPs count leaves out"
     if s["verdict"] == "too_slow":
-        return text + ": slower than the plausible band beyond the spread, look for an overhead"
+        above = "x1.00" if s["ideal"] >= 1 else "the FLOPs ideal"
+        return f"slower than {above} beyond the spread: suspect noise or an overhead"
     share = s["share_of_ideal_gain"]
-    return text + (f": {share:.0%} of the ideal gain" if share is not None else ": a measurable difference")
+    return f"{share:.0%} of the ideal gain" if share is not None else "a measurable difference"
 
 
 def speed_conclusion(result: dict, name: str | None = None) -> str:
-    """Sentences computed from a :func:`compare_speed` result, one line per compared model, e.g.
-    ``pruned vs base: forward x1.13 (x1.10 to x1.16 over 5 runs; ideal x1.13): 100% of the ideal gain;
-    generation x1.02 (x0.97 to x1.08 over 5 runs; ideal x1.13): within noise of x1.00``.
+    """Conclusions computed from a :func:`compare_speed` result, a few lines per compared model, e.g.::
+
+        pruned vs base (median of 5 runs [lowest, highest]; FLOPs ideal x1.13):
+          forward      x1.13 [x1.10, x1.16]: 100% of the ideal gain
+          generation   x1.02 [x0.97, x1.08]: within noise of x1.00
 
     ``name`` restricts the text to one model. Notebooks print this instead of stating a direction.
     """
     if not isinstance(result, dict) or "models" not in result or "base" not in result:
         raise ValueError("speed_conclusion expects the dict returned by utils.compare_speed.")
     base = result["base"]
-    names = [n for n in result["models"] if n != base] if name is None else [name]
-    if name is not None and (name not in result["models"] or name == base):
-        raise ValueError(f"name={name!r} is not a compared model: use one of "
-                         f"{[n for n in result['models'] if n != base]}.")
+    compared = [n for n in result["models"] if n != base]
+    if name is not None and name not in compared:
+        raise ValueError(f"name={name!r} is not a compared model: use one of {compared}.")
     lines = []
-    for n in names:
-        speedup = result["models"][n]["speedup"]
-        parts = [_describe_ratio(kind, speedup[kind], result["runs"])
-                 for kind in ("forward", "first_token", "generation") if kind in speedup]
-        line = f"{n} vs {base}: " + "; ".join(parts)
-        if result["models"][n].get("generation_lags_forward"):
-            line += "; generation gains less than the forward pass, beyond the spread"
+    for n in compared if name is None else [name]:
+        entry = result["models"][n]
+        ideal = entry["ideal_speedup"]
+        runs = f"{result['runs']} run" + ("s" if result["runs"] != 1 else "")
+        lines.append(f"{n} vs {base} (median of {runs} [lowest, highest]"
+                     + (f"; FLOPs ideal x{ideal:.2f}):" if ideal is not None else "):"))
+        for kind, label in _KIND_LABELS.items():
+            if kind in entry["speedup"]:
+                s = entry["speedup"][kind]
+                lines.append(f"  {label:<12} x{s['ratio']:.2f} [x{s['min']:.2f}, x{s['max']:.2f}]: {_verdict_text(s)}")
+        if entry.get("generation_lags_forward"):
+            line = "  generation gains less than the forward pass, beyond the spread"
             step = result["models"][base]["generation"]["step_vs_forward"]
             if step > 2:  # most of a step is not the arithmetic that the forward pass measures
                 line += (f": a decoding step of {base} takes {step:.1f}x the forward pass's time for as many "
                          "tokens, so costs paid per step rather than per FLOP dominate generation here")
-        lines.append(line + ".")
+            lines.append(line)
     return "\n".join(lines)
 
 
