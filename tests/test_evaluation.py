@@ -320,3 +320,20 @@ def test_speed_conclusion_explains_per_step_overhead_only_when_measured(monkeypa
     result = compare_speed(models, batches, tokenizer=FakeTokenizer(), prompts="x", max_new_tokens=3, runs=3)
     assert result["models"]["small"]["generation_lags_forward"] is False  # both x1.6: no lag, no story
     assert "per step" not in speed_conclusion(result)
+
+
+def test_speed_conclusion_words_a_median_beyond_the_ideal_carefully():
+    from utils import speed_conclusion
+    from utils.evaluation import _speedup
+
+    def result(speedup):
+        return {"base": "b", "runs": 3, "models": {"b": {}, "p": {"ideal_speedup": 1.2, "speedup": speedup}}}
+
+    wide = _speedup([1.0, 1.0, 1.0], [1 / 1.1, 1 / 1.4, 1 / 1.6], 1.2, 0.05)  # x1.1 .. x1.6 reaches x1.2
+    assert wide["verdict"] == "plausible" and wide["ratio"] == pytest.approx(1.4)
+    assert "above the ideal, but the range of the runs reaches it" in speed_conclusion(result({"forward": wide}))
+    slight = _speedup([1.0, 1.0], [1 / 0.97, 1 / 0.98], 1.2, 0.05)  # a little slower, within the tolerance
+    assert slight["verdict"] == "plausible"
+    assert "below the plausible band, by less than the tolerance" in speed_conclusion(result({"forward": slight}))
+    inside = _speedup([1.0, 1.0], [1 / 1.1, 1 / 1.1], 1.2, 0.05)
+    assert "50% of the ideal gain" in speed_conclusion(result({"forward": inside}))

@@ -232,7 +232,7 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
       ``batch_size``, ``new_tokens``, ``runs``, and with a dataloader ``step_vs_forward``: a decoding
       step's time over the forward pass's time for as many tokens (far above 1: per-step overhead);
     * ``ideal_speedup``: the FLOPs ratio :func:`ideal_speedup` against the base (it counts the
-      matmul weights and ignores attention's context-length term, a few per cent at short contexts);
+      matmul weights and ignores attention's context-length term, which is small for short contexts);
     * ``speedup`` (every model but the base): for ``forward``, ``first_token`` and ``generation``, the
       ``ratio`` over the base (> 1 is faster; median of the ratios of the runs of the same round), its
       ``min``/``max`` over runs, the ``ideal``, ``share_of_ideal_gain`` = (ratio - 1) / (ideal - 1), a
@@ -240,6 +240,8 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
     * ``generation_lags_forward`` (when both were timed, every model but the base): True when every
       generation ratio of the runs is below every forward ratio, i.e. generation gains less beyond noise.
 
+    The plausible band for a ratio runs from x1.00 to the ideal; ``tolerance`` (a share, default 5 %)
+    widens it for what the FLOPs count leaves out (attention over the context, memory traffic).
     :func:`speed_conclusion` turns the result into sentences.
     """
     if not isinstance(models, Mapping) or not models:
@@ -356,6 +358,11 @@ def _verdict_text(s: dict) -> str:
     if s["verdict"] == "too_slow":
         above = "x1.00" if s["ideal"] >= 1 else "the FLOPs ideal"
         return f"slower than {above} beyond the spread: suspect noise or an overhead"
+    ideal, ratio = s["ideal"], s["ratio"]
+    if ideal is not None and ratio > max(1.0, ideal):
+        return "the median is above the ideal, but the range of the runs reaches it"
+    if ideal is not None and ratio < min(1.0, ideal):
+        return "the median is below the plausible band, by less than the tolerance"
     share = s["share_of_ideal_gain"]
     return f"{share:.0%} of the ideal gain" if share is not None else "a measurable difference"
 
