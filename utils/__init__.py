@@ -17,14 +17,18 @@ from .data import DATASETS, batch_tensors, load_records, load_texts, make_datalo
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks
 from .distillation import distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
 from .evaluation import (
+    SPEED_VERDICTS,
     compare_forward,
+    compare_speed,
     count_parameters,
     ideal_speedup,
     matmul_parameters,
     measure_forward,
     measure_generation,
     perplexity,
+    speed_conclusion,
     speed_ratios,
+    time_alternately,
 )
 from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
