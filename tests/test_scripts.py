@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import collect_results  # noqa: E402
 import run_notebooks  # noqa: E402
+import sync_setup_cell  # noqa: E402
 
 
 def test_find_notebooks_filters_by_chapter_and_name():
@@ -77,3 +78,27 @@ def test_distillation_sweep_runs_in_tiny():
     assert results["defaults"]["alpha"] == sweep_distill.utils.distillation.DEFAULT_ALPHA
     with pytest.raises(SystemExit, match="Available: default"):
         sweep_distill.run(["no-such-variant"])
+
+
+def test_sync_setup_cell_rewrites_cell_1_and_inserts_a_missing_one(tmp_path):
+    source = sync_setup_cell.setup_source()
+    stale, bare = tmp_path / "stale.ipynb", tmp_path / "bare.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), nbformat.v4.new_code_cell("# Setup: old\nimport sys"),
+                nbformat.v4.new_code_cell("x = 1")]
+    nb.cells[1].metadata["keep"] = True
+    nbformat.write(nb, stale)
+    nb.cells = [nb.cells[0], nb.cells[2]]
+    nbformat.write(nb, bare)
+    assert sync_setup_cell.sync(stale, source, write=False)  # --check: reports, writes nothing
+    assert nbformat.read(stale, as_version=4).cells[1].source.startswith("# Setup: old")
+    for path in (stale, bare):
+        assert sync_setup_cell.sync(path, source)
+        cells = nbformat.read(path, as_version=4).cells
+        assert [c.source for c in cells] == ["# Title", source, "x = 1"]
+        assert not sync_setup_cell.sync(path, source)  # now in sync
+    assert nbformat.read(stale, as_version=4).cells[1].metadata["keep"] is True
+
+
+def test_every_notebook_setup_cell_is_in_sync(capsys):
+    assert sync_setup_cell.main(["--check"]) == 0, capsys.readouterr().out
