@@ -183,3 +183,6 @@ def test_other_bad_inputs(tiny_llama, tmp_path):
         utils.adapter_size_bytes(model)
     with pytest.raises(TypeError, match="torch.dtype"):
         utils.adapter_size_bytes(100, "float16")
+    utils.apply_lora(model, ["v_proj"], r=2)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        utils.apply_lora(model, ["v_proj"], r=2)

@@ -172,6 +172,11 @@ def find_target_modules(model: nn.Module, target_modules: str | Iterable[str]) -
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected a torch.nn.Module, got {type(model).__name__}.")
     targets = _as_names(target_modules)
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)
+               and any(_matches(name, t) for t in targets)]
+    if wrapped:
+        raise ValueError(f"{wrapped[0]} (and {len(wrapped) - 1} more) already has a LoRA adapter: merge it first "
+                         "(utils.merge_lora) or start again from the model without adapters.")
     linears = _linear_modules(model)
     unknown = [t for t in targets if not any(_matches(name, t) for name in linears)]
     if unknown:
