@@ -10,6 +10,8 @@ dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.p
 for from-scratch-vs-library checks), :mod:`~utils.training` (the one training loop every chapter
 that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
 :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06).
+CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapter-size arithmetic) and
+:mod:`~utils.quantization` (int / NF4 / FP4 blockwise quantisation, bits per parameter, fake-quantised models).
 """
 
 from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
@@ -56,4 +58,28 @@ from .width import (
     prune_glu,
     scores_from_activations,
     target_width,
+)
+
+# isort: split
+# CH07: low-rank adapters and quantisation from scratch
+from .lora import (
+    LoRALinear,
+    adapter_size_bytes,
+    apply_lora,
+    find_target_modules,
+    lora_parameter_count,
+    merge_lora,
+)
+from .quantization import (
+    QuantizedTensor,
+    bits_per_parameter,
+    bitsandbytes_levels,
+    dequantize_blockwise,
+    fake_quantize_model,
+    fp4_levels,
+    int_levels,
+    nf4_levels,
+    quantization_error,
+    quantization_levels,
+    quantize_blockwise,
 )
