@@ -317,6 +317,8 @@ def test_perplexity_through_cache(tokenizer, loader):
                 count += seq.shape[1] - prefix
     assert through == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert static == pytest.approx(through, rel=1e-4)
+    one_by_one = perplexity_through_cache(model, loader, prefix_tokens=prefix, batch_size=1, progress=False)
+    assert one_by_one == pytest.approx(through, rel=1e-4)
     fp8 = perplexity_through_cache(model, loader, prefix_tokens=prefix, cache="quantized", backend="fp8",
                                    progress=False)
     assert fp8 != through and fp8 == pytest.approx(through, rel=0.05)
@@ -326,6 +328,8 @@ def test_perplexity_through_cache(tokenizer, loader):
         perplexity_through_cache(model, loader, prefix_tokens=10_000)
     with pytest.raises(ValueError, match="cache="):
         perplexity_through_cache(model, loader, prefix_tokens=4, cache="paged")
+    with pytest.raises(ValueError, match="batch_size"):
+        perplexity_through_cache(model, loader, prefix_tokens=4, batch_size=0)
 
 
 # --- Adaptive Attention Bypass ----------------------------------------------------------------
@@ -388,7 +392,7 @@ def test_bypass_with_removed_attention_and_threshold_calibration(tokenizer, load
     counts = [sum(1 for i, s in enumerate(row) if i not in protect and s < threshold) for row in scores]
     assert sum(counts) / len(counts) == 3
     with attention_bypass(model, threshold=threshold) as bypass:
-        perplexity_through_cache(model, loader, prefix_tokens=8, progress=False)
+        perplexity_through_cache(model, loader, prefix_tokens=8, batch_size=1, progress=False)
     assert bypass.mean_skipped == 3
     assert all(4 not in h["skipped"] and 0 not in h["skipped"] for h in bypass.history)
     assert calibrate_threshold(scores, 0, protect=protect) < min(min(s for s in r if s == s) for r in scores)

@@ -441,15 +441,20 @@ def kv_bytes_per_token(model, *, bytes_per_value: float | None = None) -> float:
 @torch.no_grad()
 def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens: int,
                              cache: str | Callable[[], object] = "dynamic", max_cache_len: int | None = None,
-                             progress: bool = True, desc: str = "perplexity through the cache",
+                             batch_size: int = 8, progress: bool = True, desc: str = "perplexity through the cache",
                              **cache_kwargs) -> float:
     """Perplexity of every text's continuation, read token by token **through the KV cache**.
 
-    For each text (padding dropped): one forward pass over the first ``prefix_tokens`` tokens fills
+    For each text (padding dropped): one forward pass over its first ``prefix_tokens`` tokens fills
     a fresh cache (prefill); then each continuation token goes in alone, so its prediction of the next
     token attends to keys and values that were written to and read back from the cache — which is
     what a quantised cache changes. A single forward pass over the whole text would never read the
     cache. Texts with no token after the prefix are skipped.
+
+    Texts are processed ``batch_size`` at a time (every prefix is all real tokens, so no padding
+    enters the prefill; a text that has ended is fed filler tokens that are not scored). Use
+    ``batch_size=1`` inside :func:`attention_bypass`, which decides once per forward pass. A
+    quantised cache computes its scales over the batch it holds.
 
     Args:
         cache: a cache kind for :func:`make_cache` (``"dynamic"``, ``"static"``, ``"quantized"``),
@@ -461,6 +466,8 @@ def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens
     """
     if not isinstance(prefix_tokens, int) or isinstance(prefix_tokens, bool) or prefix_tokens < 1:
         raise ValueError(f"prefix_tokens must be a positive integer (the prompt length), got {prefix_tokens!r}.")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not callable(cache) and cache not in ("dynamic", "static", "quantized"):
         raise ValueError(f"cache={cache!r}: use 'dynamic', 'static', 'quantized' or a function returning a cache.")
     device = _device_of(model)
@@ -478,20 +485,27 @@ def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
-        for seq in tqdm(sequences, desc=desc, disable=not progress, leave=False):
+        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress, leave=False):
+            group = sequences[start:start + batch_size]
+            lengths = torch.tensor([s.numel() for s in group], device=device)
+            ids = torch.stack([F.pad(s, (0, int(lengths.max()) - s.numel()), value=int(s[-1])) for s in group])
             if callable(cache):
                 kv = cache()
+            elif cache == "static":
+                kv = make_cache(model, cache, max_cache_len=max_cache_len or longest, **cache_kwargs)
             else:
-                kv = make_cache(model, cache, max_cache_len=max_cache_len or longest, **cache_kwargs) \
-                    if cache == "static" else make_cache(model, cache, **cache_kwargs)
-            out = model(input_ids=seq[None, :prefix_tokens], use_cache=True, **{arg: kv})
-            logits = [out.logits[0, -1]]  # the cache object is updated in place
-            for t in range(prefix_tokens, seq.numel() - 1):
-                out = model(input_ids=seq[None, t:t + 1], use_cache=True, **{arg: kv})
-                logits.append(out.logits[0, -1])
-            targets = seq[prefix_tokens:]
-            total_nll += F.cross_entropy(torch.stack(logits).float(), targets, reduction="sum").item()
-            total_tokens += targets.numel()
+                kv = make_cache(model, cache, **cache_kwargs)
+            out = model(input_ids=ids[:, :prefix_tokens], use_cache=True, **{arg: kv})
+            logits = [out.logits[:, -1]]  # the cache object is updated in place
+            for t in range(prefix_tokens, ids.shape[1] - 1):
+                out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{arg: kv})
+                logits.append(out.logits[:, -1])
+            logits = torch.stack(logits, dim=1).float()  # [batch, positions, vocab]
+            targets = ids[:, prefix_tokens:].masked_fill(
+                torch.arange(prefix_tokens, ids.shape[1], device=device)[None] >= lengths[:, None], -100)
+            total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                         ignore_index=-100, reduction="sum").item()
+            total_tokens += int((targets != -100).sum())
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
