@@ -317,8 +317,14 @@ def test_perplexity_through_cache(tokenizer, loader):
                 count += seq.shape[1] - prefix
     assert through == pytest.approx(math.exp(nll / count), rel=1e-4)
     assert static == pytest.approx(through, rel=1e-4)
-    one_by_one = perplexity_through_cache(model, loader, prefix_tokens=prefix, batch_size=1, progress=False)
-    assert one_by_one == pytest.approx(through, rel=1e-4)
+    one_by_one = perplexity_through_cache(model, loader, prefix_tokens=prefix, batch_size=1, per_text=True,
+                                          progress=False)
+    assert one_by_one["perplexity"] == pytest.approx(through, rel=1e-4)
+    assert sum(one_by_one["tokens"]) == count and sum(one_by_one["nll"]) == pytest.approx(nll, rel=1e-4)
+    # a share of each text as the prompt: the prompts differ in length
+    half = perplexity_through_cache(model, loader, prefix_tokens=0.5, per_text=True, progress=False)
+    lengths = [int(m.sum()) for b in loader for m in b["attention_mask"]]
+    assert half["tokens"] == [n - round(0.5 * n) for n in lengths]
     fp8 = perplexity_through_cache(model, loader, prefix_tokens=prefix, cache="quantized", backend="fp8",
                                    progress=False)
     assert fp8 != through and fp8 == pytest.approx(through, rel=0.05)
@@ -328,6 +334,8 @@ def test_perplexity_through_cache(tokenizer, loader):
         perplexity_through_cache(model, loader, prefix_tokens=10_000)
     with pytest.raises(ValueError, match="cache="):
         perplexity_through_cache(model, loader, prefix_tokens=4, cache="paged")
+    with pytest.raises(ValueError, match="share"):
+        perplexity_through_cache(model, loader, prefix_tokens=1.5)
     with pytest.raises(ValueError, match="batch_size"):
         perplexity_through_cache(model, loader, prefix_tokens=4, batch_size=0)
 
@@ -374,7 +382,7 @@ def test_bypass_skips_with_zero_contribution(family, tokenizer, prompt):
     decode = seen[2:]
     assert decode and all(torch.equal(decode[i][1], decode[i + 1][1]) for i in range(0, len(decode), 2))
     assert out.shape[1] == prompt["input_ids"].shape[1] + 12
-    assert len(scores_prefill) == 1 and math.isfinite(scores_prefill[0][3])
+    assert len(scores_prefill) == 1 and math.isfinite(scores_prefill[0]["scores"][3])
     # the decode logits differ from the base model's (the skipped attentions mattered)
     with attention_bypass(model, rule=lambda scores, n: [3, 4]):
         skipped = _generate(model, prompt, return_dict_in_generate=True, output_logits=True).logits
@@ -386,7 +394,9 @@ def test_bypass_skips_with_zero_contribution(family, tokenizer, prompt):
 def test_bypass_with_removed_attention_and_threshold_calibration(tokenizer, loader):
     model = remove_attention(_tiny("llama", tokenizer), [4])
     scores = prompt_attention_scores(model, loader, prefix_tokens=8)
-    assert len(scores) == 4 and math.isnan(scores[0][4])
+    assert len(scores) == 4 and math.isnan(scores[0]["scores"][4])
+    assert all(s["prompt_tokens"] == 8 for s in scores)
+    scores = [s["scores"] for s in scores]
     protect = default_protected(model)
     threshold = calibrate_threshold(scores, 3, protect=protect)
     counts = [sum(1 for i, s in enumerate(row) if i not in protect and s < threshold) for row in scores]

@@ -438,55 +438,79 @@ def kv_bytes_per_token(model, *, bytes_per_value: float | None = None) -> float:
     return kv_bytes(len(_attention_blocks(model)), kv_heads, head_dim, bytes_per_value)
 
 
+def _prompt_splits(dataloader: Iterable[dict], prefix_tokens: int | float, device) -> list[tuple[torch.Tensor, int]]:
+    """Each text's real tokens and its prompt length: ``prefix_tokens`` tokens, or that fraction of
+    the text when it is a float in (0, 1). Texts with nothing after the prompt are left out."""
+    fraction = isinstance(prefix_tokens, float)
+    if fraction and not 0 < prefix_tokens < 1:
+        raise ValueError(f"A float prefix_tokens is a share of each text and must lie in (0, 1), got {prefix_tokens}.")
+    if not fraction and (not isinstance(prefix_tokens, int) or isinstance(prefix_tokens, bool) or prefix_tokens < 1):
+        raise ValueError(f"prefix_tokens must be a positive integer (the prompt length) or a share in (0, 1), "
+                         f"got {prefix_tokens!r}.")
+    splits = []
+    for batch in dataloader:
+        input_ids, mask = batch_tensors(batch, device)
+        for ids, m in zip(input_ids, mask):
+            seq = ids[m.bool()]
+            n = max(1, round(prefix_tokens * seq.numel())) if fraction else prefix_tokens
+            if seq.numel() > n:
+                splits.append((seq, n))
+    if not splits:
+        raise ValueError(f"No text is longer than prefix_tokens={prefix_tokens}: lower prefix_tokens or raise "
+                         "max_length of the dataloader.")
+    return splits
+
+
 @torch.no_grad()
-def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens: int,
+def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens: int | float,
                              cache: str | Callable[[], object] = "dynamic", max_cache_len: int | None = None,
-                             batch_size: int = 8, progress: bool = True, desc: str = "perplexity through the cache",
-                             **cache_kwargs) -> float:
+                             batch_size: int = 8, per_text: bool = False, progress: bool = True,
+                             desc: str = "perplexity through the cache", **cache_kwargs):
     """Perplexity of every text's continuation, read token by token **through the KV cache**.
 
-    For each text (padding dropped): one forward pass over its first ``prefix_tokens`` tokens fills
-    a fresh cache (prefill); then each continuation token goes in alone, so its prediction of the next
+    For each text (padding dropped): one forward pass over its prompt — the first ``prefix_tokens``
+    tokens, or that share of the text when ``prefix_tokens`` is a float in (0, 1) — fills a fresh
+    cache (prefill); then each continuation token goes in alone, so its prediction of the next
     token attends to keys and values that were written to and read back from the cache — which is
     what a quantised cache changes. A single forward pass over the whole text would never read the
-    cache. Texts with no token after the prefix are skipped.
+    cache. Texts with no token after the prompt are skipped.
 
-    Texts are processed ``batch_size`` at a time (every prefix is all real tokens, so no padding
-    enters the prefill; a text that has ended is fed filler tokens that are not scored). Use
-    ``batch_size=1`` inside :func:`attention_bypass`, which decides once per forward pass. A
-    quantised cache computes its scales over the batch it holds.
+    Texts with prompts of the same length are processed ``batch_size`` at a time (a prompt is all
+    real tokens, so no padding enters the prefill; a text that has ended is fed filler tokens that
+    are not scored). Use ``batch_size=1`` inside :func:`attention_bypass`, which decides once per
+    forward pass. A quantised cache computes its scales over the batch it holds.
 
     Args:
         cache: a cache kind for :func:`make_cache` (``"dynamic"``, ``"static"``, ``"quantized"``),
             with ``cache_kwargs`` such as ``backend="fp8"``; or a function returning a new cache.
         max_cache_len: for ``cache="static"``; default: the longest text.
+        per_text: also return each text's summed negative log-likelihood and token count, for
+            paired comparisons between models.
 
     Returns:
-        ``exp(total negative log-likelihood / continuation tokens)``.
+        ``exp(total negative log-likelihood / continuation tokens)``; with ``per_text=True`` a dict
+        with ``perplexity``, ``nll`` (one sum per text, in input order) and ``tokens``.
     """
-    if not isinstance(prefix_tokens, int) or isinstance(prefix_tokens, bool) or prefix_tokens < 1:
-        raise ValueError(f"prefix_tokens must be a positive integer (the prompt length), got {prefix_tokens!r}.")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if not callable(cache) and cache not in ("dynamic", "static", "quantized"):
         raise ValueError(f"cache={cache!r}: use 'dynamic', 'static', 'quantized' or a function returning a cache.")
     device = _device_of(model)
-    sequences = []
-    for batch in dataloader:
-        input_ids, mask = batch_tensors(batch, device)
-        sequences += [ids[m.bool()] for ids, m in zip(input_ids, mask)]
-    sequences = [s for s in sequences if s.numel() > prefix_tokens]
-    if not sequences:
-        raise ValueError(f"No text is longer than prefix_tokens={prefix_tokens}: lower prefix_tokens or raise "
-                         "max_length of the dataloader.")
-    longest = max(s.numel() for s in sequences)
+    splits = _prompt_splits(dataloader, prefix_tokens, device)
+    longest = max(seq.numel() for seq, _ in splits)
+    by_prompt: dict[int, list[int]] = {}
+    for index, (_, n) in enumerate(splits):
+        by_prompt.setdefault(n, []).append(index)
+    groups = [(n, members[i:i + batch_size]) for n, members in by_prompt.items()
+              for i in range(0, len(members), batch_size)]
     arg = _cache_arg(model)
+    nll = [0.0] * len(splits)
+    counts = [0] * len(splits)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
     try:
-        for start in tqdm(range(0, len(sequences), batch_size), desc=desc, disable=not progress, leave=False):
-            group = sequences[start:start + batch_size]
+        for prompt, members in tqdm(groups, desc=desc, disable=not progress, leave=False):
+            group = [splits[i][0] for i in members]
             lengths = torch.tensor([s.numel() for s in group], device=device)
             ids = torch.stack([F.pad(s, (0, int(lengths.max()) - s.numel()), value=int(s[-1])) for s in group])
             if callable(cache):
@@ -495,20 +519,23 @@ def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens
                 kv = make_cache(model, cache, max_cache_len=max_cache_len or longest, **cache_kwargs)
             else:
                 kv = make_cache(model, cache, **cache_kwargs)
-            out = model(input_ids=ids[:, :prefix_tokens], use_cache=True, **{arg: kv})
+            out = model(input_ids=ids[:, :prompt], use_cache=True, **{arg: kv})
             logits = [out.logits[:, -1]]  # the cache object is updated in place
-            for t in range(prefix_tokens, ids.shape[1] - 1):
+            for t in range(prompt, ids.shape[1] - 1):
                 out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{arg: kv})
                 logits.append(out.logits[:, -1])
             logits = torch.stack(logits, dim=1).float()  # [batch, positions, vocab]
-            targets = ids[:, prefix_tokens:].masked_fill(
-                torch.arange(prefix_tokens, ids.shape[1], device=device)[None] >= lengths[:, None], -100)
-            total_nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                         ignore_index=-100, reduction="sum").item()
-            total_tokens += int((targets != -100).sum())
+            targets = ids[:, prompt:].masked_fill(
+                torch.arange(prompt, ids.shape[1], device=device)[None] >= lengths[:, None], -100)
+            losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                     ignore_index=-100, reduction="none").view(targets.shape)
+            for row, index in enumerate(members):
+                nll[index] = float(losses[row].sum())
+                counts[index] = int((targets[row] != -100).sum())
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    value = math.exp(sum(nll) / sum(counts))
+    return {"perplexity": value, "nll": nll, "tokens": counts} if per_text else value
 
 
 # --- Adaptive Attention Bypass --------------------------------------------------------------
@@ -672,37 +699,34 @@ def attention_bypass(model, threshold: float | None = None, *,
 
 
 @torch.no_grad()
-def prompt_attention_scores(model, dataloader: Iterable[dict], *, prefix_tokens: int,
-                            progress: bool = True) -> list[list[float]]:
+def prompt_attention_scores(model, dataloader: Iterable[dict], *, prefix_tokens: int | float,
+                            progress: bool = True) -> list[dict]:
     """Each prompt's attention scores as the bypass sees them during prefill (nothing is skipped).
 
-    The prompt of a text is its first ``prefix_tokens`` real tokens (as in
-    :func:`perplexity_through_cache`); texts not longer than that are skipped. Returns one list of
-    ``1 - cos`` per prompt (``nan`` for removed attentions).
+    Prompts are cut as in :func:`perplexity_through_cache` (same ``prefix_tokens``, same texts, same
+    order). Returns one dict per prompt: ``prompt_tokens`` and ``scores`` (``1 - cos`` of each
+    block's attention, ``nan`` for removed ones).
     """
-    device = _device_of(model)
     arg = _cache_arg(model)
+    splits = _prompt_splits(dataloader, prefix_tokens, _device_of(model))
     with attention_bypass(model, rule=lambda scores, n: [], protect=()) as probe:
-        for batch in tqdm(dataloader, desc="prompt scores", disable=not progress, leave=False):
-            input_ids, mask = batch_tensors(batch, device)
-            for ids, m in zip(input_ids, mask):
-                seq = ids[m.bool()]
-                if seq.numel() > prefix_tokens:
-                    model(input_ids=seq[None, :prefix_tokens], use_cache=True, **{arg: make_cache(model)})
-    return [h["scores"] for h in probe.history]
+        for seq, n in tqdm(splits, desc="prompt scores", disable=not progress, leave=False):
+            model(input_ids=seq[None, :n], use_cache=True, **{arg: make_cache(model)})
+    return [{"prompt_tokens": h["prompt_tokens"], "scores": h["scores"]} for h in probe.history]
 
 
 def calibrate_threshold(scores: Sequence[Sequence[float]], mean_skipped: float, *,
                         protect: Iterable[int]) -> float:
     """The bypass threshold that skips ``mean_skipped`` attention sublayers per prompt on average.
 
-    ``scores`` holds one list per prompt (e.g. :func:`prompt_attention_scores`). Pooling the scores of
+    ``scores`` holds one list per prompt (or the dicts of :func:`prompt_attention_scores`). Pooling the scores of
     all prompts (protected blocks and removed attentions left out), the threshold is placed halfway
     between the ``m``-th and the ``m+1``-th smallest, with ``m = round(mean_skipped x prompts)``: a
     rule "skip if score < threshold" then skips exactly ``m`` sublayers over these prompts. Pass
     the bypass's ``protect`` (e.g. :func:`default_protected`).
     """
     protect = set(protect)
+    scores = [row["scores"] if isinstance(row, dict) else row for row in scores]
     if not scores:
         raise ValueError("scores is empty: pass one list of attention scores per calibration prompt.")
     pooled = sorted(s for row in scores for i, s in enumerate(row) if i not in protect and not math.isnan(s))
