@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from utils import load_texts, make_dataloader, remove_blocks
+from utils import block_importance, load_texts, make_dataloader, remove_blocks
 from utils.architectures import tiny_config
 from utils.attention import (
     CONFIG_FIELD,
@@ -86,6 +86,7 @@ def test_sublayer_importance_matches_hand_computation(family, tokenizer, loader)
     scores = sublayer_importance(model, loader, progress=False)
     n = len(decoder_blocks(model))
     assert len(scores["attention"]) == len(scores["mlp"]) == n
+    assert scores["block"] == pytest.approx(block_importance(model, loader, progress=False), abs=1e-6)
     # By hand, on one batch: the residual entering the MLP's norm is the stream after the attention.
     batch = next(iter(loader))
     seen = {}

@@ -119,10 +119,11 @@ def sublayer_importance(model, dataloader: Iterable[dict], *, average: str = "to
     * ``mlp[l] = 1 - cos(m, y)``
 
     per token, averaged over real tokens (``attention_mask == 1``) as in
-    :func:`utils.block_importance`. A removed attention scores exactly 0.
+    :func:`utils.block_importance`, which the same pass also returns (``1 - cos(x, y)``). A removed
+    attention scores exactly 0.
 
     Returns:
-        ``{"attention": [...], "mlp": [...]}``, one float per block.
+        ``{"attention": [...], "mlp": [...], "block": [...]}``, one float per block each.
     """
     blocks = decoder_blocks(model)
     for index, block in enumerate(blocks):
@@ -141,10 +142,12 @@ def sublayer_importance(model, dataloader: Iterable[dict], *, average: str = "to
         return handles
 
     n = len(blocks)
-    pairs = [(("in", i), ("mid", i)) for i in range(n)] + [(("mid", i), ("out", i)) for i in range(n)]
+    pairs = ([(("in", i), ("mid", i)) for i in range(n)] + [(("mid", i), ("out", i)) for i in range(n)]
+             + [(("in", i), ("out", i)) for i in range(n)])
     sims = mean_cosines(model, dataloader, register=register, pairs=pairs, average=average, progress=progress,
                         desc="sublayer importance")
-    return {"attention": [1.0 - s for s in sims[:n]], "mlp": [1.0 - s for s in sims[n:]]}
+    return {"attention": [1.0 - s for s in sims[:n]], "mlp": [1.0 - s for s in sims[n:2 * n]],
+            "block": [1.0 - s for s in sims[2 * n:]]}
 
 
 def attention_importance(model, dataloader: Iterable[dict], *, average: str = "tokens",
