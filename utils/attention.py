@@ -478,10 +478,11 @@ def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens
     what a quantised cache changes. A single forward pass over the whole text would never read the
     cache. Texts with no token after the prompt are skipped.
 
-    Texts with prompts of the same length are processed ``batch_size`` at a time (a prompt is all
-    real tokens, so no padding enters the prefill; a text that has ended is fed filler tokens that
-    are not scored). Use ``batch_size=1`` inside :func:`attention_bypass`, which decides once per
-    forward pass. A quantised cache computes its scales over the batch it holds.
+    Consecutive texts with prompts of the same length are processed ``batch_size`` at a time, in
+    input order (a prompt is all real tokens, so no padding enters the prefill; a text that has
+    ended is fed filler tokens that are not scored). Use ``batch_size=1`` inside
+    :func:`attention_bypass`, which decides once per forward pass. A quantised cache computes its
+    scales over the batch it holds.
 
     Args:
         cache: a cache kind for :func:`make_cache` (``"dynamic"``, ``"static"``, ``"quantized"``),
@@ -501,11 +502,12 @@ def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens
     device = _device_of(model)
     splits = _prompt_splits(dataloader, prefix_tokens, device)
     longest = max(seq.numel() for seq, _ in splits)
-    by_prompt: dict[int, list[int]] = {}
+    groups: list[tuple[int, list[int]]] = []  # consecutive texts with prompts of the same length, in order
     for index, (_, n) in enumerate(splits):
-        by_prompt.setdefault(n, []).append(index)
-    groups = [(n, members[i:i + batch_size]) for n, members in by_prompt.items()
-              for i in range(0, len(members), batch_size)]
+        if groups and groups[-1][0] == n and len(groups[-1][1]) < batch_size:
+            groups[-1][1].append(index)
+        else:
+            groups.append((n, [index]))
     arg = _cache_arg(model)
     nll = [0.0] * len(splits)
     counts = [0] * len(splits)
