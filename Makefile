@@ -4,17 +4,20 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-# The PyTorch build to install when none is present. On Linux, a CPU-only build is much smaller:
-#   make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+# The PyTorch that `make setup` installs when .venv has none. The default comes from PyPI: on Linux that is
+# the CUDA build (several GB; it runs on a CPU too), on macOS and Windows a CPU-only build. The CPU-only
+# build for Linux is much smaller:
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= cpu
 CH      ?=
 NB      ?=
 
-.PHONY: help setup run test results bench lint tokenizer figures clean
+.PHONY: help setup plan run test results bench lint tokenizer figures clean
 
 help:
 	@echo "make run [CH=CH04] [NB=CH04_NB01] [PROFILE=cpu|tiny|full]  execute notebooks into runs/<profile>/"
+	@echo "make plan [CH=...] [NB=...] [PROFILE=...]                 what make run would execute, and how long it takes"
 	@echo "make test                                                 run the whole test suite (offline)"
 	@echo "make bench                                               utils vs optipfair benchmark (part of a full make run)"
 	@echo "make results                                              rebuild RESULTS.md from runs/cpu/"
@@ -32,6 +35,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 run: setup
 	$(PY) scripts/run_notebooks.py --profile $(PROFILE) $(if $(CH),--chapter $(CH)) $(if $(NB),--notebook $(NB))
+
+# Needs only Python: no virtual environment, nothing installed.
+plan:
+	$(PYTHON) scripts/run_notebooks.py --plan --profile $(PROFILE) $(if $(CH),--chapter $(CH)) $(if $(NB),--notebook $(NB))
 
 test: setup
 	RLLM_PROFILE=tiny HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest

@@ -3,10 +3,12 @@
     RLLM_PROFILE=cpu python scripts/benchmark.py        (or: make bench)
 
 Measures, on the active profile's model (the real SmolLM2-135M in `cpu`):
-  * block-importance time, and its ratio to a plain forward pass over the same batches;
+  * block-importance time, and its ratio to a plain forward pass over the same batches (timed in turns with
+    utils.time_alternately, the same loop);
   * pruning time (depth: choose + remove 20 % of the blocks; width: 20 % of the MLP neurons);
   * held-out perplexity at the same size (calibration on wikitext train, evaluation on wikitext test);
-  * forward (prefill) throughput ratio against the ideal ratio predicted from the matmul FLOPs;
+  * speed of each pruned model against the base with utils.compare_speed (forward pass and greedy generation,
+    timed in turns): median ratios, the verdict on noise, and the ideal ratio predicted from the matmul FLOPs;
   * peak memory of each step (resident set size on CPU, allocated memory on CUDA).
 Writes runs/<profile>/BENCH_utils_vs_optipfair.json, which scripts/collect_results.py puts in RESULTS.md.
 """
@@ -31,6 +33,10 @@ import utils  # noqa: E402
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CALIBRATION, EVALUATION = 32, 48  # texts
 DEPTH_FRACTION, WIDTH_RATIO = 0.2, 0.2
+PROMPTS = ["The history of the city begins", "In mathematics, a prime number is", "The recipe calls for",
+           "Scientists recently discovered that"]
+GEN_TOKENS = utils.budget(full=32, cpu=16, tiny=4)
+SPEED_RUNS = utils.budget(full=5, cpu=3, tiny=2)  # timed rounds after one warm-up round
 
 
 def _rss_peak_reset() -> bool:
@@ -73,7 +79,8 @@ def timed(fn, *args, **kwargs):
 def plain_forward(model, loader):
     with torch.no_grad():
         for batch in loader:
-            model(**{k: v.to(model.device) for k, v in batch.items()}, use_cache=False)
+            input_ids, mask = utils.batch_tensors(batch, model.device)
+            model(input_ids=input_ids, attention_mask=mask, use_cache=False)
 
 
 def main() -> None:
@@ -85,27 +92,42 @@ def main() -> None:
     n_blocks = base.config.num_hidden_layers
     n_remove = max(1, round(DEPTH_FRACTION * n_blocks))
     base_ppl = utils.perplexity(base, held_out, progress=False)
-    plain_forward(base, calib)  # warm-up
-    _, forward_s, forward_mem = timed(plain_forward, base, calib)
-    rows = []
+    rows, speeds = [], {}
 
     def add(task, library, seconds, peak, model=None, extra=None):
         row = {"task": task, "library": library, "seconds": seconds, "peak_MiB": peak}
         row.update(extra or {})
         if model is not None:
             ppl = utils.perplexity(model, held_out, progress=False)
-            speed = utils.compare_forward({"base": base, "pruned": model}, held_out, runs=3)  # alternately
+            speed = utils.compare_speed({"base": base, "pruned": model}, held_out, tokenizer=tokenizer, prompts=PROMPTS,
+                                        max_new_tokens=GEN_TOKENS, runs=SPEED_RUNS)  # timed in turns
+            timed_model = speed["models"]["pruned"]
+            speedup = timed_model["speedup"]
             row.update({"parameters": utils.count_parameters(model), "ppl_heldout": ppl,
                         "ppl_vs_base": ppl / base_ppl,
-                        "forward_speedup": speed["pruned"]["tokens_per_s"] / speed["base"]["tokens_per_s"],
-                        "ideal_speedup": utils.ideal_speedup(base, model)})
+                        "forward_speedup": speedup["forward"]["ratio"],
+                        "generation_speedup": speedup["generation"]["ratio"],
+                        "ideal_speedup": timed_model["ideal_speedup"],
+                        "forward_verdict": speedup["forward"]["verdict"],
+                        "generation_verdict": speedup["generation"]["verdict"]})
+            speeds[f"{task} | {library}"] = speed
+            print(utils.speed_conclusion(speed).replace("pruned vs base", f"{task}, {library}: pruned vs base"))
         rows.append(row)
 
+    # peak memory of one run each (this also gives the scores); time: medians of runs taken in turns
+    _, _, forward_mem = timed(plain_forward, base, calib)
+    ours_scores, _, ours_mem = timed(utils.block_importance, base, calib, progress=False)
+    theirs_scores, _, theirs_mem = timed(optipfair.analyze_layer_importance, base, calib, show_progress=False)
+    cost = utils.time_alternately({
+        "forward": lambda: plain_forward(base, calib),
+        "utils": lambda: utils.block_importance(base, calib, progress=False),
+        "optipfair": lambda: optipfair.analyze_layer_importance(base, calib, show_progress=False),
+    }, runs=SPEED_RUNS)
+    forward_s = cost["forward"]["median_s"]
     add("plain forward pass (reference)", "-", forward_s, forward_mem)
-    ours_scores, s, m = timed(utils.block_importance, base, calib)
-    add("block importance", "utils", s, m, extra={"x_forward": s / forward_s})
-    theirs_scores, s, m = timed(optipfair.analyze_layer_importance, base, calib, show_progress=False)
-    add("block importance", "optipfair", s, m, extra={"x_forward": s / forward_s})
+    for library, mem in (("utils", ours_mem), ("optipfair", theirs_mem)):
+        add("block importance", library, cost[library]["median_s"], mem,
+            extra={"x_forward": cost[library]["median_s"] / forward_s})
 
     def ours_depth():
         model = copy.deepcopy(base)
@@ -139,7 +161,7 @@ def main() -> None:
     if isinstance(theirs_scores, dict):
         theirs = [theirs_scores[i] for i in sorted(theirs_scores)]
         agreement = max(abs(a - b) for a, b in zip(ours_scores, theirs))
-    results = {"model": base.name_or_path, "table": rows,
+    results = {"model": base.name_or_path, "table": rows, "speed": speeds,
                "quality_bar": {"base_ppl_heldout": base_ppl,
                                "max_abs_difference_block_importance_utils_vs_optipfair": agreement}}
     utils.save_results("BENCH_utils_vs_optipfair", results)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
-from utils import block_importance, load_texts, make_dataloader, remove_blocks
+from utils import block_importance, load_model, load_texts, make_dataloader, remove_blocks
 from utils.architectures import tiny_config
 from utils.attention import (
     CONFIG_FIELD,
@@ -226,6 +226,12 @@ def test_save_reload_round_trip(family, tokenizer, loader, tmp_path):
     assert removed_attention(fresh) == [0, 3, 6]
     apply_recorded_surgery(fresh)  # idempotent
     assert removed_attention(fresh) == [0, 3, 6]
+    # utils.load_model(folder) re-applies the recorded removal (registered config surgery)
+    tokenizer.save_pretrained(tmp_path / "cut")
+    loaded, _ = load_model(str(tmp_path / "cut"), device="cpu")
+    assert removed_attention(loaded) == [0, 3, 6]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
     # portable=True: plain from_pretrained, exact logits (and no speed-up: every module is still there).
     portable = remove_attention(copy.deepcopy(base), [0, 3, 6], portable=True)
     portable.save_pretrained(tmp_path / "portable")

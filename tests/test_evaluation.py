@@ -132,3 +132,208 @@ def test_compare_forward_times_models_alternately(tiny_llama):
         compare_forward({}, loader)
     with pytest.raises(ValueError, match="empty"):
         compare_forward({"a": model}, [])
+
+
+# --- compare_speed: one alternating loop for forward and generation --------------------------------
+
+class FakeClock:
+    """Stands in for the `time` module inside utils.evaluation: fake models advance it by known costs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+class FakeLM(torch.nn.Module):
+    """Records every call and costs a fixed time per forward pass and per generated token; ``jitter`` scales
+    the cost of successive multi-token generate calls."""
+
+    def __init__(self, name, log, clock, *, width, forward_s=1.0, token_s=0.1, jitter=None):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, width, bias=False)  # its weights are the model's "matmul parameters"
+        self.name, self.log, self.clock = name, log, clock
+        self.forward_s, self.token_s, self.jitter = forward_s, token_s, list(jitter or [])
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+        self.log.append((self.name, "forward"))
+        self.clock.now += self.forward_s
+
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, **kwargs):
+        self.log.append((self.name, f"generate {max_new_tokens}"))
+        scale = self.jitter.pop(0) if self.jitter and max_new_tokens > 1 else 1.0
+        self.clock.now += self.token_s * max_new_tokens * scale
+        return torch.zeros(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, dtype=torch.long)
+
+
+class FakeTokenizer:
+    padding_side = "right"
+    pad_token_id = 0
+
+    def __call__(self, prompts, return_tensors=None, padding=None):
+        assert self.padding_side == "left"
+        return {"input_ids": torch.ones(len(prompts), 3, dtype=torch.long),
+                "attention_mask": torch.ones(len(prompts), 3, dtype=torch.long)}
+
+
+def fake_setup(monkeypatch, **costs):
+    from utils import evaluation
+
+    clock, log = FakeClock(), []
+    monkeypatch.setattr(evaluation, "time", clock)
+    models = {name: FakeLM(name, log, clock, **kwargs) for name, kwargs in costs.items()}
+    batches = [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}]
+    return models, batches, log
+
+
+def test_compare_speed_alternates_models_forward_then_generation(monkeypatch):
+    from utils import compare_speed
+
+    models, batches, log = fake_setup(monkeypatch, a={"width": 8}, b={"width": 8}, c={"width": 8})
+    compare_speed(models, batches, tokenizer=FakeTokenizer(), prompts=["x", "y"], max_new_tokens=3, runs=2, warmup=1)
+    one_round = [(n, call) for call in ("forward", "generate 1", "generate 3") for n in "abc"]
+    assert log == one_round * 3  # 1 warm-up round + 2 timed rounds, each A, B, C in turn
+
+
+def test_compare_speed_ratios_spreads_and_verdicts(monkeypatch):
+    from utils import compare_speed, speed_conclusion
+
+    # ideal x2 (half the matmul weights); forward exactly x1.6 in every run; generation per-token cost the same
+    # for all but noisy; 'odd' is three times faster than its FLOPs allow; 'slow' is slower than the base.
+    models, batches, _ = fake_setup(
+        monkeypatch,
+        base={"width": 8, "forward_s": 1.6, "token_s": 0.1},
+        half={"width": 4, "forward_s": 1.0, "token_s": 0.1, "jitter": [1.1, 0.9, 1.0]},
+        odd={"width": 4, "forward_s": 0.25, "token_s": 0.025},
+        slow={"width": 4, "forward_s": 2.0, "token_s": 0.2},
+    )
+    result = compare_speed(models, batches, tokenizer=FakeTokenizer(), prompts="x", max_new_tokens=4, runs=3,
+                           warmup=0)
+    import json
+
+    json.dumps(result)  # plain, JSON-friendly
+    half = result["models"]["half"]
+    assert half["ideal_speedup"] == pytest.approx(2.0)
+    assert half["forward"]["seconds"] == pytest.approx(1.0) and half["forward"]["tokens"] == 8
+    fwd = half["speedup"]["forward"]
+    assert fwd["ratio"] == pytest.approx(1.6) and fwd["min"] == pytest.approx(1.6) and fwd["max"] == pytest.approx(1.6)
+    assert fwd["share_of_ideal_gain"] == pytest.approx(0.6) and fwd["verdict"] == "plausible" and not fwd["flag"]
+    assert half["speedup"]["generation"]["verdict"] == "within_noise"  # x1/1.1 .. x1/0.9 includes 1
+    assert half["generation_lags_forward"] is True
+    assert result["models"]["odd"]["speedup"]["forward"]["verdict"] == "too_fast"
+    assert result["models"]["odd"]["speedup"]["forward"]["flag"] is True
+    assert result["models"]["slow"]["speedup"]["generation"]["verdict"] == "too_slow"
+    assert "speedup" not in result["models"]["base"]
+    text = speed_conclusion(result, "half")
+    assert text.startswith("half vs base (median of 3 runs [lowest, highest]; FLOPs ideal x2.00):")
+    assert "forward      x1.60 [x1.60, x1.60]: 60% of the ideal gain" in text
+    assert "generation   x1.00 [x0.91, x1.11]: within noise of x1.00" in text
+    assert "gains less than the forward" in text
+    assert result["models"]["base"]["generation"]["step_vs_forward"] == pytest.approx(0.5)  # 0.1 s vs 0.2 s/token
+    assert "dominate" not in text  # a step costs less than the forward pass's tokens: no overhead story
+    assert "faster than the FLOPs ideal" in speed_conclusion(result, "odd")
+    assert "slower than x1.00 beyond the spread" in speed_conclusion(result, "slow")
+    assert sum(line.endswith(":") for line in speed_conclusion(result).splitlines()) == 3  # one header per model
+
+
+def test_compare_speed_single_run_and_other_base(monkeypatch):
+    from utils import compare_speed, speed_conclusion
+
+    models, batches, _ = fake_setup(monkeypatch, big={"width": 8, "forward_s": 2.0}, small={"width": 4})
+    result = compare_speed(models, batches, base="small", runs=1, warmup=0)
+    big = result["models"]["big"]
+    assert result["base"] == "small" and big["ideal_speedup"] == pytest.approx(0.5)
+    assert big["speedup"]["forward"]["ratio"] == pytest.approx(0.5)
+    assert big["speedup"]["forward"]["verdict"] == "single_run" and "generation" not in big
+    assert "forward      x0.50 [x0.50, x0.50]: one run, noise unknown" in speed_conclusion(result)
+
+
+def test_compare_speed_bad_inputs(monkeypatch):
+    from utils import compare_speed, speed_conclusion
+
+    models, batches, _ = fake_setup(monkeypatch, a={"width": 8}, b={"width": 4})
+    with pytest.raises(ValueError, match="models is empty"):
+        compare_speed({}, batches)
+    with pytest.raises(ValueError, match="runs >= 1"):
+        compare_speed(models, batches, runs=0)
+    with pytest.raises(ValueError, match="base='c' is not one of the models"):
+        compare_speed(models, batches, base="c")
+    with pytest.raises(ValueError, match="prompts need a tokenizer"):
+        compare_speed(models, prompts=["hi"])
+    with pytest.raises(ValueError, match="without prompts"):
+        compare_speed(models, batches, tokenizer=FakeTokenizer())
+    with pytest.raises(ValueError, match="Nothing to time"):
+        compare_speed(models)
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        compare_speed(models, [])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        compare_speed(models, tokenizer=FakeTokenizer(), prompts="hi", max_new_tokens=1)
+    with pytest.raises(TypeError, match="not a torch model"):
+        compare_speed({"a": "model"}, batches)
+    with pytest.raises(ValueError, match="compare_speed"):
+        speed_conclusion({"a": 1})
+    with pytest.raises(ValueError, match="not a compared model"):
+        speed_conclusion(compare_speed(models, batches, runs=1), "a")
+
+
+def test_time_alternately(monkeypatch):
+    from utils import evaluation, time_alternately
+
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(evaluation, "time", clock)
+
+    def job(name, cost):
+        def run():
+            calls.append(name)
+            clock.now += cost
+        return run
+
+    stats = time_alternately({"a": job("a", 2.0), "b": job("b", 1.0)}, runs=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert stats["a"]["median_s"] == pytest.approx(2.0) and stats["b"]["runs_s"] == pytest.approx([1.0] * 3)
+    with pytest.raises(ValueError, match="jobs is empty"):
+        time_alternately({})
+    with pytest.raises(TypeError, match="lambda"):
+        time_alternately({"a": 3})
+    with pytest.raises(ValueError, match="warmup >= 0"):
+        time_alternately({"a": job("a", 1.0)}, warmup=-1)
+
+
+def test_measure_generation_needs_a_tokenizer(tiny_llama):
+    model, _ = tiny_llama
+    with pytest.raises(ValueError, match="tokenizer"):
+        measure_generation(model, None, "hi")
+
+
+def test_speed_conclusion_explains_per_step_overhead_only_when_measured(monkeypatch):
+    from utils import compare_speed, speed_conclusion
+
+    # a decoding step (1 s) costs 10x the forward pass's time per token (0.8 s / 8 tokens)
+    models, batches, _ = fake_setup(monkeypatch, base={"width": 8, "forward_s": 0.8, "token_s": 1.0},
+                                    small={"width": 4, "forward_s": 0.5, "token_s": 1.0, "jitter": [1.05, 0.95, 1]})
+    result = compare_speed(models, batches, tokenizer=FakeTokenizer(), prompts="x", max_new_tokens=3, runs=3)
+    assert result["models"]["base"]["generation"]["step_vs_forward"] == pytest.approx(10.0)
+    assert "10.0x the forward pass's time" in speed_conclusion(result)
+    models, batches, _ = fake_setup(monkeypatch, base={"width": 8, "forward_s": 0.8, "token_s": 1.0},
+                                    small={"width": 4, "forward_s": 0.5, "token_s": 0.625})
+    result = compare_speed(models, batches, tokenizer=FakeTokenizer(), prompts="x", max_new_tokens=3, runs=3)
+    assert result["models"]["small"]["generation_lags_forward"] is False  # both x1.6: no lag, no story
+    assert "per step" not in speed_conclusion(result)
+
+
+def test_speed_conclusion_words_a_median_beyond_the_ideal_carefully():
+    from utils import speed_conclusion
+    from utils.evaluation import _speedup
+
+    def result(speedup):
+        return {"base": "b", "runs": 3, "models": {"b": {}, "p": {"ideal_speedup": 1.2, "speedup": speedup}}}
+
+    wide = _speedup([1.0, 1.0, 1.0], [1 / 1.1, 1 / 1.4, 1 / 1.6], 1.2, 0.05)  # x1.1 .. x1.6 reaches x1.2
+    assert wide["verdict"] == "plausible" and wide["ratio"] == pytest.approx(1.4)
+    assert "above the ideal, but the range of the runs reaches it" in speed_conclusion(result({"forward": wide}))
+    slight = _speedup([1.0, 1.0], [1 / 0.97, 1 / 0.98], 1.2, 0.05)  # a little slower, within the tolerance
+    assert slight["verdict"] == "plausible"
+    assert "below the plausible band, by less than the tolerance" in speed_conclusion(result({"forward": slight}))
+    inside = _speedup([1.0, 1.0], [1 / 1.1, 1 / 1.1], 1.2, 0.05)
+    assert "50% of the ideal gain" in speed_conclusion(result({"forward": inside}))

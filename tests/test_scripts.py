@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import collect_results  # noqa: E402
 import run_notebooks  # noqa: E402
+import sync_setup_cell  # noqa: E402
 
 
 def test_find_notebooks_filters_by_chapter_and_name():
@@ -78,3 +79,105 @@ def test_distillation_sweep_runs_in_tiny():
     assert results["defaults"]["alpha"] == sweep_distill.utils.distillation.DEFAULT_ALPHA
     with pytest.raises(SystemExit, match="Available: default"):
         sweep_distill.run(["no-such-variant"])
+
+
+def test_sync_setup_cell_rewrites_cell_1_and_inserts_a_missing_one(tmp_path):
+    source = sync_setup_cell.setup_source()
+    stale, bare = tmp_path / "stale.ipynb", tmp_path / "bare.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Title"), nbformat.v4.new_code_cell("# Setup: old\nimport sys"),
+                nbformat.v4.new_code_cell("x = 1")]
+    nb.cells[1].metadata["keep"] = True
+    nbformat.write(nb, stale)
+    nb.cells = [nb.cells[0], nb.cells[2]]
+    nbformat.write(nb, bare)
+    assert sync_setup_cell.sync(stale, source, write=False)  # --check: reports, writes nothing
+    assert nbformat.read(stale, as_version=4).cells[1].source.startswith("# Setup: old")
+    for path in (stale, bare):
+        assert sync_setup_cell.sync(path, source)
+        cells = nbformat.read(path, as_version=4).cells
+        assert [c.source for c in cells] == ["# Title", source, "x = 1"]
+        assert not sync_setup_cell.sync(path, source)  # now in sync
+    assert nbformat.read(stale, as_version=4).cells[1].metadata["keep"] is True
+
+
+def test_every_notebook_setup_cell_is_in_sync(capsys):
+    assert sync_setup_cell.main(["--check"]) == 0, capsys.readouterr().out
+
+
+# --- the plan `make run` prints, from the chapter READMEs' run-time tables --------------------------
+
+def test_every_notebook_has_a_measured_tiny_and_cpu_time_in_its_readme():
+    expected = run_notebooks.read_expected_times()
+    for path in run_notebooks.find_notebooks(None, None):
+        assert path.stem in expected, f"{path.parent.name}/README.md: add a run-time row for {path.stem}"
+        times = expected[path.stem]
+        assert times["tiny"] is not None and times["cpu"] is not None, f"{path.stem}: measure its tiny and cpu time"
+        assert times["tiny"] > 0 and times["cpu"] > 0, (path.stem, times)
+    notebooks = {p.stem for p in run_notebooks.find_notebooks(None, None)}
+    assert set(expected) <= notebooks, f"rows for notebooks that do not exist: {set(expected) - notebooks}"
+
+
+def test_runtime_table_parser():
+    text = """# CH09
+
+| notebook | what it teaches |
+| --- | --- |
+| x | y |
+
+## Run time
+
+| notebook | tiny | cpu | full |
+| --- | --- | --- | --- |
+| CH09_NB01_experts | 12 s | 4 min | ? |
+| [`CH09_NB02_more`](CH09_NB02_more.ipynb) | ~7.5 s | 300 s | 20 min |
+
+After the table.
+"""
+    assert run_notebooks.parse_runtime_table(text) == {
+        "CH09_NB01_experts": {"tiny": 12.0, "cpu": 240.0, "full": None},
+        "CH09_NB02_more": {"tiny": 7.5, "cpu": 300.0, "full": 1200.0},
+    }
+    with pytest.raises(ValueError, match="no run-time table"):
+        run_notebooks.parse_runtime_table("# CH09\n\nnothing here\n", "CH09/README.md")
+    with pytest.raises(ValueError, match=r"CH09/README.md, row CH09_NB01_experts: 'a few seconds' is not a run time"):
+        run_notebooks.parse_runtime_table(text.replace("12 s", "a few seconds"), "CH09/README.md")
+    with pytest.raises(ValueError, match=r"\| CHxx_NByy_name \| tiny \| cpu \| full \|"):
+        run_notebooks.parse_runtime_table(text.replace("| 12 s | 4 min | ? |", "| 12 s |"))
+
+
+@pytest.mark.parametrize("profile", ["tiny", "cpu"])
+def test_plan_lists_each_notebook_with_its_time_and_the_total(profile):
+    paths = run_notebooks.find_notebooks(None, None)
+    expected = run_notebooks.read_expected_times()
+    lines = run_notebooks.plan_lines(paths, profile, expected)
+    assert lines[0].startswith(f"Plan: {len(paths)} notebook(s) in the '{profile}' profile")
+    for number, path in enumerate(paths, 1):
+        seconds = expected[path.stem][profile]
+        assert lines[number].split()[:2] == [f"[{number}/{len(paths)}]", path.stem]
+        assert lines[number].endswith("  ~" + run_notebooks.format_seconds(seconds))
+    total = sum(expected[p.stem][profile] for p in paths)
+    assert lines[-1].startswith(f"  Expected total: ~{total:.0f} s") and "not measured" not in lines[-1]
+
+
+def test_plan_says_what_is_not_measured():
+    paths = run_notebooks.find_notebooks("CH03", None) + run_notebooks.find_notebooks("CH04", None)
+    expected = {paths[0].stem: {"tiny": 5.0, "cpu": 30.0, "full": None}}
+    lines = run_notebooks.plan_lines(paths, "cpu", expected, benchmark=True)
+    assert lines[1].endswith("~30 s") and lines[2].endswith("~?")
+    assert "benchmark" in lines[3]
+    assert lines[-1] == "  Expected total: ~30 s, plus 1 notebook(s) not measured yet and the benchmark."
+    assert "unknown" in run_notebooks.plan_lines(paths, "full", expected)[-1]
+
+
+def test_progress_line():
+    line = run_notebooks.progress_line(3, 8, "CH04_NB01_block_importance", 95.4, 100.0)
+    assert line == "[3/8] CH04_NB01_block_importance done in 95 s (expected ~100 s)"
+    assert run_notebooks.progress_line(1, 1, "CH99_NB01_x", 12, None).endswith("(expected ~?)")
+
+
+def test_plan_only_run_prints_the_plan_and_executes_nothing(capsys, tmp_path):
+    assert run_notebooks.main(["--profile", "tiny", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Plan: ") and "Expected total: ~" in out and "then scripts/benchmark.py" in out
+    assert "done in" not in out

@@ -6,8 +6,9 @@ Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.architectures` (the
 models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (datasets and
 dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
 (charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
-:mod:`~utils.results` (saving a notebook's results), :mod:`~utils.training` (the one training
-loop every chapter that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
+:mod:`~utils.results` (saving a notebook's results), :mod:`~utils.checks` (tolerances per dtype
+for from-scratch-vs-library checks), :mod:`~utils.training` (the one training loop every chapter
+that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
 :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06),
 :mod:`~utils.attention` (CH08: attention sublayers, KV cache, Adaptive Attention Bypass).
 """
@@ -30,20 +31,34 @@ from .attention import (
     removed_attention,
     sublayer_importance,
 )
+from .checks import tolerances
 from .data import DATASETS, batch_tensors, load_records, load_texts, make_dataloader
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks
 from .distillation import distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
 from .evaluation import (
+    SPEED_VERDICTS,
     compare_forward,
+    compare_speed,
     count_parameters,
     ideal_speedup,
     matmul_parameters,
     measure_forward,
     measure_generation,
     perplexity,
+    speed_conclusion,
     speed_ratios,
+    time_alternately,
 )
-from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
+from .models import (
+    CPU_MODEL_ID,
+    GatedModelError,
+    HubUnreachableError,
+    ModelAccessError,
+    OfflineModelMissing,
+    load_model,
+    load_tokenizer,
+    register_config_surgery,
+)
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .profiles import budget, describe_profile, get_profile, runs_dir
 from .results import save_results

@@ -37,6 +37,7 @@ from .anatomy import kv_bytes
 from .data import batch_tensors
 from .depth import _hidden_of, _output_of, decoder_blocks, mean_cosines, renumber_layer_idx
 from .evaluation import _device_of
+from .models import register_config_surgery
 
 #: The name transformers' ``per_layer_config`` uses for an attention sublayer in a ``skip`` list.
 SKIP_NAME = "attention"
@@ -294,12 +295,15 @@ def remove_attention(model, indices: int | Iterable[int], *, portable: bool = Fa
     return model
 
 
+@register_config_surgery
 def apply_recorded_surgery(model):
     """Re-apply the attention removal recorded in ``model.config`` to a model freshly built from it.
 
     Meant for loading a saved model: build it from its config, call this, then
-    ``load_state_dict(..., strict=True)`` (:func:`utils.load_model` does all three). A portable
-    record (zeroed ``o_proj``) needs nothing: the weights already carry it. Returns the model.
+    ``load_state_dict(..., strict=True)``. It is registered with
+    :func:`utils.models.register_config_surgery`, so :func:`utils.load_model` applies it to every
+    model it loads from a folder. A portable record (zeroed ``o_proj``) needs nothing: the weights
+    already carry it. Returns the model.
     """
     config = _text_config(model)
     recorded = sorted(getattr(config, CONFIG_FIELD, None) or [])

