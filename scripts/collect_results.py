@@ -21,6 +21,7 @@ CHAPTER_TITLES = {
     "CH04": "CH04 · Depth pruning",
     "CH05": "CH05 · Width pruning of GLU MLPs",
     "CH06": "CH06 · Knowledge distillation",
+    "CH08": "CH08 · Attention optimisation: KV cache, attention removal, Adaptive Attention Bypass",
     "BENCH": "Benchmark · our utilities next to optipfair",
     "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
 }

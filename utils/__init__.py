@@ -9,13 +9,30 @@ dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.p
 :mod:`~utils.results` (saving a notebook's results), :mod:`~utils.checks` (tolerances per dtype
 for from-scratch-vs-library checks), :mod:`~utils.training` (the one training loop every chapter
 that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
-:mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06).
+:mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06),
+:mod:`~utils.attention` (CH08: attention sublayers, KV cache, Adaptive Attention Bypass).
 CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapter-size arithmetic) and
 :mod:`~utils.quantization` (int / NF4 / FP4 blockwise quantisation, bits per parameter, fake-quantised models).
 """
 
-from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
+from .anatomy import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
+from .attention import (
+    apply_recorded_surgery,
+    attention_bypass,
+    attention_importance,
+    cache_bytes,
+    calibrate_threshold,
+    choose_attention_to_remove,
+    kv_bytes_per_token,
+    make_cache,
+    mlp_importance,
+    perplexity_through_cache,
+    prompt_attention_scores,
+    remove_attention,
+    removed_attention,
+    sublayer_importance,
+)
 from .checks import tolerances
 from .data import DATASETS, batch_tensors, load_records, load_texts, make_dataloader
 from .depth import block_importance, choose_blocks_to_remove, remove_blocks

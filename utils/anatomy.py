@@ -42,9 +42,17 @@ def kv_cache_bytes_per_token(spec: ArchSpec, *, bytes_per_value: int = 2) -> int
 
     ``bytes_per_value`` is 2 for float16/bfloat16, 4 for float32, 1 for an 8-bit cache.
     """
+    return kv_bytes(spec.num_layers, spec.num_kv_heads, spec.head_dim, bytes_per_value)
+
+
+def kv_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_value: float):
+    """The KV-cache formula for one token: ``2 (K and V) x layers x kv_heads x head_dim x bytes``.
+
+    ``num_layers`` counts the attention layers that keep a cache (CH08 removes some).
+    """
     if bytes_per_value <= 0:
         raise ValueError("bytes_per_value must be positive (2 for fp16/bf16).")
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * bytes_per_value
+    return 2 * num_layers * num_kv_heads * head_dim * bytes_per_value
 
 
 def kv_cache_bytes(spec: ArchSpec, context_length: int, *, batch_size: int = 1, bytes_per_value: int = 2) -> int:

@@ -15,7 +15,7 @@ GPT-2 (``model.transformer.h``) models.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,37 +91,28 @@ def _output_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-@torch.no_grad()
-def _boundary_similarities(model, dataloader, *, pairs: Sequence[tuple[int, int]], average: str,
-                           progress: bool, desc: str) -> list[float]:
-    """Mean cosine similarity between the hidden state entering block ``a`` and the one leaving
-    block ``b - 1``, for each ``(a, b)`` in ``pairs``; one forward pass per batch, hooks only."""
+def check_average(average: str) -> None:
     if average not in ("tokens", "batches"):
         raise ValueError(f"average={average!r} is not valid; use 'tokens' (every real token weighs the same) "
                          "or 'batches' (mean of per-batch means, as optipfair does).")
-    blocks = decoder_blocks(model)
+
+
+@torch.no_grad()
+def mean_cosines(model, dataloader, *, register: Callable[[dict], list], pairs: Sequence[tuple[Hashable, Hashable]],
+                 average: str = "tokens", progress: bool = True, desc: str = "cosines") -> list[float]:
+    """Mean cosine similarity, over real tokens, between pairs of hidden states captured by hooks.
+
+    The one loop behind every "how much does this part turn the residual stream" score of the course
+    (whole blocks here, attention and MLP sublayers in :mod:`utils.attention`): ``register(store)``
+    installs forward hooks that put ``[batch, tokens, hidden]`` tensors into the dict ``store`` under
+    keys of its choice and returns their handles; for each ``(a, b)`` in ``pairs`` the cosine between
+    ``store[a]`` and ``store[b]`` is taken per token and averaged over tokens whose
+    ``attention_mask`` is 1. One forward pass per batch, no KV cache; the hooks are removed at the end.
+    """
+    check_average(average)
     device = _device_of(model)
-    boundary: dict[int, torch.Tensor] = {}  # boundary index i = hidden state entering block i
-    last = len(blocks) - 1
-    needed = {a for a, _ in pairs} | {b for _, b in pairs}
-
-    def pre_hook(index):
-        def hook(module, args, kwargs):
-            if index in needed:
-                boundary[index] = _hidden_of(args, kwargs)
-        return hook
-
-    def post_hook(index):
-        def hook(module, args, kwargs, output):
-            if index + 1 in needed:
-                boundary[index + 1] = _output_of(output)
-        return hook
-
-    handles = []
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-        if i == last or i + 1 in needed:
-            handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
+    store: dict = {}
+    handles = register(store)
     sums = torch.zeros(len(pairs), dtype=torch.float64)
     batch_means: list[torch.Tensor] = []
     tokens = 0
@@ -130,14 +121,14 @@ def _boundary_similarities(model, dataloader, *, pairs: Sequence[tuple[int, int]
     try:
         for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
             input_ids, mask = batch_tensors(batch, device)
-            boundary.clear()
+            store.clear()
             model(input_ids=input_ids, attention_mask=mask, use_cache=False)
             real = mask.bool()
             n_real = int(real.sum())
             if n_real == 0:
                 continue
             this = torch.stack([
-                F.cosine_similarity(boundary[a].float(), boundary[b].float(), dim=-1)[real].sum()
+                F.cosine_similarity(store[a].float(), store[b].float(), dim=-1)[real].sum()
                 for a, b in pairs
             ]).double().cpu()
             sums += this
@@ -146,13 +137,46 @@ def _boundary_similarities(model, dataloader, *, pairs: Sequence[tuple[int, int]
     finally:
         for handle in handles:
             handle.remove()
-        boundary.clear()
+        store.clear()
         model.train(was_training)
     if tokens == 0:
         raise ValueError("The dataloader holds no real token (empty, or every attention_mask is 0): "
                          "pass a dataloader such as utils.make_dataloader(load_texts('wikitext', n=16), tok).")
     means = sums / tokens if average == "tokens" else torch.stack(batch_means).mean(0)
     return [float(v) for v in means]
+
+
+def _boundary_similarities(model, dataloader, *, pairs: Sequence[tuple[int, int]], average: str,
+                           progress: bool, desc: str) -> list[float]:
+    """Mean cosine similarity between the hidden state entering block ``a`` and the one leaving
+    block ``b - 1``, for each ``(a, b)`` in ``pairs``; one forward pass per batch, hooks only."""
+    check_average(average)
+    blocks = decoder_blocks(model)
+    last = len(blocks) - 1
+    needed = {a for a, _ in pairs} | {b for _, b in pairs}
+
+    def register(boundary: dict) -> list:  # boundary index i = hidden state entering block i
+        def pre_hook(index):
+            def hook(module, args, kwargs):
+                if index in needed:
+                    boundary[index] = _hidden_of(args, kwargs)
+            return hook
+
+        def post_hook(index):
+            def hook(module, args, kwargs, output):
+                if index + 1 in needed:
+                    boundary[index + 1] = _output_of(output)
+            return hook
+
+        handles = []
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+            if i == last or i + 1 in needed:
+                handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
+        return handles
+
+    return mean_cosines(model, dataloader, register=register, pairs=pairs, average=average, progress=progress,
+                        desc=desc)
 
 
 def block_importance(model, dataloader: Iterable[dict], *, average: str = "tokens",
@@ -382,8 +406,39 @@ def remove_blocks(model, indices: Iterable[int]):
     before = list(getattr(config, "removed_layers", None) or [])
     original = [i for i in range(total + len(before)) if i not in set(before)]  # current -> original index
     config.removed_layers = sorted(before + [original[i] for i in gone])
-    for new_index, block in enumerate(decoder_blocks(model)):
+    _remap_block_records(config, kept)
+    renumber_layer_idx(model)
+    return model
+
+
+def _remap_block_records(config, kept: list[int]) -> None:
+    """Records indexed by block follow the kept blocks: ``removed_attention`` (:mod:`utils.attention`)
+    and transformers' ``per_layer_config`` overrides. Entries of removed blocks are dropped."""
+    position = {old: new for new, old in enumerate(kept)}
+    removed = getattr(config, "removed_attention", None)
+    if removed:
+        config.removed_attention = [position[b] for b in removed if b in position]
+    if getattr(config, "is_heterogeneous", False):
+        overrides = config.to_dict().get("per_layer_config") or {}
+        config.per_layer_config = None
+        remapped = {position[int(k)]: v for k, v in overrides.items() if int(k) in position}
+        config.per_layer_config = remapped or None
+
+
+def renumber_layer_idx(model) -> None:
+    """Give every attention its index into the KV cache, and every block its position.
+
+    The KV cache holds one entry per attention that still computes keys and values, in block
+    order, so an attention's ``layer_idx`` counts only the blocks before it whose attention is
+    still there (:func:`utils.attention.remove_attention` replaces removed ones by a module with
+    ``holds_no_cache = True``). Without removed attention this is simply the block index. Any
+    other submodule with a ``layer_idx`` (Gemma 3's decoder layer) gets its block's position.
+    """
+    slot = 0
+    for index, block in enumerate(decoder_blocks(model)):
+        attention = getattr(block, "self_attn", None) or getattr(block, "attn", None)
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
-    return model
+                module.layer_idx = slot if module is attention else index
+        if attention is not None and not getattr(attention, "holds_no_cache", False):
+            slot += 1

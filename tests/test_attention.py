@@ -1,0 +1,423 @@
+"""Tests of utils.attention: sublayer importance, attention removal, KV cache, Adaptive Attention Bypass (CH08)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+from utils import block_importance, load_model, load_texts, make_dataloader, remove_blocks
+from utils.architectures import tiny_config
+from utils.attention import (
+    CONFIG_FIELD,
+    RemovedAttention,
+    apply_recorded_surgery,
+    attention_bypass,
+    attention_importance,
+    cache_bytes,
+    calibrate_threshold,
+    choose_attention_to_remove,
+    default_protected,
+    fit_cache,
+    kv_bytes_per_token,
+    make_cache,
+    mlp_importance,
+    perplexity_through_cache,
+    prompt_attention_scores,
+    remove_attention,
+    removed_attention,
+    sublayer_importance,
+)
+from utils.depth import decoder_blocks
+from utils.models import _tiny_tokenizer
+
+FAMILIES = {
+    "llama": "meta-llama/Llama-3.2-1B",
+    "gemma3": "google/gemma-3-270m",
+    "qwen3": "Qwen/Qwen3-0.6B",
+}
+# Gemma 3 gets a sliding window shorter than the test texts, so that sliding and full attention
+# really differ and a cache entry of the wrong type would change the output.
+OVERRIDES = {"gemma3": {"sliding_window": 6}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _tiny_tokenizer()
+
+
+def _config(family, tokenizer):
+    config = tiny_config(FAMILIES[family], len(tokenizer), special_token_ids={
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id})
+    for key, value in OVERRIDES.get(family, {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def _tiny(family, tokenizer):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(_config(family, tokenizer)).eval()
+
+
+@pytest.fixture(scope="module")
+def loader(tokenizer):
+    return make_dataloader(load_texts("wikitext", n=4), tokenizer, batch_size=2, max_length=40)
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer):
+    return tokenizer(["The history of the city begins with a"], return_tensors="pt")
+
+
+def _generate(model, prompt, **kwargs):
+    return model.generate(**prompt, max_new_tokens=12, do_sample=False, **kwargs)
+
+
+# --- importance -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sublayer_importance_matches_hand_computation(family, tokenizer, loader):
+    model = _tiny(family, tokenizer)
+    scores = sublayer_importance(model, loader, progress=False)
+    n = len(decoder_blocks(model))
+    assert len(scores["attention"]) == len(scores["mlp"]) == n
+    assert scores["block"] == pytest.approx(block_importance(model, loader, progress=False), abs=1e-6)
+    # By hand, on one batch: the residual entering the MLP's norm is the stream after the attention.
+    batch = next(iter(loader))
+    seen = {}
+    block = decoder_blocks(model)[3]
+    norm = block.pre_feedforward_layernorm if family == "gemma3" else block.post_attention_layernorm
+    handles = [block.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0])),
+               norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("mid", a[0])),
+               block.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o if torch.is_tensor(o) else o[0]))]
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    real = batch["attention_mask"].bool()
+    cos_att = torch.nn.functional.cosine_similarity(seen["in"], seen["mid"], dim=-1)[real].mean().item()
+    cos_mlp = torch.nn.functional.cosine_similarity(seen["mid"], seen["out"], dim=-1)[real].mean().item()
+    one = sublayer_importance(model, [batch], progress=False)
+    assert one["attention"][3] == pytest.approx(1 - cos_att, abs=1e-5)
+    assert one["mlp"][3] == pytest.approx(1 - cos_mlp, abs=1e-5)
+    assert attention_importance(model, loader, progress=False) == pytest.approx(scores["attention"])
+    assert mlp_importance(model, loader, progress=False) == pytest.approx(scores["mlp"])
+
+
+def test_sublayer_importance_ignores_padding(tokenizer):
+    model = _tiny("llama", tokenizer)
+    text = load_texts("wikitext", n=1)[0]
+    alone = sublayer_importance(model, make_dataloader([text], tokenizer, batch_size=1, max_length=30),
+                                progress=False)
+    short = sublayer_importance(model, make_dataloader(["Hi there"], tokenizer, batch_size=1, max_length=30),
+                                progress=False)
+    both = sublayer_importance(model, make_dataloader([text, "Hi there"], tokenizer, batch_size=2, max_length=30),
+                               progress=False)
+    n_long = len(tokenizer(text, truncation=True, max_length=30)["input_ids"])
+    n_short = len(tokenizer("Hi there")["input_ids"])
+    expected = [(a * n_long + b * n_short) / (n_long + n_short) for a, b in zip(alone["attention"], short["attention"])]
+    assert both["attention"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_importance_bad_inputs(tokenizer, loader):
+    model = _tiny("llama", tokenizer)
+    with pytest.raises(ValueError, match="average"):
+        sublayer_importance(model, loader, average="mean", progress=False)
+    with pytest.raises(ValueError, match="no real token"):
+        sublayer_importance(model, [], progress=False)
+    with pytest.raises(ValueError, match="decoder blocks"):
+        attention_importance(torch.nn.Linear(2, 2), loader, progress=False)
+
+
+def test_choose_attention_to_remove(tokenizer, loader):
+    model = _tiny("llama", tokenizer)
+    scores = attention_importance(model, loader, progress=False)
+    chosen = choose_attention_to_remove(model, loader, 4, progress=False)
+    assert chosen == sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:4])
+    assert 0 not in choose_attention_to_remove(model, None, 4, scores=[0.0] + scores[1:], protect=0)
+    remove_attention(model, chosen[:2])
+    again = choose_attention_to_remove(model, None, 3, scores=scores)
+    assert not set(again) & set(chosen[:2])
+    with pytest.raises(ValueError, match="between 1 and"):
+        choose_attention_to_remove(model, loader, 0)
+    with pytest.raises(ValueError, match="calibration data"):
+        choose_attention_to_remove(model, None, 2)
+    with pytest.raises(ValueError, match="entries"):
+        choose_attention_to_remove(model, None, 2, scores=[0.1, 0.2])
+
+
+# --- removal: equivalences, cache, round trips --------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("indices", [[2, 5, 7], [0, 1, 5]], ids=["middle", "block0"])
+def test_removed_attention_equals_zeroed_o_proj_and_cache_is_exact(family, indices, tokenizer, loader, prompt):
+    base = _tiny(family, tokenizer)
+    removed = remove_attention(copy.deepcopy(base), indices)
+    portable = remove_attention(copy.deepcopy(base), indices, portable=True)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        torch.testing.assert_close(removed(**batch).logits, portable(**batch).logits, atol=1e-6, rtol=0)
+        assert not torch.allclose(removed(**batch).logits, base(**batch).logits)
+    assert removed_attention(removed) == removed_attention(portable) == sorted(indices)
+    blocks = decoder_blocks(removed)
+    for i in indices:
+        assert isinstance(blocks[i].self_attn, RemovedAttention)
+        assert not any(f"layers.{i}.self_attn" in k for k in removed.state_dict())
+    kept = [i for i in range(len(blocks)) if i not in indices]
+    assert [blocks[i].self_attn.layer_idx for i in kept] == list(range(len(kept)))
+    # Greedy generation: with and without cache, dynamic and static cache, all identical.
+    no_cache = _generate(removed, prompt, use_cache=False)
+    assert torch.equal(_generate(removed, prompt), no_cache)
+    assert torch.equal(_generate(removed, prompt, cache_implementation="static"), no_cache)
+    static = make_cache(removed, "static", max_cache_len=prompt["input_ids"].shape[1] + 12)
+    assert len(static.layers) == len(kept)
+    assert torch.equal(_generate(removed, prompt, cache=static), no_cache)
+    assert torch.equal(_generate(portable, prompt, use_cache=False), no_cache)
+    # The dynamic cache holds exactly L - k entries' worth of keys and values.
+    cache = make_cache(removed)
+    with torch.no_grad():
+        removed(**prompt, cache=cache, use_cache=True)
+    full = make_cache(base)
+    with torch.no_grad():
+        base(**prompt, cache=full, use_cache=True)
+    assert len(cache.layers) == len(kept)
+    if family != "gemma3":  # (sliding-window entries hold a window, not the whole text)
+        n = prompt["input_ids"].shape[1]
+        assert cache_bytes(cache) == kv_bytes_per_token(removed) * n
+        assert cache_bytes(full) == kv_bytes_per_token(base) * n
+        assert cache_bytes(cache) * len(blocks) == cache_bytes(full) * len(kept)
+
+
+def test_cache_built_from_config_is_fitted(tokenizer, prompt):
+    model = remove_attention(_tiny("gemma3", tokenizer), [0, 5])
+    cache = DynamicCache(config=model.config)  # one entry per block, typed by block
+    assert len(cache.layers) == 18
+    fit_cache(model, cache)
+    assert len(cache.layers) == 16
+    assert [layer.is_sliding for layer in cache.layers] == [
+        t == "sliding_attention" for i, t in enumerate(model.config.layer_types) if i not in (0, 5)]
+    with torch.no_grad():
+        out = model(**prompt, use_cache=True)  # the decoder's pre-hook builds and fits the cache
+    assert len(out.cache.layers) == 16
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_reload_round_trip(family, tokenizer, loader, tmp_path):
+    base = _tiny(family, tokenizer)
+    model = remove_attention(copy.deepcopy(base), [0, 3, 6])
+    model.save_pretrained(tmp_path / "cut")
+    config = AutoConfig.from_pretrained(tmp_path / "cut")
+    assert getattr(config, CONFIG_FIELD) == [0, 3, 6]
+    assert config.per_layer_config[3].skip == ["attention"]  # transformers' native field names
+    fresh = AutoModelForCausalLM.from_config(config).eval()
+    apply_recorded_surgery(fresh)
+    missing, unexpected = fresh.load_state_dict(load_file(tmp_path / "cut" / "model.safetensors"), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # a tied head is saved once
+    fresh.tie_weights()
+    fresh.load_state_dict(model.state_dict(), strict=True)  # the same keys, none missing, none unexpected
+    batch = next(iter(loader))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+    assert removed_attention(fresh) == [0, 3, 6]
+    apply_recorded_surgery(fresh)  # idempotent
+    assert removed_attention(fresh) == [0, 3, 6]
+    # utils.load_model(folder) re-applies the recorded removal (registered config surgery)
+    tokenizer.save_pretrained(tmp_path / "cut")
+    loaded, _ = load_model(str(tmp_path / "cut"), device="cpu")
+    assert removed_attention(loaded) == [0, 3, 6]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+    # portable=True: plain from_pretrained, exact logits (and no speed-up: every module is still there).
+    portable = remove_attention(copy.deepcopy(base), [0, 3, 6], portable=True)
+    portable.save_pretrained(tmp_path / "portable")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "portable").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+    assert removed_attention(plain) == [0, 3, 6]
+    apply_recorded_surgery(plain)  # nothing to do: the zeroed o_proj is in the weights
+    assert not any(isinstance(b.self_attn, RemovedAttention) for b in decoder_blocks(plain))
+
+
+def test_remove_attention_then_blocks_keeps_records_and_cache(tokenizer, prompt):
+    model = remove_attention(_tiny("llama", tokenizer), [3, 5, 9])
+    remove_blocks(model, [1, 5])
+    assert removed_attention(model) == [2, 7]
+    assert getattr(model.config, CONFIG_FIELD) == [2, 7]
+    assert sorted(int(k) for k in model.config.to_dict()["per_layer_config"]) == [2, 7]
+    blocks = decoder_blocks(model)
+    kept = [i for i in range(len(blocks)) if i not in (2, 7)]
+    assert [blocks[i].self_attn.layer_idx for i in kept] == list(range(len(kept)))
+    assert torch.equal(_generate(model, prompt), _generate(model, prompt, use_cache=False))
+
+
+def test_remove_attention_bad_inputs(tokenizer):
+    model = _tiny("llama", tokenizer)
+    n = len(decoder_blocks(model))
+    with pytest.raises(ValueError, match="out of range"):
+        remove_attention(model, [n])
+    with pytest.raises(ValueError, match="out of range"):
+        remove_attention(model, [-1])
+    with pytest.raises(ValueError, match="more than once"):
+        remove_attention(model, [2, 2])
+    with pytest.raises(ValueError, match="empty"):
+        remove_attention(model, [])
+    with pytest.raises(ValueError, match="all"):
+        remove_attention(model, list(range(n)))
+    remove_attention(model, [2])
+    with pytest.raises(ValueError, match="already removed"):
+        remove_attention(model, [2, 3])
+    with pytest.raises(ValueError, match="portably or not"):
+        remove_attention(_tiny_portable(tokenizer), [4])
+    with pytest.raises(ValueError, match="Llama/Qwen 3/Gemma 3"):
+        remove_attention(AutoModelForCausalLM.from_config(tiny_config("distilbert/distilgpt2", len(tokenizer))), [1])
+
+
+def _tiny_portable(tokenizer):
+    return remove_attention(_tiny("llama", tokenizer), [1], portable=True)
+
+
+# --- the KV cache -----------------------------------------------------------------------------
+
+def test_cache_bytes_of_every_kind(tokenizer, prompt):
+    model = _tiny("llama", tokenizer)
+    n = prompt["input_ids"].shape[1]
+    per_token = kv_bytes_per_token(model)
+    dims = model.config
+    assert per_token == 2 * dims.num_hidden_layers * dims.num_key_value_heads * dims.head_dim * 4
+    sizes = {}
+    for kind, kwargs in [("dynamic", {}), ("static", {"max_cache_len": 50}), ("quantized", {"backend": "fp8"})]:
+        cache = make_cache(model, kind, **kwargs)
+        with torch.no_grad():
+            model(**prompt, cache=cache, use_cache=True)
+        sizes[kind] = cache_bytes(cache)
+    assert sizes["dynamic"] == per_token * n
+    # allocated up front for 50 tokens (plus a position counter of a few bytes per entry)
+    assert per_token * 50 <= sizes["static"] <= per_token * 50 + 16 * dims.num_hidden_layers
+    # fp8: one byte per value plus one float32 scale per tensor
+    assert sizes["quantized"] == per_token * n // 4 + 2 * 4 * dims.num_hidden_layers
+    with pytest.raises(ValueError, match="max_cache_len"):
+        make_cache(model, "static")
+    with pytest.raises(ValueError, match="cache kind"):
+        make_cache(model, "paged")
+    with pytest.raises(TypeError, match="Cache"):
+        cache_bytes([torch.zeros(3)])
+
+
+def test_perplexity_through_cache(tokenizer, loader):
+    model = _tiny("qwen3", tokenizer)
+    # Through an exact cache, token by token == one forward pass scored on the same tokens.
+    prefix = 8
+    through = perplexity_through_cache(model, loader, prefix_tokens=prefix, progress=False)
+    static = perplexity_through_cache(model, loader, prefix_tokens=prefix, cache="static", progress=False)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                seq = ids[mask.bool()][None]
+                logits = model(input_ids=seq, use_cache=False).logits[0, prefix - 1:-1]
+                nll += torch.nn.functional.cross_entropy(logits, seq[0, prefix:], reduction="sum").item()
+                count += seq.shape[1] - prefix
+    assert through == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert static == pytest.approx(through, rel=1e-4)
+    one_by_one = perplexity_through_cache(model, loader, prefix_tokens=prefix, batch_size=1, per_text=True,
+                                          progress=False)
+    assert one_by_one["perplexity"] == pytest.approx(through, rel=1e-4)
+    assert sum(one_by_one["tokens"]) == count and sum(one_by_one["nll"]) == pytest.approx(nll, rel=1e-4)
+    # a share of each text as the prompt: the prompts differ in length
+    half = perplexity_through_cache(model, loader, prefix_tokens=0.5, per_text=True, progress=False)
+    lengths = [int(m.sum()) for b in loader for m in b["attention_mask"]]
+    assert half["tokens"] == [n - round(0.5 * n) for n in lengths]
+    fp8 = perplexity_through_cache(model, loader, prefix_tokens=prefix, cache="quantized", backend="fp8",
+                                   progress=False)
+    assert fp8 != through and fp8 == pytest.approx(through, rel=0.05)
+    with pytest.raises(ValueError, match="prefix_tokens"):
+        perplexity_through_cache(model, loader, prefix_tokens=0)
+    with pytest.raises(ValueError, match="longer than"):
+        perplexity_through_cache(model, loader, prefix_tokens=10_000)
+    with pytest.raises(ValueError, match="cache="):
+        perplexity_through_cache(model, loader, prefix_tokens=4, cache="paged")
+    with pytest.raises(ValueError, match="share"):
+        perplexity_through_cache(model, loader, prefix_tokens=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        perplexity_through_cache(model, loader, prefix_tokens=4, batch_size=0)
+
+
+# --- Adaptive Attention Bypass ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bypass_that_skips_nothing_is_the_base_model(family, tokenizer, prompt):
+    model = _tiny(family, tokenizer)
+    reference = _generate(model, prompt)
+    with attention_bypass(model, threshold=0.0) as bypass:  # scores are >= 0: nothing is below 0
+        assert torch.equal(_generate(model, prompt), reference)
+        assert torch.equal(_generate(model, prompt, cache_implementation="static"), reference)
+    assert len(bypass.history) == 2 and bypass.mean_skipped == 0
+    assert bypass.history[0]["prompt_tokens"] == prompt["input_ids"].shape[1]
+    # the hooks and patched forwards are gone after the block
+    assert torch.equal(_generate(model, prompt), reference)
+    assert all("forward" not in vars(b.self_attn) for b in decoder_blocks(model))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bypass_skips_with_zero_contribution(family, tokenizer, prompt):
+    model = _tiny(family, tokenizer)
+    protected = default_protected(model)
+    assert 0 in protected
+    if family == "gemma3":
+        assert 5 in protected  # the first full-attention block
+    seen = []
+    block = decoder_blocks(model)[3]
+    norm = block.pre_feedforward_layernorm if family == "gemma3" else block.post_attention_layernorm
+    handles = [block.register_forward_pre_hook(lambda m, a: seen.append(("in", a[0].clone()))),
+               norm.register_forward_pre_hook(lambda m, a: seen.append(("mid", a[0].clone())))]
+    scores_prefill = prompt_attention_scores(model, [dict(prompt)], prefix_tokens=3)
+    try:
+        with attention_bypass(model, rule=lambda scores, n: [0, 3, 4]) as bypass:
+            seen.clear()
+            out = _generate(model, prompt)
+    finally:
+        for h in handles:
+            h.remove()
+    assert bypass.history[-1]["skipped"] == [3, 4]  # block 0 is protected
+    # prefill: the attention of block 3 changes the stream; decode: it adds exactly zero
+    assert not torch.equal(seen[0][1], seen[1][1])
+    decode = seen[2:]
+    assert decode and all(torch.equal(decode[i][1], decode[i + 1][1]) for i in range(0, len(decode), 2))
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 12
+    assert len(scores_prefill) == 1 and math.isfinite(scores_prefill[0]["scores"][3])
+    # the decode logits differ from the base model's (the skipped attentions mattered)
+    with attention_bypass(model, rule=lambda scores, n: [3, 4]):
+        skipped = _generate(model, prompt, return_dict_in_generate=True, output_logits=True).logits
+    full = _generate(model, prompt, return_dict_in_generate=True, output_logits=True).logits
+    torch.testing.assert_close(skipped[0], full[0])  # the first new token comes from the prefill
+    assert not torch.allclose(skipped[1], full[1])
+
+
+def test_bypass_with_removed_attention_and_threshold_calibration(tokenizer, loader):
+    model = remove_attention(_tiny("llama", tokenizer), [4])
+    scores = prompt_attention_scores(model, loader, prefix_tokens=8)
+    assert len(scores) == 4 and math.isnan(scores[0]["scores"][4])
+    assert all(s["prompt_tokens"] == 8 for s in scores)
+    scores = [s["scores"] for s in scores]
+    protect = default_protected(model)
+    threshold = calibrate_threshold(scores, 3, protect=protect)
+    counts = [sum(1 for i, s in enumerate(row) if i not in protect and s < threshold) for row in scores]
+    assert sum(counts) / len(counts) == 3
+    with attention_bypass(model, threshold=threshold) as bypass:
+        perplexity_through_cache(model, loader, prefix_tokens=8, batch_size=1, progress=False)
+    assert bypass.mean_skipped == 3
+    assert all(4 not in h["skipped"] and 0 not in h["skipped"] for h in bypass.history)
+    assert calibrate_threshold(scores, 0, protect=protect) < min(min(s for s in r if s == s) for r in scores)
+    with pytest.raises(ValueError, match="mean_skipped"):
+        calibrate_threshold(scores, 99, protect=protect)
+    with pytest.raises(ValueError, match="exactly one"):
+        with attention_bypass(model):
+            pass
+    with pytest.raises(ValueError, match="threshold"):
+        with attention_bypass(model, threshold=float("nan")):
+            pass
