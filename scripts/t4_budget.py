@@ -101,7 +101,7 @@ def notebook_parameters(name: str, profile: str = "full") -> dict:
     os.environ[utils.profiles.ENV_VAR] = profile
     try:
         namespace: dict = {}
-        exec(compile(_parameters_source(name), f"{name}:parameters", "exec"), namespace)
+        exec(compile(_parse(_parameters_source(name)), f"{name}:parameters", "exec"), namespace)
     finally:
         if previous is None:
             os.environ.pop(utils.profiles.ENV_VAR, None)
@@ -594,24 +594,31 @@ def select(only: list[str] | None) -> list[Step]:
 
 def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, threads: int | None = None) -> dict:
     """Run one step here and return its row (peak bytes, phases, settings)."""
+    previous_threads = torch.get_num_threads()
     if threads or tiny:
         torch.set_num_threads(threads or 1)  # tiny tensors gain nothing from threads on a busy machine
-    if device.startswith("cuda"):
-        # Make a bigger GPU choose a T4's dtypes (utils.load_model) and autocast (utils.distill).
-        patcher = mock.patch("torch.cuda.is_bf16_supported", return_value=False)
-        patcher.start()
-    with contextlib.suppress(ImportError):
-        import optipfair  # noqa: F401  (imported before the baseline, like torch and transformers)
-    meter = Meter(device)
-    ctx = Context(tiny=tiny, device=device, max_batches=max_batches, meter=meter)
-    start = time.perf_counter()
-    step.run(ctx)
+    # On a GPU with bfloat16, make utils choose a T4's dtypes (load_model) and autocast (distill).
+    patcher = mock.patch("torch.cuda.is_bf16_supported", return_value=False) if device.startswith("cuda") else None
+    try:
+        if patcher:
+            patcher.start()
+        with contextlib.suppress(ImportError):
+            import optipfair  # noqa: F401  (imported before the baseline, like torch and transformers)
+        meter = Meter(device)
+        ctx = Context(tiny=tiny, device=device, max_batches=max_batches, meter=meter)
+        start = time.perf_counter()
+        step.run(ctx)
+        seconds = time.perf_counter() - start
+    finally:
+        if patcher:
+            patcher.stop()
+        torch.set_num_threads(previous_threads)
     name, peak = max(meter.phases, key=lambda item: item[1])
     return {
         "step": step.id, "notebook": step.notebook, "title": step.title, "model": ", ".join(sorted(ctx.models)),
         "dtype": ", ".join(sorted(ctx.dtypes)), "settings": "; ".join(ctx.settings), "peak_bytes": peak,
         "peak_phase": name, "phases": meter.phases, "measure": meter.measure, "notes": meter.notes,
-        "seconds": time.perf_counter() - start, "profile": ctx.profile,
+        "seconds": seconds, "profile": ctx.profile,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
     }
 

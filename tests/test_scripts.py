@@ -1,6 +1,7 @@
 """The command-line scripts: notebook runner helpers and the results collector."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,3 +78,112 @@ def test_distillation_sweep_runs_in_tiny():
     assert results["defaults"]["alpha"] == sweep_distill.utils.distillation.DEFAULT_ALPHA
     with pytest.raises(SystemExit, match="Available: default"):
         sweep_distill.run(["no-such-variant"])
+
+
+# --- scripts/t4_budget.py: peak memory of the full profile's heaviest steps ---------------------
+
+def test_t4_budget_tiny_end_to_end(tmp_path, capsys):
+    import t4_budget
+
+    out = tmp_path / "budget.json"
+    status = t4_budget.main(["--tiny", "--in-process", "--max-batches", "1", "--markdown", "--json", str(out),
+                             "--only", "CH02_NB02:distill", "CH05_NB02:repair"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "| notebook | step | model | dtype | settings | peak GB | peak phase | measure | fits |" in printed
+    assert "TINY MODE" in printed and "cpu-rss" in printed and "ESTIMATE" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["step"] for r in rows] == ["CH02_NB02:distill", "CH05_NB02:repair"]
+    distill, repair = rows
+    assert distill["dtype"] == "float32" and repair["dtype"] == "float16"  # Gemma 3 stays float32 on a T4
+    assert "utils.distill" in [name for name, _ in distill["phases"]]
+    assert "notebook still holds t_logits, s_logits, noisy" in distill["settings"]
+    assert "prune_glu with Gram repair" in [name for name, _ in repair["phases"]]
+    assert all(r["fits"] and r["measure"] == "cpu-rss" for r in rows)
+
+
+def test_t4_budget_fresh_process_and_exit_status_over_budget(capsys):
+    import t4_budget
+
+    status = t4_budget.main(["--tiny", "--only", "CH03_NB01", "--budget-gb", "1e-6"])
+    printed = capsys.readouterr().out
+    assert status == 1  # a step that does not fit makes the exit status non-zero
+    line = next(line for line in printed.splitlines() if line.startswith("CH03_NB01"))
+    assert line.rstrip().endswith("no") and "Qwen/Qwen3-0.6B" in line and "meta only" in line
+
+
+def test_t4_budget_meter_resets_between_phases():
+    import t4_budget
+    import torch
+
+    meter = t4_budget.Meter("cpu")
+    with meter.phase("big"):
+        big = torch.empty(50_000_000, dtype=torch.float32).fill_(1.0)  # 200 MB, touched
+    del big
+    with meter.phase("small"):
+        small = torch.ones(10)
+    assert small.sum() == 10
+    (_, big_peak), (_, small_peak) = meter.phases
+    assert big_peak >= 190e6
+    if meter.can_reset:
+        assert small_peak < 100e6
+
+
+def test_t4_budget_dtypes_match_load_model_on_a_t4():
+    import t4_budget
+    import torch
+
+    assert t4_budget.t4_dtype("gemma3_text") == torch.float32
+    assert t4_budget.t4_dtype("llama") == torch.float16
+    assert t4_budget.t4_dtype("qwen3") == torch.float16
+
+
+def test_t4_budget_reads_what_the_notebook_still_holds(tmp_path, monkeypatch):
+    import t4_budget
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nx = 1\ny, _ = 2, 3"),
+                nbformat.v4.new_code_cell("del x\nif y:\n    z = 4"),
+                nbformat.v4.new_code_cell("def helper(a):\n    return a + 1\n\nrun(y)"),
+                nbformat.v4.new_code_cell("w = 5")]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    (tmp_path / "CH99_x").mkdir()
+    nbformat.write(nb, tmp_path / "CH99_x" / "CH99_NB01_demo.ipynb")
+    monkeypatch.setattr(t4_budget, "NOTEBOOKS", tmp_path)
+    assert t4_budget.alive_names("CH99_NB01", ["x", "y", "z", "_", "w"], "run(") == ["y", "z", "_"]
+    assert t4_budget.notebook_functions("CH99_NB01", ["helper"], {})["helper"](1) == 2
+    assert t4_budget.notebook_parameters("CH99_NB01") == {}
+    with pytest.raises(SystemExit, match="no code cell contains"):
+        t4_budget.alive_names("CH99_NB01", ["y"], "never_called(")
+    with pytest.raises(SystemExit, match="no longer defines"):
+        t4_budget.notebook_functions("CH99_NB01", ["gone"], {})
+    with pytest.raises(SystemExit, match="Expected one notebook"):
+        t4_budget.notebook_path("CH98_NB01")
+
+
+def test_t4_budget_every_step_finds_its_notebook_and_parameters():
+    import t4_budget
+
+    for step in t4_budget.STEPS:
+        for profile in ("full", "tiny"):
+            params = t4_budget.notebook_parameters(step.notebook, profile)
+            assert "MODEL_ID" in params or "LIVE_MODEL_ID" in params, step.id
+    before = os.environ.get("RLLM_PROFILE")
+    full, tiny = (t4_budget.notebook_parameters("CH02_NB02", p) for p in ("full", "tiny"))
+    assert full["DISTILL_STEPS"] > tiny["DISTILL_STEPS"]  # utils.budget answered for the full profile
+    assert os.environ.get("RLLM_PROFILE") == before  # and the profile of this process is left as it was
+
+
+def test_t4_budget_bad_inputs():
+    import t4_budget
+    import torch
+
+    assert [s.id for s in t4_budget.select(["ch05_nb02"])] == ["CH05_NB02:scores", "CH05_NB02:repair"]
+    with pytest.raises(SystemExit, match="Steps: CH02_NB01:copies"):
+        t4_budget.select(["CH99"])
+    bad_inputs = [["--max-batches", "0"], ["--budget-gb", "-1"], ["--threads", "0"]]
+    if not torch.cuda.is_available():
+        bad_inputs.append(["--device", "cuda"])
+    for bad in bad_inputs:
+        with pytest.raises(SystemExit):
+            t4_budget.parse_args(bad)
