@@ -134,6 +134,27 @@ def alive_names(name: str, names: list[str], before: str) -> list[str]:
     raise SystemExit(f"{name}: no code cell contains {before!r}; update the step in scripts/t4_budget.py.")
 
 
+def notebook_kwargs(name: str, call: str, namespace: dict, *, skip: tuple[str, ...] = ()) -> dict:
+    """The keyword arguments of the notebook's first call to ``call`` (e.g. ``"utils.distill"``), evaluated in
+    ``namespace`` (the notebook's parameters and the step's stand-ins for its objects), minus ``skip``.
+
+    So a keyword the notebook adds to that call (a memory setting, say) is used here too."""
+    for source in code_cells(name):
+        for node in ast.walk(_parse(source)):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == call:
+                kwargs = {}
+                for keyword in node.keywords:
+                    if keyword.arg is None or keyword.arg in skip:  # **mapping: the step passes it itself
+                        continue
+                    try:
+                        kwargs[keyword.arg] = eval(ast.unparse(keyword.value), dict(namespace))
+                    except NameError as error:
+                        raise SystemExit(f"{name}: {call}({keyword.arg}=...) uses {error.name!r}, which "
+                                         "scripts/t4_budget.py does not provide; update the step.") from error
+                return kwargs
+    raise SystemExit(f"{name} no longer calls {call}; update the step in scripts/t4_budget.py.")
+
+
 def notebook_functions(name: str, names: list[str], namespace: dict) -> dict:
     """Define the notebook's own functions ``names`` (read from its code cells) in ``namespace``."""
     found = {}
@@ -309,6 +330,21 @@ def _last(model, n: int) -> list[int]:
     return list(range(total - n, total))
 
 
+def _distill_kwargs(ctx: Context, notebook: str, p: dict, **objects) -> dict:
+    """The notebook's own keyword arguments to ``utils.distill``, cut to OPTIMIZER_STEPS optimizer steps."""
+    kwargs = notebook_kwargs(notebook, "utils.distill", {**p, "utils": utils, **objects},
+                             skip=("epochs", "max_steps", "progress"))
+    ctx.settings.append("utils.distill(" + (", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
+                                            or "defaults") + ")")
+    return {**kwargs, "max_steps": OPTIMIZER_STEPS, "progress": False}
+
+
+def _short(value) -> str:
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return f"<{len(value)} batches>"
+    return repr(value)
+
+
 def ch02_nb01_copies(ctx: Context) -> None:
     """CH02_NB01: the base model and three cut copies (by hand, utils, optipfair) resident; two models'
     logits compared on one batch (cells 13, 19), perplexity of the optipfair copy (cell 23)."""
@@ -380,8 +416,7 @@ def ch02_nb02_distill(ctx: Context) -> None:
     p = ctx.params("CH02_NB02")
     teacher, student, eval_dl, train_dl, held = _ch02_nb02_setup(ctx, p, "utils.distill(")
     with ctx.meter.phase("utils.distill"):
-        utils.distill(student, teacher, train_dl, max_steps=OPTIMIZER_STEPS, grad_accum=p["GRAD_ACCUM"],
-                      temperature=p["TEMPERATURE"], alpha=p["ALPHA"], eval_dataloader=eval_dl, progress=False)
+        utils.distill(student, teacher, train_dl, **_distill_kwargs(ctx, "CH02_NB02", p, eval_dl=eval_dl))
     ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, grad_accum {p['GRAD_ACCUM']}, "
                            f"{OPTIMIZER_STEPS} of {p['DISTILL_STEPS']} steps, eval {len(eval_dl)} batch(es) of 8")
     del held
@@ -517,9 +552,8 @@ def ch06_nb01_features(ctx: Context) -> None:
     train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
     with ctx.meter.phase("utils.distill (logits + features)"):
         student = utils.remove_blocks(copy.deepcopy(teacher), removed)  # the loop's new student, old one alive
-        utils.distill(student, teacher, train_dl, max_steps=OPTIMIZER_STEPS, temperature=p["TEMPERATURE"],
-                      alpha=p["ALPHA"], layer_map=utils.make_layer_map(len(kept), n_blocks, "kept", removed=removed),
-                      beta=p["BETA"], progress=False)
+        utils.distill(student, teacher, train_dl, **_distill_kwargs(ctx, "CH06_NB01", p),
+                      layer_map=utils.make_layer_map(len(kept), n_blocks, "kept", removed=removed), beta=p["BETA"])
     with ctx.meter.phase("perplexity"):
         utils.perplexity(student, eval_dl, progress=False)
     ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps, "
@@ -557,7 +591,7 @@ def ch06_nb02_width(ctx: Context) -> None:
         student = utils.prune_glu(copy.deepcopy(teacher), ratio, dataloader=calib, progress=False)
     train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
     with ctx.meter.phase("utils.distill"):
-        utils.distill(student, teacher, train_dl, max_steps=OPTIMIZER_STEPS, progress=False)
+        utils.distill(student, teacher, train_dl, **_distill_kwargs(ctx, "CH06_NB02", p))
     with ctx.meter.phase("perplexity"):
         utils.perplexity(student, eval_dl, progress=False)
     ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps, "
