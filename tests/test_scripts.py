@@ -145,7 +145,7 @@ def test_t4_budget_reads_what_the_notebook_still_holds(tmp_path, monkeypatch):
     nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nx = 1\ny, _ = 2, 3"),
                 nbformat.v4.new_code_cell("del x\nif y:\n    z = 4"),
                 nbformat.v4.new_code_cell("def helper(a):\n    return a + 1\n\nrun(y)"),
-                nbformat.v4.new_code_cell("w = 5")]
+                nbformat.v4.new_code_cell("w = 5\nutils.distill(a, b, c, max_steps=STEPS, alpha=0.5 * X, **extra)")]
     nb.cells[0].metadata["tags"] = ["parameters"]
     (tmp_path / "CH99_x").mkdir()
     nbformat.write(nb, tmp_path / "CH99_x" / "CH99_NB01_demo.ipynb")
@@ -153,6 +153,11 @@ def test_t4_budget_reads_what_the_notebook_still_holds(tmp_path, monkeypatch):
     assert t4_budget.alive_names("CH99_NB01", ["x", "y", "z", "_", "w"], "run(") == ["y", "z", "_"]
     assert t4_budget.notebook_functions("CH99_NB01", ["helper"], {})["helper"](1) == 2
     assert t4_budget.notebook_parameters("CH99_NB01") == {}
+    assert t4_budget.notebook_kwargs("CH99_NB01", "utils.distill", {"X": 3}, skip=("max_steps",)) == {"alpha": 1.5}
+    with pytest.raises(SystemExit, match="uses 'X'"):
+        t4_budget.notebook_kwargs("CH99_NB01", "utils.distill", {}, skip=("max_steps",))
+    with pytest.raises(SystemExit, match="no longer calls utils.prune_glu"):
+        t4_budget.notebook_kwargs("CH99_NB01", "utils.prune_glu", {})
     with pytest.raises(SystemExit, match="no code cell contains"):
         t4_budget.alive_names("CH99_NB01", ["y"], "never_called(")
     with pytest.raises(SystemExit, match="no longer defines"):
