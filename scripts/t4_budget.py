@@ -29,7 +29,12 @@ the phase is reported. Optimizer steps are cut to 2 (AdamW's state exists from t
 second step is the steady state); `--max-batches` cuts calibration and evaluation loaders (the peak of a
 pass is reached within one batch: nothing in these steps grows with the number of batches).
 
-Exit status: 0 when every step fits the budget, 1 when one does not, 2 when a step failed to run.
+Running out of memory is a result: a step stopped by it (a CUDA out-of-memory error, or on a CPU the kernel
+killing the process when the host's RAM is full) is reported with the peak it had reached, marked "≥": a
+lower bound, taken from a file the step's process keeps up to date.
+
+Exit status: 0 when every step fits the budget; 1 when one does not (a step stopped by running out of memory
+above the budget counts); 2 when a step could not be measured (failed, or stopped below the budget).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -200,6 +206,8 @@ class Meter:
             self.notes.append("/proc/self/clear_refs not writable: each phase's peak is the process's peak so far")
         self._reset()
         self.baseline = torch.cuda.memory_allocated() if self.cuda else self._status("VmRSS")
+        self.current: str | None = None  # the phase running now
+        self.failed: str | None = None  # the phase an exception left
 
     @property
     def measure(self) -> str:
@@ -240,13 +248,24 @@ class Meter:
             return torch.cuda.max_memory_allocated() - self.baseline
         return self._status("VmHWM") - self.baseline
 
+    def running_peak(self) -> int:
+        """The current phase's peak so far (no synchronisation: safe from a watchdog thread)."""
+        if self.cuda:
+            return torch.cuda.max_memory_allocated() - self.baseline
+        return self._status("VmHWM") - self.baseline
+
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         self._reset()
+        self.current = name
         try:
             yield
+        except BaseException:
+            self.failed = name
+            raise
         finally:
             self.phases.append((name, self._peak()))
+            self.current = None
 
 
 @dataclass
@@ -626,13 +645,46 @@ def select(only: list[str] | None) -> list[Step]:
 
 # --- one step in this process -------------------------------------------------------------------
 
-def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, threads: int | None = None) -> dict:
-    """Run one step here and return its row (peak bytes, phases, settings)."""
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def _partial_row(step: Step, ctx: Context, meter: Meter) -> dict:
+    """What is known of a step that has not finished: the phases so far and the current phase's peak."""
+    phases = list(meter.phases)
+    if meter.current is not None:
+        phases.append((meter.current, meter.running_peak()))
+    return {"step": step.id, "notebook": step.notebook, "title": step.title, "model": ", ".join(sorted(ctx.models)),
+            "dtype": ", ".join(sorted(ctx.dtypes)), "settings": "; ".join(ctx.settings), "phases": phases,
+            "current": meter.current, "measure": meter.measure, "notes": meter.notes, "profile": ctx.profile}
+
+
+def _watch(path: Path, snapshot: Callable[[], dict], stop: threading.Event, every: float = 0.5) -> None:
+    """Write ``snapshot()`` to ``path`` every ``every`` seconds, so that a process killed for memory leaves
+    its last peak behind."""
+    while not stop.wait(every):
+        with contextlib.suppress(Exception):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(snapshot()))
+            os.replace(tmp, path)
+
+
+def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, threads: int | None = None,
+             progress: Path | None = None) -> dict:
+    """Run one step here and return its row (peak bytes, phases, settings).
+
+    Running out of memory is a result, not a crash: the row then holds the peak reached so far as a lower
+    bound (``lower_bound``). With ``progress``, a watchdog thread keeps that partial row in a file, for the
+    parent to read when the kernel kills this process.
+    """
     previous_threads = torch.get_num_threads()
     if threads or tiny:
         torch.set_num_threads(threads or 1)  # tiny tensors gain nothing from threads on a busy machine
     # On a GPU with bfloat16, make utils choose a T4's dtypes (load_model) and autocast (distill).
     patcher = mock.patch("torch.cuda.is_bf16_supported", return_value=False) if device.startswith("cuda") else None
+    stop = threading.Event()
     try:
         if patcher:
             patcher.start()
@@ -640,10 +692,21 @@ def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, th
             import optipfair  # noqa: F401  (imported before the baseline, like torch and transformers)
         meter = Meter(device)
         ctx = Context(tiny=tiny, device=device, max_batches=max_batches, meter=meter)
+        if progress is not None:
+            threading.Thread(target=_watch, args=(progress, lambda: _partial_row(step, ctx, meter), stop),
+                             daemon=True).start()
         start = time.perf_counter()
-        step.run(ctx)
+        try:
+            step.run(ctx)
+        except Exception as error:
+            if not _is_out_of_memory(error):
+                raise
+            row = _partial_row(step, ctx, meter)
+            where = row["current"] or meter.failed
+            return _lower_bound(row, f"out of memory ({type(error).__name__}) in phase '{where}'")
         seconds = time.perf_counter() - start
     finally:
+        stop.set()
         if patcher:
             patcher.stop()
         torch.set_num_threads(previous_threads)
@@ -657,11 +720,22 @@ def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, th
     }
 
 
+def _lower_bound(row: dict, why: str) -> dict:
+    """A partial row (see :func:`_partial_row`) turned into a result: its peak so far is a lower bound."""
+    row = dict(row)
+    phases = row.get("phases") or []
+    if phases:
+        row["peak_phase"], row["peak_bytes"] = max(phases, key=lambda item: item[1])
+        row["lower_bound"] = True
+    row["error"] = why
+    return row
+
+
 # --- the driver ----------------------------------------------------------------------------------
 
-def _child_command(step: Step, args, result: Path) -> list[str]:
+def _child_command(step: Step, args, result: Path, progress: Path) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", step.id, "--result", str(result),
-           "--device", args.device]
+           "--progress", str(progress), "--device", args.device]
     if args.tiny:
         cmd.append("--tiny")
     if args.max_batches is not None:
@@ -669,6 +743,34 @@ def _child_command(step: Step, args, result: Path) -> list[str]:
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     return cmd
+
+
+def failed_row(step: Step, returncode: int, stderr: str, progress: Path | None) -> dict:
+    """The row of a child process that did not finish: killed (by the kernel, for memory: the usual reason
+    for SIGKILL here) or failed with an error. With a progress file, the peak reached so far is kept."""
+    if returncode < 0:
+        why = f"killed by signal {-returncode}" + (" (the host ran out of memory)" if returncode == -9 else "")
+    else:
+        why = (stderr.strip().splitlines() or ["no output"])[-1]
+    partial = None
+    if progress is not None and progress.exists():
+        with contextlib.suppress(ValueError):
+            partial = json.loads(progress.read_text())
+    if not partial:
+        return {"step": step.id, "notebook": step.notebook, "title": step.title, "error": why}
+    if partial.get("current"):
+        why += f" in phase '{partial['current']}'"
+    return _lower_bound(partial, why)
+
+
+def verdict(row: dict, budget_gb: float) -> bool | None:
+    """``True``/``False``: fits the budget or not; ``None``: unknown (the step failed below the budget)."""
+    if "peak_bytes" not in row:
+        return None
+    over = row["peak_bytes"] > budget_gb * GB
+    if row.get("lower_bound"):
+        return False if over else None
+    return not over
 
 
 def measure_all(steps: list[Step], args) -> list[dict]:
@@ -684,20 +786,19 @@ def measure_all(steps: list[Step], args) -> list[dict]:
                        "error": f"{type(error).__name__}: {error}"}
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                result = Path(tmp) / "row.json"
-                proc = subprocess.run(_child_command(step, args, result), capture_output=True, text=True,
+                result, progress = Path(tmp) / "row.json", Path(tmp) / "progress.json"
+                proc = subprocess.run(_child_command(step, args, result, progress), capture_output=True, text=True,
                                       timeout=args.step_timeout)
                 if proc.returncode == 0 and result.exists():
                     row = json.loads(result.read_text())
                 else:
-                    why = ("killed by signal " + str(-proc.returncode) + " (out of memory?)" if proc.returncode < 0
-                           else (proc.stderr.strip().splitlines() or ["no output"])[-1])
-                    row = {"step": step.id, "notebook": step.notebook, "title": step.title, "error": why}
-        if "error" not in row:
-            row["fits"] = row["peak_bytes"] <= args.budget_gb * GB
-            print(f"    peak {row['peak_bytes'] / GB:.2f} GB ({row['peak_phase']}) in {row['seconds']:.0f} s",
-                  file=sys.stderr, flush=True)
-        else:
+                    row = failed_row(step, proc.returncode, proc.stderr, progress)
+        row["fits"] = verdict(row, args.budget_gb)
+        if "peak_bytes" in row:
+            bound = ">= " if row.get("lower_bound") else ""
+            print(f"    peak {bound}{row['peak_bytes'] / GB:.2f} GB ({row['peak_phase']})"
+                  + (f" in {row['seconds']:.0f} s" if "seconds" in row else ""), file=sys.stderr, flush=True)
+        if "error" in row:
             print(f"    FAILED: {row['error']}", file=sys.stderr, flush=True)
         rows.append(row)
         if args.json:  # after every step, so that a long run keeps what it has measured
@@ -712,11 +813,14 @@ COLUMNS = ["notebook", "step", "model", "dtype", "settings", "peak GB", "peak ph
 def table_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     for r in rows:
-        if "error" in r:
-            out.append([r["notebook"], r["title"], "", "", "", "failed", r["error"], "", "no"])
+        fits = {True: "yes", False: "no", None: "unknown"}[r.get("fits")]
+        if "peak_bytes" not in r:
+            out.append([r["notebook"], r["title"], r.get("model", ""), r.get("dtype", ""), r.get("settings", ""),
+                        "failed", r["error"], r.get("measure", ""), fits])
             continue
-        out.append([r["notebook"], r["title"], r["model"], r["dtype"], r["settings"], f"{r['peak_bytes'] / GB:.2f}",
-                    r["peak_phase"], r["measure"], "yes" if r["fits"] else "no"])
+        peak = ("≥ " if r.get("lower_bound") else "") + f"{r['peak_bytes'] / GB:.2f}"
+        phase = r["peak_phase"] + (f" ({r['error']})" if "error" in r else "")
+        out.append([r["notebook"], r["title"], r["model"], r["dtype"], r["settings"], peak, phase, r["measure"], fits])
     return out
 
 
@@ -744,6 +848,9 @@ def describe_measure(rows: list[dict], budget_gb: float) -> str:
     if "cuda" in measures:
         parts.append("cuda: torch.cuda.max_memory_allocated per phase (tensors only; add the CUDA context and the "
                      "allocator's slack).")
+    if any(r.get("lower_bound") for r in rows):
+        parts.append("≥: the step was stopped by running out of memory (on a CPU: the host's RAM, shared with other "
+                     "processes); the figure is the peak it reached first, a lower bound.")
     if any(r.get("profile") == "tiny" for r in rows):
         parts.append("TINY MODE: tiny models and the tiny profile's settings; the numbers say nothing about a T4.")
     return "\n".join(parts)
@@ -780,6 +887,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--list", action="store_true", help="list the steps and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.max_batches is not None and args.max_batches < 1:
         parser.error("--max-batches must be at least 1")
@@ -798,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
         step = next((s for s in STEPS if s.id == args.child), None)
         if step is None:
             raise SystemExit(f"Unknown step {args.child!r}.")
-        row = run_step(step, tiny=args.tiny, device=args.device, max_batches=args.max_batches, threads=args.threads)
+        row = run_step(step, tiny=args.tiny, device=args.device, max_batches=args.max_batches, threads=args.threads,
+                       progress=args.progress)
         args.result.write_text(json.dumps(row))
         return 0
     steps = select(args.only)
@@ -813,8 +922,8 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_measure(rows, args.budget_gb))
     if args.max_batches is not None:
         print(f"Calibration and evaluation loaders cut to {args.max_batches} batch(es) (--max-batches).")
-    if any("error" in r for r in rows):
-        return 2
+    if any(r["fits"] is None for r in rows):
+        return 2  # a step could not be measured
     return 0 if all(r["fits"] for r in rows) else 1
 
 

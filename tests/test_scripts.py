@@ -192,3 +192,39 @@ def test_t4_budget_bad_inputs():
     for bad in bad_inputs:
         with pytest.raises(SystemExit):
             t4_budget.parse_args(bad)
+
+
+def test_t4_budget_out_of_memory_is_a_result(tmp_path):
+    import t4_budget
+    import torch
+
+    def runs_out(ctx):
+        with ctx.meter.phase("allocate"):
+            block = torch.empty(25_000_000).fill_(1.0)  # 100 MB reached before the failure
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory (after {block.numel()} floats)")
+
+    step = t4_budget.Step("CH02_NB02:fake", "fails", runs_out)
+    row = t4_budget.run_step(step, tiny=True, device="cpu", max_batches=1)
+    assert row["lower_bound"] and row["peak_phase"] == "allocate" and row["peak_bytes"] >= 90e6
+    assert "out of memory" in row["error"] and "'allocate'" in row["error"]
+    assert t4_budget.verdict(row, budget_gb=0.05) is False  # over the budget before it failed: does not fit
+    assert t4_budget.verdict(row, budget_gb=15) is None  # failed below the budget: unknown
+
+    def broken(ctx):
+        raise ValueError("a bug, not memory")
+
+    with pytest.raises(ValueError, match="a bug"):
+        t4_budget.run_step(t4_budget.Step("CH02_NB02:bug", "bug", broken), tiny=True, device="cpu", max_batches=1)
+
+    # A child killed by the kernel: its progress file holds the phases so far and the running peak.
+    progress = tmp_path / "progress.json"
+    progress.write_text(json.dumps({"step": "CH02_NB02:scratch", "notebook": "CH02_NB02", "title": "loop",
+                                    "model": "m", "dtype": "float32", "settings": "s", "measure": "cpu-rss",
+                                    "phases": [["load", 1e9], ["train", 16.5e9]], "current": "train"}))
+    killed = t4_budget.failed_row(step, -9, "", progress)
+    assert killed["peak_bytes"] == 16.5e9 and killed["lower_bound"] and "in phase 'train'" in killed["error"]
+    assert "out of memory" in killed["error"] and t4_budget.verdict(killed, 15) is False
+    text = t4_budget.render([{**killed, "fits": False}], markdown=True)
+    assert "≥ 16.50" in text and "| no |" in text
+    crashed = t4_budget.failed_row(step, 1, "Traceback ...\nKeyError: 'MODEL_ID'", None)
+    assert crashed["error"] == "KeyError: 'MODEL_ID'" and t4_budget.verdict(crashed, 15) is None
