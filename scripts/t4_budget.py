@@ -4,6 +4,7 @@
     python scripts/t4_budget.py --only CH02_NB02          one notebook (or a step id, e.g. CH05_NB02:repair)
     python scripts/t4_budget.py --markdown --budget-gb 15
     python scripts/t4_budget.py --max-batches 1           calibration/evaluation loaders cut to one batch
+    python scripts/t4_budget.py --count-held              tensors left over from earlier cells counted, not allocated
     python scripts/t4_budget.py --tiny                    tiny models, the tiny profile's settings (seconds)
     python scripts/t4_budget.py --list                    the steps and what each one runs
 
@@ -207,6 +208,7 @@ class Meter:
         self._reset()
         self.baseline = torch.cuda.memory_allocated() if self.cuda else self._status("VmRSS")
         self.current: str | None = None  # the phase running now
+        self.counted = 0  # bytes of tensors counted by size instead of allocated (Context.held, --count-held)
         self.failed: str | None = None  # the phase an exception left
 
     @property
@@ -245,14 +247,14 @@ class Meter:
     def _peak(self) -> int:
         if self.cuda:
             torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.baseline
-        return self._status("VmHWM") - self.baseline
+        return self.running_peak()
 
     def running_peak(self) -> int:
-        """The current phase's peak so far (no synchronisation: safe from a watchdog thread)."""
+        """The current phase's peak so far (no synchronisation: safe from a watchdog thread), plus the bytes
+        counted without being allocated (``--count-held``)."""
         if self.cuda:
-            return torch.cuda.max_memory_allocated() - self.baseline
-        return self._status("VmHWM") - self.baseline
+            return torch.cuda.max_memory_allocated() - self.baseline + self.counted
+        return self._status("VmHWM") - self.baseline + self.counted
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -278,6 +280,7 @@ class Context:
     meter: Meter
     settings: list[str] = field(default_factory=list)
     models: set[str] = field(default_factory=set)
+    count_held: bool = False
     dtypes: set[str] = field(default_factory=set)
     seed: int = 0
 
@@ -319,15 +322,21 @@ class Context:
         return out
 
     def held(self, notebook: str, names: list[str], before: str, shapes: dict[str, tuple]) -> list:
-        """Allocate (and touch) the large tensors that the notebook still holds in module-level names."""
+        """The large tensors that the notebook still holds in module-level names at this point: allocated and
+        touched, or with ``count_held`` only counted (their bytes are added to every later peak: they are
+        plain resident tensors, so their share of the peak is exactly their size)."""
         alive = alive_names(notebook, names, before)
-        tensors = []
+        tensors, total = [], 0
         for name in alive:
             shape, dtype, count = shapes[name]
-            tensors += [torch.empty(shape, dtype=dtype, device=self.device).fill_(0.5) for _ in range(count)]
+            total += count * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if not self.count_held:
+                tensors += [torch.empty(shape, dtype=dtype, device=self.device).fill_(0.5) for _ in range(count)]
+        if self.count_held:
+            self.meter.counted += total
         if alive:
-            total = sum(t.numel() * t.element_size() for t in tensors)
-            self.settings.append(f"notebook still holds {', '.join(alive)} ({total / GB:.2f} GB)")
+            how = "counted, not allocated" if self.count_held else "allocated"
+            self.settings.append(f"notebook still holds {', '.join(alive)} ({total / GB:.2f} GB, {how})")
         return tensors
 
 
@@ -672,7 +681,7 @@ def _watch(path: Path, snapshot: Callable[[], dict], stop: threading.Event, ever
 
 
 def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, threads: int | None = None,
-             progress: Path | None = None) -> dict:
+             progress: Path | None = None, count_held: bool = False) -> dict:
     """Run one step here and return its row (peak bytes, phases, settings).
 
     Running out of memory is a result, not a crash: the row then holds the peak reached so far as a lower
@@ -691,7 +700,7 @@ def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, th
         with contextlib.suppress(ImportError):
             import optipfair  # noqa: F401  (imported before the baseline, like torch and transformers)
         meter = Meter(device)
-        ctx = Context(tiny=tiny, device=device, max_batches=max_batches, meter=meter)
+        ctx = Context(tiny=tiny, device=device, max_batches=max_batches, meter=meter, count_held=count_held)
         if progress is not None:
             threading.Thread(target=_watch, args=(progress, lambda: _partial_row(step, ctx, meter), stop),
                              daemon=True).start()
@@ -742,6 +751,8 @@ def _child_command(step: Step, args, result: Path, progress: Path) -> list[str]:
         cmd += ["--max-batches", str(args.max_batches)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
+    if args.count_held:
+        cmd.append("--count-held")
     return cmd
 
 
@@ -780,7 +791,7 @@ def measure_all(steps: list[Step], args) -> list[dict]:
         if args.in_process:
             try:
                 row = run_step(step, tiny=args.tiny, device=args.device, max_batches=args.max_batches,
-                               threads=args.threads)
+                               threads=args.threads, count_held=args.count_held)
             except Exception as error:  # report the failure, go on with the next step
                 row = {"step": step.id, "notebook": step.notebook, "title": step.title,
                        "error": f"{type(error).__name__}: {error}"}
@@ -862,7 +873,8 @@ def environment(args) -> dict:
             "commit": commit.stdout.strip() or None, "device": args.device,
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "max_batches": args.max_batches, "threads": args.threads, "tiny": args.tiny,
+            "max_batches": args.max_batches, "threads": args.threads, "count_held": args.count_held,
+            "tiny": args.tiny,
             "budget_gb": args.budget_gb}
 
 
@@ -880,6 +892,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's own; 1 with --tiny)")
+    parser.add_argument("--count-held", action="store_true",
+                        help="count the tensors a notebook still holds from earlier cells by their size instead of "
+                             "allocating them (for a host with too little free memory; the peak is the same)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the steps in this process (faster start; peaks of later steps may include "
                              "memory the earlier ones did not hand back)")
@@ -907,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         if step is None:
             raise SystemExit(f"Unknown step {args.child!r}.")
         row = run_step(step, tiny=args.tiny, device=args.device, max_batches=args.max_batches, threads=args.threads,
-                       progress=args.progress)
+                       progress=args.progress, count_held=args.count_held)
         args.result.write_text(json.dumps(row))
         return 0
     steps = select(args.only)

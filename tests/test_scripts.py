@@ -101,6 +101,11 @@ def test_t4_budget_tiny_end_to_end(tmp_path, capsys):
     assert "prune_glu with Gram repair" in [name for name, _ in repair["phases"]]
     assert all(r["fits"] and r["measure"] == "cpu-rss" for r in rows)
 
+    assert t4_budget.main(["--tiny", "--in-process", "--max-batches", "1", "--count-held", "--json", str(out),
+                           "--only", "CH02_NB02:distill"]) == 0
+    counted = json.loads(out.read_text())["rows"][0]
+    assert "counted, not allocated" in counted["settings"]
+
 
 def test_t4_budget_fresh_process_and_exit_status_over_budget(capsys):
     import t4_budget
@@ -123,10 +128,14 @@ def test_t4_budget_meter_resets_between_phases():
     with meter.phase("small"):
         small = torch.ones(10)
     assert small.sum() == 10
-    (_, big_peak), (_, small_peak) = meter.phases
+    meter.counted = 10**9  # --count-held: tensors counted by size are part of every later peak
+    with meter.phase("counted"):
+        pass
+    (_, big_peak), (_, small_peak), (_, counted_peak) = meter.phases
     assert big_peak >= 190e6
+    assert counted_peak >= 10**9
     if meter.can_reset:
-        assert small_peak < 100e6
+        assert small_peak < 100e6 and counted_peak < 10**9 + 100e6
 
 
 def test_t4_budget_dtypes_match_load_model_on_a_t4():
