@@ -7,6 +7,7 @@
     python scripts/t4_budget.py --count-held              tensors left over from earlier cells counted, not allocated
     python scripts/t4_budget.py --tiny                    tiny models, the tiny profile's settings (seconds)
     python scripts/t4_budget.py --list                    the steps and what each one runs
+    python scripts/t4_budget.py --from-json a.json b.json --markdown   the table of saved runs, merged
 
 For every step the script builds the notebook's real architecture at its REAL size with random weights
 (`utils.real_config`: no download, no tokenizer), in the dtype a T4 gets from `utils.load_model` (no
@@ -19,11 +20,11 @@ the notebook). The models and large tensors the notebook still holds at that poi
 logits kept in module-level names) are resident too; the names are checked in the notebook's code.
 
 Measure:
-* on a CUDA GPU, `torch.cuda.max_memory_allocated` (tensors only: the CUDA context, about 0.3-0.5 GB, and
+* on a CUDA GPU, `torch.cuda.max_memory_allocated` (tensors only: the CUDA context, a few hundred MB, and
   the caching allocator's slack come on top). A GPU with bfloat16 is made to choose a T4's dtypes.
 * on a CPU, the peak resident memory (VmHWM) of a fresh process per step, minus its resident memory after
   the imports. This is an ESTIMATE of the GPU figure: no CUDA context or caching allocator, other kernels
-  (CPU float16 matmuls may use float32 scratch), lazily touched pages.
+  and their scratch buffers, lazily touched pages.
 
 Each step is split into phases (load, calibration, training ...); the peak is the largest phase peak, and
 the phase is reported. Optimizer steps are cut to 2 (AdamW's state exists from the first step on, so the
@@ -878,6 +879,27 @@ def environment(args) -> dict:
             "budget_gb": args.budget_gb}
 
 
+def load_rows(paths: list[Path], step_ids: list[str]) -> tuple[list[dict], list[str]]:
+    """Rows saved with ``--json``, merged (a later file's row replaces an earlier one of the same step), in the
+    order of :data:`STEPS`, restricted to ``step_ids``; and one line per file saying where it was measured."""
+    by_step: dict[str, dict] = {}
+    sources = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            rows = data["rows"]
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"--from-json {path}: not a file written by --json ({error}).") from error
+        env = data.get("environment", {})
+        sources.append(f"{Path(path).name}: {', '.join(r['step'] for r in rows)} measured {env.get('date')} at "
+                       f"commit {env.get('commit')} on {env.get('gpu') or env.get('cpu')} ({env.get('device')}), "
+                       f"max_batches={env.get('max_batches')}, count_held={env.get('count_held', False)}")
+        by_step.update({row["step"]: row for row in rows})
+    order = {step_id: k for k, step_id in enumerate(s.id for s in STEPS)}
+    chosen = [row for step_id, row in by_step.items() if step_id in step_ids]
+    return sorted(chosen, key=lambda row: order.get(row["step"], len(order))), sources
+
+
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -900,6 +922,8 @@ def parse_args(argv: list[str] | None):
                              "memory the earlier ones did not hand back)")
     parser.add_argument("--step-timeout", type=float, default=None, help="seconds allowed for each step")
     parser.add_argument("--list", action="store_true", help="list the steps and exit")
+    parser.add_argument("--from-json", nargs="+", type=Path, metavar="PATH",
+                        help="print the table of rows saved with --json instead of measuring (later files win)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--progress", type=Path, help=argparse.SUPPRESS)
@@ -931,12 +955,20 @@ def main(argv: list[str] | None = None) -> int:
             doc = " ".join((s.run.__doc__ or "").split())
             print(f"{s.id:22s} {doc}")
         return 0
-    rows = measure_all(steps, args)
+    if args.from_json:
+        rows, sources = load_rows(args.from_json, [s.id for s in steps])
+        for row in rows:
+            row["fits"] = verdict(row, args.budget_gb)
+    else:
+        rows = measure_all(steps, args)
+        sources = []
     print(render(rows, markdown=args.markdown))
     print()
     print(describe_measure(rows, args.budget_gb))
     if args.max_batches is not None:
         print(f"Calibration and evaluation loaders cut to {args.max_batches} batch(es) (--max-batches).")
+    for line in sources:
+        print(line)
     if any(r["fits"] is None for r in rows):
         return 2  # a step could not be measured
     return 0 if all(r["fits"] for r in rows) else 1

@@ -101,10 +101,18 @@ def test_t4_budget_tiny_end_to_end(tmp_path, capsys):
     assert "prune_glu with Gram repair" in [name for name, _ in repair["phases"]]
     assert all(r["fits"] and r["measure"] == "cpu-rss" for r in rows)
 
-    assert t4_budget.main(["--tiny", "--in-process", "--max-batches", "1", "--count-held", "--json", str(out),
+    again = tmp_path / "again.json"
+    assert t4_budget.main(["--tiny", "--in-process", "--max-batches", "1", "--count-held", "--json", str(again),
                            "--only", "CH02_NB02:distill"]) == 0
-    counted = json.loads(out.read_text())["rows"][0]
+    counted = json.loads(again.read_text())["rows"][0]
     assert "counted, not allocated" in counted["settings"]
+
+    capsys.readouterr()
+    assert t4_budget.main(["--from-json", str(out), str(again), "--markdown"]) == 0  # merged: the later file wins
+    merged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| CH0")]
+    assert len(merged) == 2 and "counted, not allocated" in merged[0] and merged[1].startswith("| CH05_NB02")
+    with pytest.raises(SystemExit, match="not a file written by --json"):
+        t4_budget.main(["--from-json", str(tmp_path / "missing.json")])
 
 
 def test_t4_budget_fresh_process_and_exit_status_over_budget(capsys):
