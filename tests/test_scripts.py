@@ -1,6 +1,7 @@
 """The command-line scripts: notebook runner helpers and the results collector."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -181,3 +182,170 @@ def test_plan_only_run_prints_the_plan_and_executes_nothing(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.startswith("Plan: ") and "Expected total: ~" in out and "then scripts/benchmark.py" in out
     assert "done in" not in out
+
+
+# --- scripts/t4_budget.py: peak memory of the full profile's heaviest steps ---------------------
+
+def test_t4_budget_tiny_end_to_end(tmp_path, capsys):
+    import t4_budget
+
+    out = tmp_path / "budget.json"
+    status = t4_budget.main(["--tiny", "--in-process", "--max-batches", "1", "--markdown", "--json", str(out),
+                             "--only", "CH02_NB02:distill", "CH05_NB02:repair"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "| notebook | step | model | dtype | settings | peak GB | peak phase | measure | fits |" in printed
+    assert "TINY MODE" in printed and "cpu-rss" in printed and "ESTIMATE" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["step"] for r in rows] == ["CH02_NB02:distill", "CH05_NB02:repair"]
+    distill, repair = rows
+    assert distill["dtype"] == "float32" and repair["dtype"] == "float16"  # Gemma 3 stays float32 on a T4
+    assert "utils.distill" in [name for name, _ in distill["phases"]]
+    assert "notebook still holds t_logits, s_logits, noisy" in distill["settings"]
+    assert "prune_glu with Gram repair" in [name for name, _ in repair["phases"]]
+    assert all(r["fits"] and r["measure"] == "cpu-rss" for r in rows)
+
+    again = tmp_path / "again.json"
+    assert t4_budget.main(["--tiny", "--in-process", "--max-batches", "1", "--count-held", "--json", str(again),
+                           "--only", "CH02_NB02:distill"]) == 0
+    counted = json.loads(again.read_text())["rows"][0]
+    assert "counted, not allocated" in counted["settings"]
+
+    capsys.readouterr()
+    assert t4_budget.main(["--from-json", str(out), str(again), "--markdown"]) == 0  # merged: the later file wins
+    merged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| CH0")]
+    assert len(merged) == 2 and "counted, not allocated" in merged[0] and merged[1].startswith("| CH05_NB02")
+    with pytest.raises(SystemExit, match="not a file written by --json"):
+        t4_budget.main(["--from-json", str(tmp_path / "missing.json")])
+
+
+def test_t4_budget_fresh_process_and_exit_status_over_budget(capsys):
+    import t4_budget
+
+    status = t4_budget.main(["--tiny", "--only", "CH03_NB01", "--budget-gb", "1e-6"])
+    printed = capsys.readouterr().out
+    assert status == 1  # a step that does not fit makes the exit status non-zero
+    line = next(line for line in printed.splitlines() if line.startswith("CH03_NB01"))
+    assert line.rstrip().endswith("no") and "Qwen/Qwen3-0.6B" in line and "meta only" in line
+
+
+def test_t4_budget_meter_resets_between_phases():
+    import t4_budget
+    import torch
+
+    meter = t4_budget.Meter("cpu")
+    with meter.phase("big"):
+        big = torch.empty(50_000_000, dtype=torch.float32).fill_(1.0)  # 200 MB, touched
+    del big
+    with meter.phase("small"):
+        small = torch.ones(10)
+    assert small.sum() == 10
+    meter.counted = 10**9  # --count-held: tensors counted by size are part of every later peak
+    with meter.phase("counted"):
+        pass
+    (_, big_peak), (_, small_peak), (_, counted_peak) = meter.phases
+    assert big_peak >= 190e6
+    assert counted_peak >= 10**9
+    if meter.can_reset:
+        assert small_peak < 100e6 and counted_peak < 10**9 + 100e6
+
+
+def test_t4_budget_dtypes_match_load_model_on_a_t4():
+    import t4_budget
+    import torch
+
+    assert t4_budget.t4_dtype("gemma3_text") == torch.float32
+    assert t4_budget.t4_dtype("llama") == torch.float16
+    assert t4_budget.t4_dtype("qwen3") == torch.float16
+
+
+def test_t4_budget_reads_what_the_notebook_still_holds(tmp_path, monkeypatch):
+    import t4_budget
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("%matplotlib inline\nx = 1\ny, _ = 2, 3"),
+                nbformat.v4.new_code_cell("del x\nif y:\n    z = 4"),
+                nbformat.v4.new_code_cell("def helper(a):\n    return a + 1\n\nrun(y)"),
+                nbformat.v4.new_code_cell("w = 5\nutils.distill(a, b, c, max_steps=STEPS, alpha=0.5 * X, **extra)")]
+    nb.cells[0].metadata["tags"] = ["parameters"]
+    (tmp_path / "CH99_x").mkdir()
+    nbformat.write(nb, tmp_path / "CH99_x" / "CH99_NB01_demo.ipynb")
+    monkeypatch.setattr(t4_budget, "NOTEBOOKS", tmp_path)
+    assert t4_budget.alive_names("CH99_NB01", ["x", "y", "z", "_", "w"], "run(") == ["y", "z", "_"]
+    assert t4_budget.notebook_functions("CH99_NB01", ["helper"], {})["helper"](1) == 2
+    assert t4_budget.notebook_parameters("CH99_NB01") == {}
+    assert t4_budget.notebook_kwargs("CH99_NB01", "utils.distill", {"X": 3}, skip=("max_steps",)) == {"alpha": 1.5}
+    with pytest.raises(SystemExit, match="uses 'X'"):
+        t4_budget.notebook_kwargs("CH99_NB01", "utils.distill", {}, skip=("max_steps",))
+    with pytest.raises(SystemExit, match="no longer calls utils.prune_glu"):
+        t4_budget.notebook_kwargs("CH99_NB01", "utils.prune_glu", {})
+    with pytest.raises(SystemExit, match="no code cell contains"):
+        t4_budget.alive_names("CH99_NB01", ["y"], "never_called(")
+    with pytest.raises(SystemExit, match="no longer defines"):
+        t4_budget.notebook_functions("CH99_NB01", ["gone"], {})
+    with pytest.raises(SystemExit, match="Expected one notebook"):
+        t4_budget.notebook_path("CH98_NB01")
+
+
+def test_t4_budget_every_step_finds_its_notebook_and_parameters():
+    import t4_budget
+
+    for step in t4_budget.STEPS:
+        for profile in ("full", "tiny"):
+            params = t4_budget.notebook_parameters(step.notebook, profile)
+            assert "MODEL_ID" in params or "LIVE_MODEL_ID" in params, step.id
+    before = os.environ.get("RLLM_PROFILE")
+    full, tiny = (t4_budget.notebook_parameters("CH02_NB02", p) for p in ("full", "tiny"))
+    assert full["DISTILL_STEPS"] > tiny["DISTILL_STEPS"]  # utils.budget answered for the full profile
+    assert os.environ.get("RLLM_PROFILE") == before  # and the profile of this process is left as it was
+
+
+def test_t4_budget_bad_inputs():
+    import t4_budget
+    import torch
+
+    assert [s.id for s in t4_budget.select(["ch05_nb02"])] == ["CH05_NB02:scores", "CH05_NB02:repair"]
+    with pytest.raises(SystemExit, match="Steps: CH02_NB01:copies"):
+        t4_budget.select(["CH99"])
+    bad_inputs = [["--max-batches", "0"], ["--budget-gb", "-1"], ["--threads", "0"]]
+    if not torch.cuda.is_available():
+        bad_inputs.append(["--device", "cuda"])
+    for bad in bad_inputs:
+        with pytest.raises(SystemExit):
+            t4_budget.parse_args(bad)
+
+
+def test_t4_budget_out_of_memory_is_a_result(tmp_path):
+    import t4_budget
+    import torch
+
+    def runs_out(ctx):
+        with ctx.meter.phase("allocate"):
+            block = torch.empty(25_000_000).fill_(1.0)  # 100 MB reached before the failure
+            raise RuntimeError(f"DefaultCPUAllocator: can't allocate memory (after {block.numel()} floats)")
+
+    step = t4_budget.Step("CH02_NB02:fake", "fails", runs_out)
+    row = t4_budget.run_step(step, tiny=True, device="cpu", max_batches=1)
+    assert row["lower_bound"] and row["peak_phase"] == "allocate" and row["peak_bytes"] >= 90e6
+    assert "out of memory" in row["error"] and "'allocate'" in row["error"]
+    assert t4_budget.verdict(row, budget_gb=0.05) is False  # over the budget before it failed: does not fit
+    assert t4_budget.verdict(row, budget_gb=15) is None  # failed below the budget: unknown
+
+    def broken(ctx):
+        raise ValueError("a bug, not memory")
+
+    with pytest.raises(ValueError, match="a bug"):
+        t4_budget.run_step(t4_budget.Step("CH02_NB02:bug", "bug", broken), tiny=True, device="cpu", max_batches=1)
+
+    # A child killed by the kernel: its progress file holds the phases so far and the running peak.
+    progress = tmp_path / "progress.json"
+    progress.write_text(json.dumps({"step": "CH02_NB02:scratch", "notebook": "CH02_NB02", "title": "loop",
+                                    "model": "m", "dtype": "float32", "settings": "s", "measure": "cpu-rss",
+                                    "phases": [["load", 1e9], ["train", 16.5e9]], "current": "train"}))
+    killed = t4_budget.failed_row(step, -9, "", progress)
+    assert killed["peak_bytes"] == 16.5e9 and killed["lower_bound"] and "in phase 'train'" in killed["error"]
+    assert "out of memory" in killed["error"] and t4_budget.verdict(killed, 15) is False
+    text = t4_budget.render([{**killed, "fits": False}], markdown=True)
+    assert "≥ 16.50" in text and "| no |" in text
+    crashed = t4_budget.failed_row(step, 1, "Traceback ...\nKeyError: 'MODEL_ID'", None)
+    assert crashed["error"] == "KeyError: 'MODEL_ID'" and t4_budget.verdict(crashed, 15) is None
