@@ -6,6 +6,7 @@ Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.architectures` (the
 models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (datasets and
 dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
 (charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
+:mod:`~utils.extraction` (the clinical-notes extraction task: schema, prompts, scorer; CH07),
 :mod:`~utils.results` (saving a notebook's results), and the technique helpers: :mod:`~utils.depth`
 (CH04), :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06).
 """
@@ -24,6 +25,13 @@ from .evaluation import (
     measure_generation,
     perplexity,
     speed_ratios,
+)
+from .extraction import (
+    check_schema,
+    generate_answers,
+    make_sft_dataloader,
+    parse_json_answer,
+    score_extraction,
 )
 from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenizer
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
