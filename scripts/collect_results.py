@@ -3,8 +3,9 @@
     python scripts/collect_results.py            # cpu profile -> RESULTS.md at the repository root
     python scripts/collect_results.py --profile tiny   # -> runs/tiny/RESULTS.md
 
-Each notebook's ``results["table"]`` (a list of flat dicts) becomes a table; ``results["quality_bar"]``
-becomes a list of lines. Nothing is typed in by hand: the report only shows what the runs measured.
+Each notebook's ``results["table"]`` (a list of flat dicts) becomes a table; ``results["summary"]``
+(the key numbers; older runs call it ``quality_bar``) becomes a list of lines. Nothing is typed in by
+hand: the report only shows what the runs measured.
 """
 
 from __future__ import annotations
@@ -101,9 +102,10 @@ def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
                 lines += [f"Model: `{results['model']}`", ""]
             if results.get("table"):
                 lines += [markdown_table(results["table"]), ""]
-            if results.get("quality_bar"):
-                lines += ["Quality bar:", ""]
-                lines += [f"- {k}: {fmt(v)}" for k, v in flat_items(results["quality_bar"])]
+            summary = results.get("summary") or results.get("quality_bar")
+            if summary:
+                lines += ["Key numbers:", ""]
+                lines += [f"- {k}: {fmt(v)}" for k, v in flat_items(summary)]
                 lines.append("")
             if payload["notebook"] in timings:
                 lines += [f"Notebook run time: {timings[payload['notebook']]:.0f} s", ""]

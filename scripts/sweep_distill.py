@@ -3,7 +3,7 @@
     RLLM_PROFILE=cpu python scripts/sweep_distill.py                 (about 5 minutes a variant on 2 CPU cores)
     RLLM_PROFILE=cpu python scripts/sweep_distill.py --only default alpha0.9
 
-The setting of CH02_NB02 and of the course's quality bar: remove 20 % of the blocks with the default
+The setting of CH02_NB02: remove 20 % of the blocks with the default
 choice (`choose_blocks_to_remove` on 16 wikitext validation texts), then run `utils.distill` for
 STEPS optimizer steps of 8 x 128 tokens of wikitext train text. Each variant changes settings of
 `utils.distill` from its defaults; every variant starts from the same pruned student, sees the same
@@ -69,8 +69,6 @@ def run(names: list[str]) -> dict:
             {"variant": "pruned, no recovery", **{f"ppl_{d}": v for d, v in before.items()}}]
     for name in names:
         label, settings = VARIANTS[name][0], dict(VARIANTS[name][1])
-        if settings.get("layer_map") == "kept":
-            settings["layer_map"] = utils.kept_blocks(n_blocks, removed)
         torch.manual_seed(0)
         train_dl = utils.make_dataloader(train_texts, tokenizer, batch_size=BATCH, max_length=MAX_LENGTH,
                                          shuffle=True, seed=0)

@@ -54,6 +54,36 @@ def _batches(n: int = 4, vocab: int = 64, seed: int = 1) -> list[dict]:
 
 # --- loss properties -------------------------------------------------------------------------
 
+def _reference_loss(s, t, labels, temperature, alpha):
+    """The textbook formula with plain autograd, to check the chunked implementation against."""
+    mask = (labels != -100).float()
+    log_ps, log_pt = F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    soft = (kl * mask).sum() / mask.sum() * temperature**2
+    ce = F.cross_entropy(s[:, :-1].reshape(-1, s.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+    return alpha * soft + (1 - alpha) * ce
+
+
+@pytest.mark.parametrize("chunk_elements", [11, 30, 2**25])  # one position, a few, everything per chunk
+def test_chunked_loss_matches_the_formula_in_value_and_gradient(monkeypatch, chunk_elements):
+    monkeypatch.setattr(utils.distillation, "CHUNK_ELEMENTS", chunk_elements)
+    s, t, labels = _logits(1).double(), _logits(2).double(), _labels()
+    s_ref = s.clone().requires_grad_(True)
+    s_new = s.clone().requires_grad_(True)
+    expected = _reference_loss(s_ref, t, labels, 2.0, 0.3)
+    got = utils.distillation_loss(s_new, t, labels, temperature=2.0, alpha=0.3)
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(s_new.grad, s_ref.grad)
+
+
+def test_chunked_loss_gradient_passes_gradcheck():
+    s = _logits(3, (1, 3, 5)).double().requires_grad_(True)
+    t, labels = _logits(4, (1, 3, 5)).double(), torch.tensor([[1, 4, -100]])
+    assert torch.autograd.gradcheck(
+        lambda x: utils.distillation_loss(x, t, labels, temperature=1.5, alpha=0.4), (s,))
+
 def test_identical_logits_give_zero_soft_loss():
     z = _logits(0)
     assert soft_target_loss(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
@@ -133,6 +163,18 @@ def test_loss_rejects_shape_and_vocab_mismatch():
 
 # --- layer maps ------------------------------------------------------------------------------
 
+def test_kept_layer_map_follows_remove_blocks(tiny):
+    teacher, _ = utils.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")  # tiny: 30 blocks
+    student = utils.remove_blocks(copy.deepcopy(teacher), [3, 4])
+    student = utils.remove_blocks(student, [0, 25])  # original blocks 0 and 27
+    assert student.config.removed_layers == [0, 3, 4, 27]
+    mapping = utils.distillation._resolve_layer_map("kept", student, teacher)
+    assert mapping == utils.kept_blocks(30, [0, 3, 4, 27])
+    dl = [{"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
+    history = utils.distill(student, teacher, dl, max_steps=1, layer_map="kept", beta=1.0, progress=False)
+    assert history["layer_map"] == mapping and history["feature"][0] >= 0
+
+
 def test_layer_maps():
     assert utils.make_layer_map(3, 6, "uniform") == [1, 3, 5]
     assert utils.make_layer_map(24, 30, "uniform")[-1] == 29
@@ -197,9 +239,16 @@ def test_distill_rejects_bad_inputs():
         utils.distill(student, teacher, _batches(1), beta=0.5, layer_map=[0, 1], progress=False)
 
 
-def test_recovered_share_and_budget(monkeypatch):
-    assert utils.recovered_share(10.0, 20.0, 12.0) == pytest.approx(0.8)
+def test_recovered_share_is_measured_on_log_perplexity(monkeypatch):
+    # log scale: from 10 -> 1000 lost two decades; back to 100 recovered one of them.
+    assert utils.recovered_share(10.0, 1000.0, 100.0) == pytest.approx(0.5)
+    assert utils.recovered_share(10.0, 20.0, 10.0) == pytest.approx(1.0)
+    assert utils.recovered_share(10.0, 20.0, 20.0) == pytest.approx(0.0)
+    # a model still x33 worse than the base has NOT recovered 98 % (the raw-perplexity share would say so)
+    assert utils.recovered_share(1.0, 1500.0, 33.0) < 0.6
     assert math.isnan(utils.recovered_share(10.0, 9.0, 9.0))
+    with pytest.raises(ValueError, match="positive, finite"):
+        utils.recovered_share(10.0, 0.0, 12.0)
     monkeypatch.setenv("RLLM_PROFILE", "cpu")
     assert utils.budget(full=1, cpu=2, tiny=3) == 2
 

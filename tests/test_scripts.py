@@ -52,7 +52,7 @@ def test_collector_builds_tables_from_json(tmp_path):
     payload = {"notebook": "CH04_NB01_x", "environment": env,
                "results": {"model": "m",
                            "table": [{"variant": "base", "ppl": 17.25}, {"variant": "pruned", "ppl": 20.5}],
-                           "quality_bar": {"ratio": 1.19, "nested": {"ok": True}}}}
+                           "summary": {"ratio": 1.19, "nested": {"ok": True}}}}
     (run_dir / "CH04_NB01_x.json").write_text(json.dumps(payload))
     (run_dir / "timings.json").write_text(json.dumps({"CH04_NB01_x": 12.0}))
     out = collect_results.collect("cpu", root=tmp_path)
@@ -60,6 +60,7 @@ def test_collector_builds_tables_from_json(tmp_path):
     assert out == tmp_path / "RESULTS.md"
     assert "| variant | ppl |" in text and "| pruned | 20.50 |" in text
     assert "- nested.ok: yes" in text and "CH04 · Depth pruning" in text and "optipfair 0.4.2" in text
+    assert "Key numbers:" in text
 
 
 def test_collector_without_results(tmp_path):

@@ -7,8 +7,9 @@ models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (d
 dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
 (charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
 :mod:`~utils.extraction` (the clinical-notes extraction task: schema, prompts, scorer; CH07),
-:mod:`~utils.results` (saving a notebook's results), and the technique helpers: :mod:`~utils.depth`
-(CH04), :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06).
+:mod:`~utils.results` (saving a notebook's results), :mod:`~utils.training` (the one training
+loop every chapter that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
+:mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06).
 """
 
 from .anatomy import kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
@@ -37,6 +38,7 @@ from .models import CPU_MODEL_ID, OfflineModelMissing, load_model, load_tokenize
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .profiles import budget, describe_profile, get_profile, runs_dir
 from .results import save_results
+from .training import causal_lm_loss, train
 from .width import (
     activation_grams,
     activation_norms,

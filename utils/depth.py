@@ -343,7 +343,9 @@ def remove_blocks(model, indices: Iterable[int]):
       entries, so every remaining block keeps its own attention type;
     * Qwen's ``config.max_window_layers`` counts the remaining blocks below the old boundary;
     * every submodule's ``layer_idx`` (the attention's index into the KV cache) is renumbered
-      ``0..new_depth-1``.
+      ``0..new_depth-1``;
+    * ``config.removed_layers`` lists the removed blocks' indices in the ORIGINAL model (it
+      accumulates over repeated cuts), so a saved model records what was cut.
 
     Raises:
         ValueError: for an index out of range, a duplicate, or removing every block.
@@ -374,6 +376,12 @@ def remove_blocks(model, indices: Iterable[int]):
     if isinstance(getattr(config, "max_window_layers", None), int):
         config.max_window_layers = sum(1 for i in kept if i < config.max_window_layers)
     config.num_hidden_layers = len(kept)  # GPT-2 maps this name to n_layer
+    # Remember which of the ORIGINAL blocks are gone (composes over repeated cuts): distillation's
+    # layer_map="kept" pairs each kept block with its original, and a saved model's config says what
+    # was cut.
+    before = list(getattr(config, "removed_layers", None) or [])
+    original = [i for i in range(total + len(before)) if i not in set(before)]  # current -> original index
+    config.removed_layers = sorted(before + [original[i] for i in gone])
     for new_index, block in enumerate(decoder_blocks(model)):
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
