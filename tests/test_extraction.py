@@ -4,6 +4,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from utils import extraction as ex
 from utils import load_records
@@ -76,7 +77,7 @@ def test_check_schema_agrees_with_the_json_schema_document():
 def test_format_answer_round_trips_and_rejects_bad_labels():
     shuffled = {k: GOLD[k] for k in reversed(ex.TOP_LEVEL_KEYS)}
     text = ex.format_answer(shuffled)
-    assert json.loads(text) == GOLD and text.startswith('{"patient_age": 45')
+    assert json.loads(text) == GOLD and text.startswith('{"patient_age":45,"symptoms":')
     with pytest.raises(ValueError, match="does not follow the extraction schema"):
         ex.format_answer(with_(GOLD, ["symptoms"], None))
 
@@ -195,6 +196,29 @@ def test_chat_prompt_without_template_is_a_clear_error(tokenizer):
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         ex.chat_prompt(tokenizer, "note")
+
+
+def test_answer_loss_equals_the_full_causal_lm_loss_with_the_same_gradient(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    from utils import causal_lm_loss
+
+    model, tokenizer = tiny_llama
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    batch = next(iter(ex.make_sft_dataloader(load_records("clinical_notes", split="train", n=3), tokenizer,
+                                             batch_size=3, max_length=1024, shuffle=False)))
+    grads = []
+    for loss_fn in (causal_lm_loss, ex.answer_loss):
+        peft_model.zero_grad()
+        loss = loss_fn(peft_model, batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs batch\\['labels'\\]"):
+        ex.answer_loss(peft_model, {"input_ids": batch["input_ids"]})
 
 
 # --- generation ---------------------------------------------------------------------------------

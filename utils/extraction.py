@@ -177,14 +177,15 @@ def parse_json_answer(text: str) -> Any | None:
 
 
 def format_answer(label: Mapping) -> str:
-    """The training target for a gold label: compact one-line JSON with the schema's key order."""
+    """The training target for a gold label: one line of JSON without spaces (fewer tokens to learn and
+    to generate), keys in the schema's order."""
     problems = check_schema(label)
     if problems:
         raise ValueError(f"The label does not follow the extraction schema: {'; '.join(problems)}.")
     ordered = {key: label[key] for key in TOP_LEVEL_KEYS}
     ordered["vital_signs"] = {key: label["vital_signs"][key] for key in VITAL_KEYS}
     ordered["medications"] = [{key: med[key] for key in MEDICATION_KEYS} for med in label["medications"]]
-    return json.dumps(ordered, ensure_ascii=False)
+    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
 
 
 def _as_int(value: Any) -> Any:
@@ -352,6 +353,33 @@ def make_sft_dataloader(records: Sequence[Mapping], tokenizer, *, system_prompt:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(kept, batch_size=batch_size, shuffle=shuffle, generator=generator,
                       collate_fn=lambda batch: collate_answer_only(batch, pad_id))
+
+
+def answer_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The same loss as :func:`utils.causal_lm_loss` (next-token cross-entropy on ``batch["labels"]``),
+    computing the output layer only where a label counts.
+
+    The vocabulary projection is the largest single matrix product of a small model (SmolLM2: 49,152
+    outputs per position); here it runs on the answer positions only, not on the prompt and padding,
+    which saves time and memory. Pass it to ``utils.train(..., loss_fn=answer_loss)``. Works for
+    transformers causal LMs with or without a ``peft`` wrapper; models whose logits need more than the
+    output layer (soft-capping) fall back to ``causal_lm_loss``.
+    """
+    if "labels" not in batch:
+        raise ValueError("answer_loss needs batch['labels'] (build batches with make_sft_dataloader).")
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm.config, "final_logit_softcapping", None) or not hasattr(lm, "get_decoder"):
+        from .training import causal_lm_loss  # logits need more than the output layer (Gemma 2 soft-capping)
+
+        return causal_lm_loss(model, batch)
+    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                              use_cache=False).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    if not keep.any():
+        return hidden.sum() * 0.0
+    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 # --- generation ---------------------------------------------------------------------------------
