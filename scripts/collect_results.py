@@ -21,6 +21,7 @@ CHAPTER_TITLES = {
     "CH04": "CH04 · Depth pruning",
     "CH05": "CH05 · Width pruning of GLU MLPs",
     "CH06": "CH06 · Knowledge distillation",
+    "CH07": "CH07 · LoRA specialisation",
     "BENCH": "Benchmark · our utilities next to optipfair",
     "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
 }
