@@ -22,6 +22,7 @@ CHAPTER_TITLES = {
     "CH05": "CH05 · Width pruning of GLU MLPs",
     "CH06": "CH06 · Knowledge distillation",
     "CH08": "CH08 · Attention optimisation: KV cache, attention removal, Adaptive Attention Bypass",
+    "CH07": "CH07 · LoRA, DoRA, QLoRA: specialisation",
     "BENCH": "Benchmark · our utilities next to optipfair",
     "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
 }

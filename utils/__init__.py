@@ -6,6 +6,7 @@ Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.architectures` (the
 models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (datasets and
 dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
 (charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
+:mod:`~utils.extraction` (the clinical-notes extraction task: schema, prompts, scorer; CH07),
 :mod:`~utils.results` (saving a notebook's results), :mod:`~utils.checks` (tolerances per dtype
 for from-scratch-vs-library checks), :mod:`~utils.training` (the one training loop every chapter
 that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
@@ -50,6 +51,13 @@ from .evaluation import (
     speed_conclusion,
     speed_ratios,
     time_alternately,
+)
+from .extraction import (
+    check_schema,
+    generate_answers,
+    make_sft_dataloader,
+    parse_json_answer,
+    score_extraction,
 )
 from .models import (
     CPU_MODEL_ID,

@@ -42,8 +42,14 @@ DATASETS: dict[str, DatasetSpec] = {
         "cosmopedia", "cosmopedia_sample.jsonl", "HuggingFaceTB/cosmopedia-100k", None, "text",
         description="synthetic educational text (textbook sections, explainers, how-tos)",
     ),
+    "clinical_notes": DatasetSpec(
+        "clinical_notes", "clinical_notes_sample.jsonl", "oopere/clinical-ner-qdora", None, "note",
+        label_field="label",
+        description="synthetic clinical notes with a gold JSON extraction label (CH07)",
+    ),
 }
-ALIASES = {"wikitext2": "wikitext", "wikitext-2": "wikitext", "sms": "sms_spam", "spam": "sms_spam"}
+ALIASES = {"wikitext2": "wikitext", "wikitext-2": "wikitext", "sms": "sms_spam", "spam": "sms_spam",
+           "clinical": "clinical_notes", "clinical-ner-qdora": "clinical_notes"}
 
 
 def _spec(name: str) -> DatasetSpec:
@@ -76,12 +82,16 @@ def _offline_records(spec: DatasetSpec, split: str) -> list[dict]:
                                 "(restore it with `git checkout -- data/`).")
     with path.open(encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
+    if rows and "split" in rows[0]:  # samples that were made with their own (stratified) split
+        return [row for row in rows if row["split"] == split]
     return [row for i, row in enumerate(rows) if _split_of(i) == split]
 
 
 def _hub_records(spec: DatasetSpec, split: str) -> list[dict]:
     from datasets import load_dataset  # imported here: only the full profile needs it
 
+    if spec.name == "clinical_notes":
+        return _clinical_hub_records(spec, split)
     if spec.name == "wikitext":
         data = load_dataset(spec.hub_path, spec.hub_config, split=split)
         # wikitext stores one line per row; keep real paragraphs, drop headings and blank lines.
@@ -99,12 +109,54 @@ def _hub_records(spec: DatasetSpec, split: str) -> list[dict]:
     return records
 
 
+def _clinical_hub_records(spec: DatasetSpec, split: str) -> list[dict]:
+    """The Hub clinical notes in the offline sample's record format.
+
+    Untested offline (the Hub cannot be reached while the course's tests run): the mapping is
+    written from the dataset's published layout (``train``/``test`` splits; ``note``, ``label`` as
+    a JSON string or an object, ``category``) and is defensive about the rest. The validation
+    split is carved from Hub ``train``: every tenth note of each category, a fixed choice.
+    Rows whose label cannot be read as the extraction schema are left out, with a printed count.
+    """
+    from datasets import load_dataset  # imported here: only the full profile needs it
+
+    from .extraction import check_schema, coerce_label
+
+    data = load_dataset(spec.hub_path, spec.hub_config, split="test" if split == "test" else "train")
+    records, seen_per_category, skipped = [], {}, 0
+    for i, row in enumerate(data):
+        category = str(row.get("category") or "all")
+        if split != "test":
+            position = seen_per_category.get(category, 0)
+            seen_per_category[category] = position + 1
+            if (position % 10 == 9) != (split == "validation"):
+                continue
+        text = row.get(spec.text_field) or row.get("text")
+        label = row.get(spec.label_field)
+        if isinstance(label, str):
+            try:
+                label = json.loads(label)
+            except json.JSONDecodeError:
+                label = None
+        label = coerce_label(label) if isinstance(label, dict) else None
+        if not isinstance(text, str) or not text.strip() or label is None or check_schema(label):
+            skipped += 1
+            continue
+        records.append({"id": f"hub-{split}-{i:04d}", "category": category, "split": split, "text": text,
+                        "label": label, "novel": []})
+    if skipped:
+        print(f"[clinical_notes] left out {skipped} Hub rows whose note or label does not fit the schema.")
+    return records
+
+
 def load_records(name: str, *, split: str = "train", n: int | None = None) -> list[dict]:
     """Records (dicts with at least ``"text"``) of a course dataset, for the active profile.
 
-    ``sms_spam`` records also have ``"label"`` (``"ham"`` or ``"spam"``). The ``cpu`` and
-    ``tiny`` profiles read the samples in ``data/``; ``full`` downloads the real dataset.
-    Datasets without their own splits get a fixed one: 70% train, 10% validation, 20% test.
+    ``sms_spam`` records also have ``"label"`` (``"ham"`` or ``"spam"``). ``clinical_notes``
+    records have ``"text"`` (the note), ``"label"`` (the gold extraction, see
+    :mod:`utils.extraction`), ``"category"`` and ``"novel"`` (test-only phrasings the note uses).
+    The ``cpu`` and ``tiny`` profiles read the samples in ``data/``; ``full`` downloads the real
+    dataset. Datasets without their own splits get a fixed one: 70% train, 10% validation, 20% test.
     """
     spec = _spec(name)
     _check_args(split, n)
@@ -113,7 +165,7 @@ def load_records(name: str, *, split: str = "train", n: int | None = None) -> li
 
 
 def load_texts(name: str, *, split: str = "train", n: int | None = None) -> list[str]:
-    """Texts of a course dataset: ``"wikitext"``, ``"sms_spam"`` or ``"cosmopedia"``.
+    """Texts of a course dataset: ``"wikitext"``, ``"sms_spam"``, ``"cosmopedia"`` or ``"clinical_notes"``.
 
     Args:
         name: dataset name (an unknown one raises ``ValueError`` listing the known ones).
