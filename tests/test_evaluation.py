@@ -332,8 +332,11 @@ def test_speed_conclusion_words_a_median_beyond_the_ideal_carefully():
     wide = _speedup([1.0, 1.0, 1.0], [1 / 1.1, 1 / 1.4, 1 / 1.6], 1.2, 0.05)  # x1.1 .. x1.6 reaches x1.2
     assert wide["verdict"] == "plausible" and wide["ratio"] == pytest.approx(1.4)
     assert "above the ideal, but the range of the runs reaches it" in speed_conclusion(result({"forward": wide}))
+    assert wide["median_outside_band"] == "above"
     slight = _speedup([1.0, 1.0], [1 / 0.97, 1 / 0.98], 1.2, 0.05)  # a little slower, within the tolerance
-    assert slight["verdict"] == "plausible"
-    assert "below the plausible band, by less than the tolerance" in speed_conclusion(result({"forward": slight}))
+    assert slight["verdict"] == "plausible" and slight["median_outside_band"] is None
+    assert "slower than x1.00, by less than the tolerance" in speed_conclusion(result({"forward": slight}))
     inside = _speedup([1.0, 1.0], [1 / 1.1, 1 / 1.1], 1.2, 0.05)
     assert "50% of the ideal gain" in speed_conclusion(result({"forward": inside}))
+    at_ideal = _speedup([1.0, 1.0], [1 / 1.22, 1 / 1.24], 1.2, 0.05)  # a hair above x1.20: inside the tolerance
+    assert "115% of the ideal gain" in speed_conclusion(result({"forward": at_ideal}))  # x1.23

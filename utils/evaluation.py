@@ -180,6 +180,11 @@ def _speedup(base_seconds: list[float], seconds: list[float], ideal: float | Non
     if ideal is not None and abs(ideal - 1.0) > 1e-9:
         share = (ratio - 1.0) / (ideal - 1.0)
     band_low, band_high = (min(1.0, ideal), max(1.0, ideal)) if ideal is not None else (1.0, 1.0)
+    median_outside = None  # where the median lies when the range still meets the band
+    if ideal is not None and ratio > band_high * (1 + tolerance):
+        median_outside = "above"
+    elif ideal is not None and ratio < band_low / (1 + tolerance):
+        median_outside = "below"
     if len(paired) < 2:
         verdict = "single_run"
     elif low <= 1.0 <= high:
@@ -191,7 +196,8 @@ def _speedup(base_seconds: list[float], seconds: list[float], ideal: float | Non
     else:
         verdict = "plausible"
     return {"ratio": ratio, "min": low, "max": high, "paired_ratios": paired, "ideal": ideal,
-            "share_of_ideal_gain": share, "verdict": verdict, "flag": verdict in ("too_fast", "too_slow")}
+            "share_of_ideal_gain": share, "verdict": verdict, "flag": verdict in ("too_fast", "too_slow"),
+            "median_outside_band": median_outside}
 
 
 def _generation_inputs(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -236,7 +242,9 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
     * ``speedup`` (every model but the base): for ``forward``, ``first_token`` and ``generation``, the
       ``ratio`` over the base (> 1 is faster; median of the ratios of the runs of the same round), its
       ``min``/``max`` over runs, the ``ideal``, ``share_of_ideal_gain`` = (ratio - 1) / (ideal - 1), a
-      ``verdict`` (see :data:`SPEED_VERDICTS`) and ``flag`` (True for ``too_fast``/``too_slow``);
+      ``verdict`` (see :data:`SPEED_VERDICTS`), ``flag`` (True for ``too_fast``/``too_slow``) and
+      ``median_outside_band`` (``"above"``/``"below"`` when the median lies beyond the band widened by
+      the tolerance while the range still meets it, else None);
     * ``generation_lags_forward`` (when both were timed, every model but the base): True when every
       generation ratio of the runs is below every forward ratio, i.e. generation gains less beyond noise.
 
@@ -358,13 +366,14 @@ def _verdict_text(s: dict) -> str:
     if s["verdict"] == "too_slow":
         above = "x1.00" if s["ideal"] >= 1 else "the FLOPs ideal"
         return f"slower than {above} beyond the spread: suspect noise or an overhead"
-    ideal, ratio = s["ideal"], s["ratio"]
-    if ideal is not None and ratio > max(1.0, ideal):
+    if s["median_outside_band"] == "above":
         return "the median is above the ideal, but the range of the runs reaches it"
-    if ideal is not None and ratio < min(1.0, ideal):
-        return "the median is below the plausible band, by less than the tolerance"
+    if s["median_outside_band"] == "below":
+        return "the median is below the plausible band, but the range of the runs reaches it"
     share = s["share_of_ideal_gain"]
-    return f"{share:.0%} of the ideal gain" if share is not None else "a measurable difference"
+    if share is None:
+        return "a measurable difference"
+    return f"{share:.0%} of the ideal gain" if share >= 0 else "slower than x1.00, by less than the tolerance"
 
 
 def speed_conclusion(result: dict, name: str | None = None) -> str:
