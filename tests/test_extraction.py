@@ -116,7 +116,8 @@ def test_parse_json_answer_ignores_braces_inside_strings():
 @pytest.mark.parametrize("text", [
     "", "no json here", '{"patient_age": 45, "symptoms": ["fev', "[1, 2]",
     # a broken answer must not be mistaken for the medication object inside it
-    '{"patient_age":51,"vital_signs":{"blood_pressure":163/60},"medications":[{"name":"x","dose":"1 mg","frequency":"qd"}]}',
+    '{"patient_age":51,"vital_signs":{"blood_pressure":163/60},'
+    '"medications":[{"name":"x","dose":"1 mg","frequency":"qd"}]}',
 ])
 def test_parse_json_answer_returns_none_without_an_object(text):
     assert ex.parse_json_answer(text) is None
