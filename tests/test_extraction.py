@@ -53,7 +53,7 @@ def test_valid_labels_comply():
     (with_(GOLD, ["vital_signs", "spo2"], 97), "unexpected keys: spo2"),
     (with_(GOLD, ["vital_signs", "temperature"], "101.2"), "temperature must be a number"),
     (with_(GOLD, ["vital_signs", "heart_rate"], 98.5), "heart_rate must be an integer"),
-    (with_(GOLD, ["vital_signs", "blood_pressure"], "130 over 85"), "blood_pressure"),
+    (with_(GOLD, ["vital_signs", "blood_pressure"], 130), "blood_pressure must be a string"),
     (with_(GOLD, ["medications"], {"name": "x"}), "medications must be a list"),
     (with_(GOLD, ["medications", 0, "frequency"], KeyError), r"medications\[0\] must be an object"),
     (with_(GOLD, ["medications", 0, "dose"], 400), r"medications\[0\]: name, dose and frequency"),
@@ -67,6 +67,7 @@ def test_check_schema_agrees_with_the_json_schema_document():
     jsonschema = pytest.importorskip("jsonschema")
     cases = [GOLD, EMPTY, dict(GOLD, notes="x"), with_(GOLD, ["patient_age"], "45"),
              with_(GOLD, ["vital_signs", "blood_pressure"], "130 over 85"), with_(GOLD, ["duration_days"], 2.5),
+             with_(GOLD, ["vital_signs", "blood_pressure"], 130), with_(GOLD, ["vital_signs", "blood_pressure"], ""),
              with_(GOLD, ["medications", 0, "frequency"], KeyError), with_(GOLD, ["vital_signs", "heart_rate"], None)]
     for case in cases:
         ours = ex.check_schema(case) == []
@@ -101,12 +102,23 @@ def test_coerce_label_fixes_formats_only():
     "```json\n" + json.dumps(GOLD, indent=2) + "\n```",
     "Here is the JSON: " + json.dumps(GOLD) + " Let me know if you need more.",
     "{not json} then " + json.dumps(GOLD),
+    'Here\'s the "extracted" data: ' + json.dumps(GOLD),
 ])
 def test_parse_json_answer_finds_the_object(text):
     assert ex.parse_json_answer(text) == GOLD
 
 
-@pytest.mark.parametrize("text", ["", "no json here", '{"patient_age": 45, "symptoms": ["fev', "[1, 2]"])
+def test_parse_json_answer_ignores_braces_inside_strings():
+    curly = {**GOLD, "symptoms": ["a {curly} symptom", "}"]}
+    assert ex.parse_json_answer("Answer: " + json.dumps(curly) + " {trailing") == curly
+
+
+@pytest.mark.parametrize("text", [
+    "", "no json here", '{"patient_age": 45, "symptoms": ["fev', "[1, 2]",
+    # a broken answer must not be mistaken for the medication object inside it
+    '{"patient_age":51,"vital_signs":{"blood_pressure":163/60},'
+    '"medications":[{"name":"x","dose":"1 mg","frequency":"qd"}]}',
+])
 def test_parse_json_answer_returns_none_without_an_object(text):
     assert ex.parse_json_answer(text) is None
 

@@ -47,7 +47,7 @@ JSON_SCHEMA: dict[str, Any] = {
             "properties": {
                 "temperature": {"type": ["number", "null"]},
                 "heart_rate": {"type": ["integer", "null"], "minimum": 0},
-                "blood_pressure": {"type": ["string", "null"], "pattern": r"^\d{2,3}/\d{2,3}$"},
+                "blood_pressure": {"type": ["string", "null"], "minLength": 1},
             },
         },
         "medications": {
@@ -93,11 +93,8 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and not (isinstance(value, float) and math.isnan(value))
 
 
-def _is_bp(value: Any) -> bool:
-    if not isinstance(value, str):
-        return False
-    parts = value.split("/")
-    return len(parts) == 2 and all(p.isdigit() and 2 <= len(p) <= 3 for p in parts)
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
 
 
 def check_schema(obj: Any) -> list[str]:
@@ -105,7 +102,8 @@ def check_schema(obj: Any) -> list[str]:
 
     Exactly the five top-level keys, exactly the three vital-sign keys, exactly ``name``/``dose``/
     ``frequency`` in each medication, and the types of the module docstring (``true`` is not an
-    integer; a blood pressure is a ``"systolic/diastolic"`` string of digits).
+    integer). It checks the *form* of an answer; whether the values are right is the scorer's job
+    (a blood pressure must be a string, and ``"130 over 85"`` complies but does not match ``"130/85"``).
 
     Example:
         >>> check_schema({"patient_age": "45"})[:1]
@@ -139,7 +137,7 @@ def check_schema(obj: Any) -> list[str]:
             if extra:
                 problems.append(f"vital_signs has unexpected keys: {', '.join(map(str, extra))}")
             checks = {"temperature": (_is_number, "a number"), "heart_rate": (_is_int, "an integer"),
-                      "blood_pressure": (_is_bp, 'a "systolic/diastolic" string')}
+                      "blood_pressure": (_is_text, "a string such as \"120/80\"")}
             for key, (ok, what) in checks.items():
                 if vitals.get(key) is not None and not ok(vitals[key]):
                     problems.append(f"vital_signs.{key} must be {what} or null, got {vitals[key]!r}")
@@ -157,22 +155,34 @@ def check_schema(obj: Any) -> list[str]:
 
 
 def parse_json_answer(text: str) -> Any | None:
-    """The first JSON object in a model's answer, or ``None`` when there is none.
+    """The first top-level JSON object in a model's answer, or ``None`` when there is none.
 
     Tolerates what small models wrap around the object (markdown fences, a sentence before it,
-    text after it): decoding starts at the first ``{`` and stops where the object ends. Returns
-    whatever that object decodes to (a dict), without checking the schema.
+    text after it): decoding is tried at each ``{`` that opens a new top-level block, and stops where
+    the object ends. A ``{`` *inside* a broken object (say, a medication inside an answer whose
+    blood pressure is not quoted) is not a candidate, so a broken answer is not mistaken for one of
+    its parts. Returns what the object decodes to (a dict), without checking the schema.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_json_answer expects the model's answer as a string, got {type(text).__name__}.")
     decoder = json.JSONDecoder()
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-            return value
-        except json.JSONDecodeError:
-            start = text.find("{", start + 1)
+    depth, in_string, escaped = 0, False, False
+    for i, char in enumerate(text):
+        if in_string:
+            escaped = char == "\\" and not escaped
+            in_string = not (char == '"' and not escaped)
+            continue
+        if char == '"' and depth > 0:  # quotes in prose around the object do not count
+            in_string = True
+        elif char == "{":
+            if depth == 0:
+                try:
+                    return decoder.raw_decode(text, i)[0]
+                except json.JSONDecodeError:
+                    pass
+            depth += 1
+        elif char == "}":
+            depth = max(0, depth - 1)
     return None
 
 
