@@ -429,13 +429,15 @@ def ch02_nb02_scratch(ctx: Context) -> None:
     from tqdm.auto import tqdm
 
     p = ctx.params("CH02_NB02")
-    teacher, student, eval_dl, train_dl, held = _ch02_nb02_setup(ctx, p, "def train_from_scratch")
+    teacher, student, eval_dl, _, held = _ch02_nb02_setup(ctx, p, "def train_from_scratch")
+    batch_size = p.get("SCRATCH_BATCH_SIZE", p["BATCH_SIZE"])  # the hand-written loop has its own batch size
+    train_dl = ctx.batches(teacher, OPTIMIZER_STEPS * p["GRAD_ACCUM"], batch_size, p["MAX_LENGTH"])
     namespace = {"torch": torch, "F": F, "tqdm": tqdm, "utils": utils, "device": torch.device(ctx.device)}
     fns = notebook_functions("CH02_NB02", ["kd_loss", "labels_of", "train_from_scratch"], namespace)
     with ctx.meter.phase("train_from_scratch"):
         fns["train_from_scratch"](copy.deepcopy(student), teacher, train_dl, eval_dl, OPTIMIZER_STEPS,
                                   grad_accum=p["GRAD_ACCUM"], temperature=p["TEMPERATURE"], alpha=p["ALPHA"])
-    ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, grad_accum {p['GRAD_ACCUM']}, "
+    ctx.settings.insert(0, f"batch {batch_size}x{p['MAX_LENGTH']}, grad_accum {p['GRAD_ACCUM']}, "
                            f"{OPTIMIZER_STEPS} of {p['SCRATCH_STEPS']} steps; teacher + student + copy")
     del held
 

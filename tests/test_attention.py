@@ -226,9 +226,17 @@ def test_save_reload_round_trip(family, tokenizer, loader, tmp_path):
     assert removed_attention(fresh) == [0, 3, 6]
     apply_recorded_surgery(fresh)  # idempotent
     assert removed_attention(fresh) == [0, 3, 6]
-    # utils.load_model(folder) re-applies the recorded removal (registered config surgery)
+    # utils.load_model(folder) re-applies the recorded removal (registered config surgery) before loading the
+    # weights strictly: plain from_pretrained (which would warn about the missing attention weights) is not used.
     tokenizer.save_pretrained(tmp_path / "cut")
-    loaded, _ = load_model(str(tmp_path / "cut"), device="cpu")
+    from utils import models
+
+    def no_from_pretrained(*args, **kwargs):
+        raise AssertionError("load_model used from_pretrained for a model with a recorded removal")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models.AutoModelForCausalLM, "from_pretrained", no_from_pretrained)
+        loaded, _ = load_model(str(tmp_path / "cut"), device="cpu")
     assert removed_attention(loaded) == [0, 3, 6]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
@@ -241,6 +249,21 @@ def test_save_reload_round_trip(family, tokenizer, loader, tmp_path):
     assert removed_attention(plain) == [0, 3, 6]
     apply_recorded_surgery(plain)  # nothing to do: the zeroed o_proj is in the weights
     assert not any(isinstance(b.self_attn, RemovedAttention) for b in decoder_blocks(plain))
+
+
+def test_load_model_refuses_weights_that_do_not_match_the_record(tokenizer, tmp_path):
+    model = remove_attention(_tiny("llama", tokenizer), [2, 4])
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    setattr(config, CONFIG_FIELD, [2, 4, 5])  # edited after saving: block 5's attention weights are in the file
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"do not match the architecture.*unexpected \['model.layers.5.input_layernorm"):
+        load_model(str(tmp_path), device="cpu")
+    for file in tmp_path.glob("*.safetensors"):
+        file.unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+        load_model(str(tmp_path), device="cpu")
 
 
 def test_remove_attention_then_blocks_keeps_records_and_cache(tokenizer, prompt):

@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import time
 
@@ -155,6 +156,34 @@ def test_config_surgery_is_reapplied_after_loading_a_folder(tiny_llama, tmp_path
     assert len(seen) == 1
     with pytest.raises(TypeError, match=r"fn\(model\) -> model"):
         utils.register_config_surgery("not a function")
+    with pytest.raises(TypeError, match=r"applies\(config\) -> bool"):
+        utils.register_config_surgery(scale_lm_head, applies="yes")
+
+
+def test_surgery_that_applies_builds_from_config_then_loads_strictly(tiny_llama, tmp_path, monkeypatch):
+    from utils import models
+
+    monkeypatch.setattr(models, "CONFIG_SURGERY", [])
+    monkeypatch.setattr(models, "_SURGERY_APPLIES", {})
+    model, tokenizer = tiny_llama
+    model = copy.deepcopy(model)
+    del model.model.layers[1].mlp.down_proj  # a module the config cannot describe
+    model.config.course_no_down_proj = [1]
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    @utils.register_config_surgery(applies=lambda config: bool(getattr(config, "course_no_down_proj", None)))
+    def drop_down_proj(loaded):
+        for i in getattr(loaded.config, "course_no_down_proj", None) or []:
+            if hasattr(loaded.model.layers[i].mlp, "down_proj"):
+                del loaded.model.layers[i].mlp.down_proj
+        return loaded
+
+    loaded, _ = load_model(str(tmp_path))
+    assert not hasattr(loaded.model.layers[1].mlp, "down_proj")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, atol=0, rtol=0)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied again
 
 
 @pytest.mark.parametrize("path", ["./no/such/model", "/no/such/model", "~/no-such-model", "runs/cpu/pruned-model"])

@@ -295,7 +295,12 @@ def remove_attention(model, indices: int | Iterable[int], *, portable: bool = Fa
     return model
 
 
-@register_config_surgery
+def _records_removal(config) -> bool:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(config, CONFIG_FIELD, None)) and not getattr(config, PORTABLE_FIELD, False)
+
+
+@register_config_surgery(applies=_records_removal)
 def apply_recorded_surgery(model):
     """Re-apply the attention removal recorded in ``model.config`` to a model freshly built from it.
 

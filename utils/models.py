@@ -42,24 +42,41 @@ class HubUnreachableError(ModelAccessError):
 
 #: Functions ``fn(model) -> model`` applied, in order, to every model loaded from a local folder.
 CONFIG_SURGERY: list[Callable] = []
+#: For each registered function, the optional test ``applies(config) -> bool`` given with it.
+_SURGERY_APPLIES: dict[Callable, Callable] = {}
 
 
-def register_config_surgery(fn: Callable) -> Callable:
-    """Register ``fn(model) -> model``, re-applied after loading a saved model from a local folder.
+def register_config_surgery(fn: Callable | None = None, *, applies: Callable | None = None):
+    """Register ``fn(model) -> model``, re-applied when a saved model is loaded from a local folder.
 
     ``from_pretrained`` rebuilds a model from its config, so a change the config cannot describe
     to ``transformers`` (a removed attention sublayer, a new MoE layout, ...) is lost on reload.
     A chapter that makes such a change records it in ``model.config`` before saving, and registers
     a function that reads that record and redoes the change. :func:`load_model` calls every
     registered function, in registration order, on each model it loads from a folder. A function
-    must return the model unchanged when the config records nothing for it. Usable as a decorator;
-    registering the same function twice has no effect.
+    must return the model unchanged when the config records nothing for it.
+
+    ``applies(config) -> bool`` says whether a saved config records such a change. When it does,
+    :func:`load_model` builds the model from the config, applies the surgery, and only then loads the
+    weights, **strictly** (every tensor of the checkpoint has a place, every parameter a tensor), so
+    no "missing keys" warning and no randomly initialised module that is thrown away. Without
+    ``applies`` the function runs after a plain ``from_pretrained``.
+
+    Usable as a decorator, with or without ``applies``; registering the same function twice has no effect.
     """
-    if not callable(fn):
-        raise TypeError(f"register_config_surgery expects a function fn(model) -> model, got {fn!r}.")
-    if fn not in CONFIG_SURGERY:
-        CONFIG_SURGERY.append(fn)
-    return fn
+    if applies is not None and not callable(applies):
+        raise TypeError(f"applies must be a function applies(config) -> bool, got {applies!r}.")
+
+    def register(f: Callable) -> Callable:
+        if not callable(f):
+            raise TypeError(f"register_config_surgery expects a function fn(model) -> model, got {f!r}.")
+        if f not in CONFIG_SURGERY:
+            CONFIG_SURGERY.append(f)
+        if applies is not None:
+            _SURGERY_APPLIES[f] = applies
+        return f
+
+    return register if fn is None else register(fn)
 
 
 def _default_device() -> str:
@@ -194,10 +211,55 @@ def _load_folder(folder: Path, dtype, device: str):
         )
     tokenizer = _folder_tokenizer(folder)
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_resolve_dtype(dtype, device, config.model_type))
+    resolved = _resolve_dtype(dtype, device, config.model_type)
+    if any(_SURGERY_APPLIES.get(surgery, lambda c: False)(config) for surgery in CONFIG_SURGERY):
+        return _rebuild_then_load(folder, config, resolved), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolved)
     for surgery in CONFIG_SURGERY:
         model = surgery(model)
     return model, tokenizer
+
+
+def _checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"{folder} records a change of architecture in its config but holds no *.safetensors weights. "
+            "Save it with model.save_pretrained(folder) (safetensors is the default)."
+        )
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def _rebuild_then_load(folder: Path, config, dtype: torch.dtype) -> PreTrainedModel:
+    """Build from the config, apply every registered surgery, then load the weights strictly."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # every parameter is overwritten below: skip the random initialisation
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for surgery in CONFIG_SURGERY:
+        model = surgery(model)
+    state = _checkpoint_state(folder)
+    expected = set(model.state_dict())
+    tied = {target for target, source in (getattr(model, "_tied_weights_keys", None) or {}).items()
+            if target not in state and source in state and getattr(config, "tie_word_embeddings", False)}
+    missing = sorted(expected - set(state) - tied)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"The weights in {folder} do not match the architecture its config describes (after the recorded "
+            f"surgery): missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. Was the config edited after saving? Save "
+            "the model again with model.save_pretrained(folder)."
+        )
+    model.load_state_dict(state, strict=False)  # strictness checked above; tied targets come next
+    if tied:
+        model.tie_weights()
+    return model
 
 
 # --- full: errors from the Hub ----------------------------------------------------------
