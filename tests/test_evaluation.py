@@ -145,13 +145,17 @@ class FakeClock:
     def perf_counter(self):
         return self.now
 
+    def process_time(self):  # the fake models keep one core busy: CPU time = wall time
+        return self.now
+
 
 class FakeLM(torch.nn.Module):
     """Records every call and costs a fixed time per forward pass and per generated token; ``jitter`` scales
     the cost of successive multi-token generate calls."""
 
-    def __init__(self, name, log, clock, *, width, forward_s=1.0, token_s=0.1, jitter=None):
+    def __init__(self, name, log, clock, *, width, forward_s=1.0, token_s=0.1, jitter=None, prefill_s=0.0):
         super().__init__()
+        self.prefill_s, self.kwargs_seen = prefill_s, []
         self.proj = torch.nn.Linear(8, width, bias=False)  # its weights are the model's "matmul parameters"
         self.name, self.log, self.clock = name, log, clock
         self.forward_s, self.token_s, self.jitter = forward_s, token_s, list(jitter or [])
@@ -162,8 +166,9 @@ class FakeLM(torch.nn.Module):
 
     def generate(self, input_ids=None, attention_mask=None, max_new_tokens=None, **kwargs):
         self.log.append((self.name, f"generate {max_new_tokens}"))
+        self.kwargs_seen.append(kwargs)
         scale = self.jitter.pop(0) if self.jitter and max_new_tokens > 1 else 1.0
-        self.clock.now += self.token_s * max_new_tokens * scale
+        self.clock.now += self.prefill_s + self.token_s * max_new_tokens * scale
         return torch.zeros(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, dtype=torch.long)
 
 
@@ -235,6 +240,32 @@ def test_compare_speed_ratios_spreads_and_verdicts(monkeypatch):
     assert "faster than the FLOPs ideal" in speed_conclusion(result, "odd")
     assert "slower than x1.00 beyond the spread" in speed_conclusion(result, "slow")
     assert sum(line.endswith(":") for line in speed_conclusion(result).splitlines()) == 3  # one header per model
+
+
+def test_compare_speed_decode_without_prefill_and_its_own_ideal(monkeypatch):
+    from utils import compare_speed, speed_conclusion
+
+    # The same prefill for both; a decoding step 1.5x faster: the whole generate call gains less than decoding.
+    models, _, _ = fake_setup(monkeypatch, base={"width": 8, "prefill_s": 2.0, "token_s": 0.3},
+                              cut={"width": 4, "prefill_s": 2.0, "token_s": 0.2, "jitter": [1.0, 1.0, 1.05, 0.95]})
+    result = compare_speed(models, tokenizer=FakeTokenizer(), prompts=["a", "b"], max_new_tokens=11, runs=3,
+                           warmup=1, generate_kwargs={"cache_implementation": "static"}, decode_ideal={"cut": 1.6})
+    assert all(kw["cache_implementation"] == "static" and kw["eos_token_id"] is None for kw in models["cut"].kwargs_seen)
+    base_gen, cut = result["models"]["base"]["generation"], result["models"]["cut"]
+    assert base_gen["decode_step_runs_s"] == pytest.approx([0.3] * 3)
+    assert base_gen["decode_step_cpu_s"] == pytest.approx(0.3)  # CPU time recorded with the wall time
+    decode = cut["speedup"]["decode"]
+    assert decode["ratio"] == pytest.approx(1.5) and decode["ideal"] == pytest.approx(1.6)
+    assert decode["share_of_ideal_gain"] == pytest.approx(0.5 / 0.6)
+    assert cut["speedup"]["decode_cpu"]["ratio"] == pytest.approx(1.5)
+    assert cut["speedup"]["generation"]["ratio"] < 1.5  # the shared prefill dilutes the gain of the whole call
+    assert cut["speedup"]["generation"]["ideal"] == pytest.approx(2.0)  # other kinds keep the matmul ideal
+    text = speed_conclusion(result)
+    assert "decode       x1.50 [x1.42, x1.59] (ideal x1.600 with attention's context term): 83% of the ideal gain" in text
+    with pytest.raises(ValueError, match=r"may not set \['max_new_tokens'\]"):
+        compare_speed(models, tokenizer=FakeTokenizer(), prompts="a", generate_kwargs={"max_new_tokens": 3})
+    with pytest.raises(ValueError, match=r"decode_ideal names \['other'\]"):
+        compare_speed(models, tokenizer=FakeTokenizer(), prompts="a", decode_ideal={"other": 1.2})
 
 
 def test_compare_speed_single_run_and_other_base(monkeypatch):

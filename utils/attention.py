@@ -16,6 +16,10 @@
   Adaptive Attention Bypass: during prefill every attention runs and hooks measure how much each one
   changes the residual stream for *this* prompt; the ones under a threshold are skipped for the
   whole decode.
+* :func:`measure_decode`, :func:`decode_flops_per_token`, :func:`ideal_decode_speedup`,
+  :func:`realised_share` — token-by-token decoding speed, timed alternately by
+  :func:`utils.compare_speed`, against the FLOPs ideal of a decoding step (matmul weights plus
+  attention's context-length term).
 
 Works on Llama-style blocks (Llama, SmolLM2, Qwen 3: ``input_layernorm -> self_attn -> +``) and on
 Gemma 3 blocks (which also normalise the attention output with ``post_attention_layernorm``).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import statistics
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -754,3 +759,135 @@ def calibrate_threshold(scores: Sequence[Sequence[float]], mean_skipped: float, 
     if m >= len(pooled):
         return pooled[-1] + 1.0
     return (pooled[m - 1] + pooled[m]) / 2
+
+
+# --- decode speed ---------------------------------------------------------------------------
+
+def decode_flops_per_token(model, context: int | float) -> float:
+    """FLOPs to produce one token by decoding, with ``context`` tokens already in the KV cache.
+
+    ``2 x`` every matmul weight (:func:`utils.evaluation.matmul_parameters`, the LM head included) plus
+    attention's context-length term: each attention that still runs multiplies the new query with
+    ``context`` keys and its weights with ``context`` values, ``4 x context x heads x head_dim`` FLOPs
+    (a sliding-window layer sees at most its window). A removed attention costs neither; a *portable*
+    removal (zeroed ``o_proj``) still computes everything and is counted in full.
+    """
+    from .evaluation import matmul_parameters
+
+    if not isinstance(context, (int, float)) or context < 0:
+        raise ValueError(f"context must be a number of tokens >= 0, got {context!r}.")
+    config = _text_config(model)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    attention = 0.0
+    for i in _attention_blocks(model):
+        sliding = layer_types is not None and i < len(layer_types) and "sliding" in str(layer_types[i])
+        seen = min(context, window) if sliding and window else context
+        attention += 4.0 * seen * heads * head_dim
+    return 2.0 * matmul_parameters(model) + attention
+
+
+def ideal_decode_speedup(base, pruned, context: int | float) -> float:
+    """``decode_flops_per_token(base, context) / decode_flops_per_token(pruned, context)``: the decode
+    speed-up a compute-bound step could reach. Larger than the matmul-only ratio when attentions were
+    removed, as their context term goes too."""
+    return decode_flops_per_token(base, context) / decode_flops_per_token(pruned, context)
+
+
+def realised_share(measured: float, ideal: float) -> float:
+    """Share of the ideal gain that a measured speed-up realises: ``(measured - 1) / (ideal - 1)``.
+
+    1.0: all of it; 0.0: none (x1.00); negative: slower than the base. Undefined for an ideal of x1.00.
+    """
+    if abs(ideal - 1.0) < 1e-12:
+        raise ValueError("The ideal speed-up is x1.00 (nothing was removed): there is no gain to realise.")
+    return (measured - 1.0) / (ideal - 1.0)
+
+
+def _compile_config():
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, mode="default" if not torch.cuda.is_available() else "reduce-overhead")
+    config._compile_all_devices = True  # transformers compiles on CPU only when asked
+    return config
+
+
+def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new_tokens: int = 32,
+                   cache: str = "dynamic", compile: bool = False, runs: int = 5, warmup: int = 1,
+                   base: str | None = None, tolerance: float = 0.05) -> dict:
+    """Token-by-token decoding speed of several models against ``base``, and the share of the ideal realised.
+
+    The models are timed alternately by :func:`utils.compare_speed` (the course's one timing loop):
+    per round, ``generate`` of one token and of ``new_tokens`` tokens for each model; their difference is
+    the decode alone, without the prefill. Wall-clock and process CPU time are both reported.
+
+    Args:
+        models: ``{"base": base_model, "cut": cut_model, ...}``; the first is the base unless ``base`` says.
+        tokenizer: turns ``prompts`` into one left-padded batch (one prompt: batch size 1).
+        new_tokens: tokens generated per prompt (>= 2).
+        cache: ``"dynamic"`` (grows token by token) or ``"static"`` (allocated once at full length).
+        compile: ``torch.compile`` the forward pass inside ``generate`` (needs ``cache="static"``; the first,
+            untimed warm-up round pays the compilation, so keep ``warmup >= 1``).
+
+    Returns a JSON-friendly dict: ``context`` (mean tokens in the cache during decoding), ``cache``,
+    ``compile``, ``batch_size``, ``compare`` (the full :func:`utils.compare_speed` result) and
+    ``models[name]`` with ``decode_step_s`` / ``decode_step_cpu_s`` (median seconds per step of the
+    batch), ``tokens_per_s``, ``ideal`` (:func:`ideal_decode_speedup` at ``context``) and, for every model
+    but the base, ``speedup`` / ``speedup_min`` / ``speedup_max`` (wall clock, paired per round),
+    ``cpu_speedup``, ``realised_share`` and ``cpu_realised_share`` (:func:`realised_share`) and the
+    ``verdict`` of :func:`utils.compare_speed`.
+    """
+    from .evaluation import _as_prompt_list, compare_speed
+
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}.")
+    if compile and cache != "static":
+        raise ValueError("compile=True needs cache='static': a growing cache changes shapes at every step, "
+                         "so the compiled graph would be rebuilt again and again.")
+    if compile and warmup < 1:
+        raise ValueError("compile=True needs warmup >= 1: the first call compiles and must not be timed.")
+    if not isinstance(new_tokens, int) or new_tokens < 2:
+        raise ValueError(f"new_tokens must be an integer >= 2 (one first token, then decoding), got {new_tokens!r}.")
+    prompt_list = _as_prompt_list(prompts)
+    if not isinstance(models, dict) or not models:
+        raise ValueError("models is empty (or not a dict): pass e.g. {'base': base_model, 'cut': cut_model}.")
+    names = list(models)
+    base = names[0] if base is None else base
+    if base not in models:
+        raise ValueError(f"base={base!r} is not one of the models {names}.")
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        prompt_tokens = tokenizer(prompt_list, return_tensors="pt", padding=True)["input_ids"].shape[1]
+    finally:
+        tokenizer.padding_side = previous_side
+    context = prompt_tokens + new_tokens / 2
+    ideals = {name: ideal_decode_speedup(models[base], m, context) for name, m in models.items()}
+    generate_kwargs: dict = {}
+    if cache == "static":
+        generate_kwargs["cache_implementation"] = "static"
+    if compile:
+        generate_kwargs["compile_config"] = _compile_config()
+    else:
+        generate_kwargs["disable_compile"] = True
+    result = compare_speed(models, tokenizer=tokenizer, prompts=prompt_list, max_new_tokens=new_tokens, base=base,
+                           runs=runs, warmup=warmup, tolerance=tolerance, generate_kwargs=generate_kwargs,
+                           decode_ideal={n: v for n, v in ideals.items() if n != base})
+    out = {"context": context, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "cache": cache,
+           "compile": bool(compile), "batch_size": len(prompt_list), "runs": runs, "base": base,
+           "compare": result, "models": {}}
+    for name in names:
+        gen = result["models"][name]["generation"]
+        step = statistics.median(gen["decode_step_runs_s"])
+        entry = {"decode_step_s": step, "decode_step_cpu_s": gen["decode_step_cpu_s"],
+                 "tokens_per_s": len(prompt_list) / step if step > 0 else float("inf"), "ideal": ideals[name]}
+        if name != base:
+            wall, cpu = result["models"][name]["speedup"]["decode"], result["models"][name]["speedup"]["decode_cpu"]
+            entry.update({"speedup": wall["ratio"], "speedup_min": wall["min"], "speedup_max": wall["max"],
+                          "cpu_speedup": cpu["ratio"], "verdict": wall["verdict"],
+                          "realised_share": realised_share(wall["ratio"], ideals[name]),
+                          "cpu_realised_share": realised_share(cpu["ratio"], ideals[name])})
+        out["models"][name] = entry
+    return out

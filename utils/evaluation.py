@@ -126,18 +126,24 @@ def _sync_all() -> None:
         torch.cuda.synchronize()
 
 
-def _alternate(jobs: Mapping[Hashable, Callable[[], object]], runs: int, warmup: int) -> dict[Hashable, list[float]]:
+def _alternate(jobs: Mapping[Hashable, Callable[[], object]], runs: int, warmup: int,
+               cpu: dict[Hashable, list[float]] | None = None) -> dict[Hashable, list[float]]:
     """The course's one timing loop: ``warmup`` untimed rounds, then ``runs`` timed rounds; every round
-    calls each job once, in the order of ``jobs``. Returns the seconds of each timed call, per job."""
+    calls each job once, in the order of ``jobs``. Returns the wall-clock seconds of each timed call, per
+    job; when a dict is passed as ``cpu``, it receives the process's CPU seconds (all threads) per call."""
     times: dict[Hashable, list[float]] = {key: [] for key in jobs}
+    if cpu is not None:
+        cpu.update({key: [] for key in jobs})
     for round_ in range(warmup + runs):
         for key, job in jobs.items():
             _sync_all()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             job()
             _sync_all()
             if round_ >= warmup:
                 times[key].append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu[key].append(time.process_time() - start_cpu)
     return times
 
 
@@ -216,7 +222,8 @@ def _generation_inputs(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]
 @torch.no_grad()
 def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[dict] | None = None, *,
                   tokenizer=None, prompts: str | Sequence[str] | None = None, max_new_tokens: int = 16,
-                  base: str | None = None, runs: int = 3, warmup: int = 1, tolerance: float = 0.05) -> dict:
+                  base: str | None = None, runs: int = 3, warmup: int = 1, tolerance: float = 0.05,
+                  generate_kwargs: Mapping | None = None, decode_ideal: Mapping[str, float] | None = None) -> dict:
     """Forward (prefill) and greedy-generation speed of several models, timed **alternately**.
 
     Every round times, in this order, one forward pass of each model over all the ``dataloader``'s
@@ -248,6 +255,14 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
     * ``generation_lags_forward`` (when both were timed, every model but the base): True when every
       generation ratio of the runs is below every forward ratio, i.e. generation gains less beyond noise.
 
+    Decoding alone: within each round, ``generate(max_new_tokens) - generate(1)`` is the time of the
+    ``max_new_tokens - 1`` token-by-token steps, without the prefill. ``generation`` then also holds
+    ``decode_step_runs_s`` (one step, per run) and ``decode_step_cpu_s`` (its median in process CPU-seconds,
+    all threads), and ``speedup`` holds ``decode`` (wall clock) and ``decode_cpu`` (CPU time), judged
+    against ``decode_ideal[name]`` when given (e.g. :func:`utils.attention.ideal_decode_speedup`, which adds
+    attention's context-length term), else against the matmul ideal. ``generate_kwargs`` go to every
+    ``generate`` call (e.g. ``{"cache_implementation": "static"}``).
+
     The plausible band for a ratio runs from x1.00 to the ideal; ``tolerance`` (a share, default 5 %)
     widens it for what the FLOPs count leaves out (attention over the context, memory traffic).
     :func:`speed_conclusion` turns the result into sentences.
@@ -272,6 +287,14 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
     if dataloader is None and prompts is None:
         raise ValueError("Nothing to time: pass a dataloader (forward pass) and/or prompts with a tokenizer "
                          "(generation).")
+    generate_kwargs = dict(generate_kwargs or {})
+    fixed = {"max_new_tokens", "min_new_tokens", "do_sample", "input_ids", "attention_mask"} & set(generate_kwargs)
+    if fixed:
+        raise ValueError(f"generate_kwargs may not set {sorted(fixed)}: compare_speed sets them so every model "
+                         "does the same work (use max_new_tokens=... for the length).")
+    unknown = sorted(set(decode_ideal or {}) - set(models))
+    if unknown:
+        raise ValueError(f"decode_ideal names {unknown}, which are not among the models {names}.")
 
     jobs: dict[tuple[str, str], Callable[[], object]] = {}
     result: dict = {"base": base, "runs": runs, "warmup": warmup, "tolerance": tolerance,
@@ -297,7 +320,7 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
         if not isinstance(max_new_tokens, int) or max_new_tokens < 2:
             raise ValueError(f"max_new_tokens must be >= 2 (one first token, then decoding), got {max_new_tokens!r}.")
         inputs = _generation_inputs(tokenizer, prompts)
-        common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None, **generate_kwargs)
         for kind, n_tokens in (("first_token", 1), ("generation", max_new_tokens)):
             for name, model in models.items():
                 on_model = {k: v.to(_device_of(model)) for k, v in inputs.items()}
@@ -311,8 +334,9 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
     was_training = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
+    cpu: dict = {}
     try:
-        times = _alternate(jobs, runs, warmup)
+        times = _alternate(jobs, runs, warmup, cpu)
     finally:
         for name, model in models.items():
             model.train(was_training[name])
@@ -340,6 +364,12 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
                 "step_s": max(latency["median_s"] - ttft["median_s"], 0.0) / (max_new_tokens - 1),
                 "batch_size": batch, "new_tokens": max_new_tokens, "runs": runs,
             }
+            steps = max_new_tokens - 1
+            decode_runs = [max(g - f, 0.0) / steps for g, f in zip(latency["runs_s"], ttft["runs_s"])]
+            decode_cpu = [max(g - f, 0.0) / steps for g, f in zip(cpu[("generation", name)], cpu[("first_token", name)])]
+            entry["generation"]["decode_step_runs_s"] = decode_runs
+            entry["generation"]["decode_step_cpu_s"] = statistics.median(decode_cpu)
+            entry["generation"]["decode_step_cpu_runs_s"] = decode_cpu
             if dataloader is not None:  # one decoding step against the forward pass's time for as many tokens
                 per_token = entry["forward"]["seconds"] / entry["forward"]["tokens"]
                 entry["generation"]["step_vs_forward"] = entry["generation"]["step_s"] / (batch * per_token)
@@ -347,13 +377,21 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
             continue
         speedup = {kind: _speedup(times[(kind, base)], times[(kind, name)], entry["ideal_speedup"], tolerance)
                    for kind in ("forward", "first_token", "generation") if (kind, name) in times}
+        if prompts is not None:
+            ideal = (decode_ideal or {}).get(name, entry["ideal_speedup"])
+            base_gen = result["models"][base]["generation"]
+            speedup["decode"] = _speedup(base_gen["decode_step_runs_s"], entry["generation"]["decode_step_runs_s"],
+                                         ideal, tolerance)
+            speedup["decode_cpu"] = _speedup(base_gen["decode_step_cpu_runs_s"],
+                                             entry["generation"]["decode_step_cpu_runs_s"], ideal, tolerance)
         entry["speedup"] = speedup
         if "forward" in speedup and "generation" in speedup:
             entry["generation_lags_forward"] = speedup["generation"]["max"] < speedup["forward"]["min"]
     return result
 
 
-_KIND_LABELS = {"forward": "forward", "first_token": "first token", "generation": "generation"}
+_KIND_LABELS = {"forward": "forward", "first_token": "first token", "generation": "generation",
+                "decode": "decode", "decode_cpu": "decode, CPU"}
 
 
 def _verdict_text(s: dict) -> str:
@@ -382,6 +420,7 @@ def speed_conclusion(result: dict, name: str | None = None) -> str:
         pruned vs base (median of 5 runs [lowest, highest]; FLOPs ideal x1.13):
           forward      x1.13 [x1.10, x1.16]: 100% of the ideal gain
           generation   x1.02 [x0.97, x1.08]: within noise of x1.00
+          decode       x1.01 [x0.96, x1.07]: within noise of x1.00
 
     ``name`` restricts the text to one model. Notebooks print this instead of stating a direction.
     """
@@ -401,7 +440,10 @@ def speed_conclusion(result: dict, name: str | None = None) -> str:
         for kind, label in _KIND_LABELS.items():
             if kind in entry["speedup"]:
                 s = entry["speedup"][kind]
-                lines.append(f"  {label:<12} x{s['ratio']:.2f} [x{s['min']:.2f}, x{s['max']:.2f}]: {_verdict_text(s)}")
+                own_ideal = (f" (ideal x{s['ideal']:.3f} with attention's context term)"
+                             if s["ideal"] is not None and ideal is not None and abs(s["ideal"] - ideal) > 1e-9 else "")
+                lines.append(f"  {label:<12} x{s['ratio']:.2f} [x{s['min']:.2f}, x{s['max']:.2f}]{own_ideal}: "
+                             f"{_verdict_text(s)}")
         if entry.get("generation_lags_forward"):
             line = "  generation gains less than the forward pass, beyond the spread"
             step = result["models"][base]["generation"]["step_vs_forward"]
