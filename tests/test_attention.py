@@ -258,7 +258,8 @@ def test_load_model_refuses_weights_that_do_not_match_the_record(tokenizer, tmp_
     config = AutoConfig.from_pretrained(tmp_path)
     setattr(config, CONFIG_FIELD, [2, 4, 5])  # edited after saving: block 5's attention weights are in the file
     config.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"do not match the architecture.*unexpected \['model.layers.5.input_layernorm"):
+    mismatch = r"do not match the architecture.*unexpected \['model.layers.5.input_layernorm"
+    with pytest.raises(ValueError, match=mismatch):
         load_model(str(tmp_path), device="cpu")
     for file in tmp_path.glob("*.safetensors"):
         file.unlink()

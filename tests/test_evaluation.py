@@ -250,7 +250,8 @@ def test_compare_speed_decode_without_prefill_and_its_own_ideal(monkeypatch):
                               cut={"width": 4, "prefill_s": 2.0, "token_s": 0.2, "jitter": [1.0, 1.0, 1.05, 0.95]})
     result = compare_speed(models, tokenizer=FakeTokenizer(), prompts=["a", "b"], max_new_tokens=11, runs=3,
                            warmup=1, generate_kwargs={"cache_implementation": "static"}, decode_ideal={"cut": 1.6})
-    assert all(kw["cache_implementation"] == "static" and kw["eos_token_id"] is None for kw in models["cut"].kwargs_seen)
+    seen = models["cut"].kwargs_seen
+    assert all(kw["cache_implementation"] == "static" and kw["eos_token_id"] is None for kw in seen)
     base_gen, cut = result["models"]["base"]["generation"], result["models"]["cut"]
     assert base_gen["decode_step_runs_s"] == pytest.approx([0.3] * 3)
     assert base_gen["decode_step_cpu_s"] == pytest.approx(0.3)  # CPU time recorded with the wall time
@@ -261,7 +262,8 @@ def test_compare_speed_decode_without_prefill_and_its_own_ideal(monkeypatch):
     assert cut["speedup"]["generation"]["ratio"] < 1.5  # the shared prefill dilutes the gain of the whole call
     assert cut["speedup"]["generation"]["ideal"] == pytest.approx(2.0)  # other kinds keep the matmul ideal
     text = speed_conclusion(result)
-    assert "decode       x1.50 [x1.42, x1.59] (ideal x1.600 with attention's context term): 83% of the ideal gain" in text
+    assert ("decode       x1.50 [x1.42, x1.59] (ideal x1.600 with attention's context term): "
+            "83% of the ideal gain") in text
     with pytest.raises(ValueError, match=r"may not set \['max_new_tokens'\]"):
         compare_speed(models, tokenizer=FakeTokenizer(), prompts="a", generate_kwargs={"max_new_tokens": 3})
     with pytest.raises(ValueError, match=r"decode_ideal names \['other'\]"):

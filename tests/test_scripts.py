@@ -65,6 +65,35 @@ def test_collector_builds_tables_from_json(tmp_path):
     assert "Key numbers:" in text
 
 
+def test_collector_keeps_sections_of_notebooks_not_rerun(tmp_path):
+    run_dir = tmp_path / "runs" / "cpu"
+    run_dir.mkdir(parents=True)
+    env = {"profile": "cpu", "date": "2026-01-02 00:00 UTC", "device": "CPU", "cpu_threads": 2, "python": "3.11",
+           "torch": "2", "transformers": "5", "optipfair": "0.4.2"}
+
+    def write(notebook, value):
+        payload = {"notebook": notebook, "environment": env, "results": {"summary": {"value": value}}}
+        (run_dir / f"{notebook}.json").write_text(json.dumps(payload))
+
+    write("CH04_NB01_x", 1.5)
+    write("CH05_NB01_y", 2.5)
+    (run_dir / "timings.json").write_text(json.dumps({"CH04_NB01_x": 12.0, "CH05_NB01_y": 30.0}))
+    collect_results.collect("cpu", root=tmp_path)
+    for path in run_dir.iterdir():  # a later session re-runs CH05 only
+        path.unlink()
+    write("CH05_NB01_y", 3.5)
+    (run_dir / "timings.json").write_text(json.dumps({"CH05_NB01_y": 31.0}))
+    text = collect_results.collect("cpu", root=tmp_path).read_text()
+    assert "### CH04_NB01_x" in text and "- value: 1.500" in text  # kept, with its numbers
+    assert text.count(collect_results.KEPT_NOTE) == 1 and "1 notebook(s) kept" in text
+    assert "- value: 3.500" in text and "- value: 2.500" not in text  # the re-run replaces its section
+    assert "| CH04_NB01_x | 12.00 |" in text and "| CH05_NB01_y | 31.00 |" in text
+    again = collect_results.collect("cpu", root=tmp_path).read_text()
+    assert again == text  # stable: the kept note is not stacked
+    fresh = collect_results.collect("cpu", root=tmp_path, keep_previous=False).read_text()
+    assert "CH04_NB01_x" not in fresh
+
+
 def test_collector_without_results(tmp_path):
     out = collect_results.collect("tiny", root=tmp_path)
     assert "No results yet" in out.read_text()

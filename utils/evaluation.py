@@ -366,7 +366,8 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
             }
             steps = max_new_tokens - 1
             decode_runs = [max(g - f, 0.0) / steps for g, f in zip(latency["runs_s"], ttft["runs_s"])]
-            decode_cpu = [max(g - f, 0.0) / steps for g, f in zip(cpu[("generation", name)], cpu[("first_token", name)])]
+            decode_cpu = [max(g - f, 0.0) / steps
+                          for g, f in zip(cpu[("generation", name)], cpu[("first_token", name)])]
             entry["generation"]["decode_step_runs_s"] = decode_runs
             entry["generation"]["decode_step_cpu_s"] = statistics.median(decode_cpu)
             entry["generation"]["decode_step_cpu_runs_s"] = decode_cpu
