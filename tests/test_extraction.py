@@ -296,8 +296,10 @@ def test_unparseable_answers_score_zero_and_are_not_counted_as_hallucinations():
     records = records_of(GOLD, EMPTY)
     scores = ex.score_extraction(["I cannot help with that.", '{"patient_age": 45'], records)
     assert scores["valid_json"] == 0 and scores["schema_compliance"] == 0
-    assert scores["symptom_f1"] == 0 and scores["null_slots"] == 0 and scores["hallucination_rate"] == 0.0
-    assert scores["field_accuracy"]["duration_days"] == 0.5  # a null gold is matched by "no value"
+    assert scores["symptom_f1"] == 0 and scores["null_slots"] == 0
+    assert scores["hallucination_rate"] is None  # no object at all: nothing to judge, which is not a rate of 0
+    assert scores["field_exact_match"] == 0.0  # no object: every field wrong, a null gold included
+    assert scores["field_accuracy"]["duration_days"] == 0.0
 
 
 def test_valid_json_that_breaks_the_schema():

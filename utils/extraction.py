@@ -486,7 +486,8 @@ def _score(parsed: list[Any], golds: list[Mapping]) -> dict[str, Any]:
     compliant = [o is not None and not check_schema(o) for o in objects]
     per_field = {}
     for field in SCALAR_FIELDS:
-        per_field[field] = sum(_same_scalar(_scalar(o, field), _scalar(g, field)) for o, g in zip(objects, golds)) / n
+        per_field[field] = sum(o is not None and _same_scalar(_scalar(o, field), _scalar(g, field))
+                               for o, g in zip(objects, golds)) / n  # no object: every field is wrong
     tp = n_pred = n_gold = 0
     mtp = m_pred = m_gold = 0
     null_slots = hallucinated = 0
@@ -512,7 +513,7 @@ def _score(parsed: list[Any], golds: list[Mapping]) -> dict[str, Any]:
         "field_accuracy": per_field,
         "symptom_f1": _f1(tp, n_pred, n_gold),
         "medication_f1": _f1(mtp, m_pred, m_gold),
-        "hallucination_rate": hallucinated / null_slots if null_slots else 0.0,
+        "hallucination_rate": hallucinated / null_slots if null_slots else None,  # None: no object to judge
         "null_slots": null_slots,
         "hallucinated_values": hallucinated,
     }
@@ -534,7 +535,8 @@ def score_extraction(predictions: Sequence[str | Mapping | None], records: Seque
       lowercase, medications as (name, dose without spaces, frequency) triples;
     * ``hallucination_rate``: among answers that contain an object, the share of "empty" gold slots
       (a scalar field whose gold is ``null``, or an empty medication list) where the answer gives a
-      value anyway. ``null_slots`` and ``hallucinated_values`` are its denominator and numerator.
+      value anyway. ``null_slots`` and ``hallucinated_values`` are its denominator and numerator;
+      ``None`` when no answer contains an object (nothing to judge: not the same as 0).
     """
     validate_records(records)
     if isinstance(predictions, (str, Mapping)) or not isinstance(predictions, Sequence):
