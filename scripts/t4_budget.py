@@ -599,13 +599,16 @@ def ch06_nb01_optipfair(ctx: Context) -> None:
     p = ctx.params("CH06_NB01")
     teacher, removed, _, _ = _ch06_setup(ctx, "CH06_NB01", p)
     student = utils.remove_blocks(copy.deepcopy(teacher), removed)
-    train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    accumulation = p.get("OPTIPFAIR_ACCUMULATION", 1)  # the notebook's micro-batches for this call
+    micro = p["BATCH_SIZE"] // accumulation
+    train_dl = ctx.batches(teacher, OPTIMIZER_STEPS * accumulation, micro, p["MAX_LENGTH"])
     with ctx.meter.phase("optipfair.distill_model"):
         optipfair.distill_model(student, teacher, train_dl, alpha=1 - p["ALPHA"], beta=p["ALPHA"], gamma=0.0,
                                 delta=0.0, temperature=p["TEMPERATURE"], epochs=1,
-                                learning_rate=utils.distillation.DEFAULT_LR, accumulation_steps=1,
+                                learning_rate=utils.distillation.DEFAULT_LR, accumulation_steps=accumulation,
                                 show_progress=False)
-    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps")
+    ctx.settings.append(f"{accumulation} micro-batch(es) of {micro}x{p['MAX_LENGTH']} per step, "
+                        f"{OPTIMIZER_STEPS} of {p['STEPS']} steps")
 
 
 def ch06_nb02_width(ctx: Context) -> None:
