@@ -253,9 +253,10 @@ class Meter:
     def running_peak(self) -> int:
         """The current phase's peak so far (no synchronisation: safe from a watchdog thread), plus the bytes
         counted without being allocated (``--count-held``)."""
+        # After malloc_trim the process can sit below its post-import baseline: a phase never uses less than 0.
         if self.cuda:
-            return torch.cuda.max_memory_allocated() - self.baseline + self.counted
-        return self._status("VmHWM") - self.baseline + self.counted
+            return max(0, torch.cuda.max_memory_allocated() - self.baseline) + self.counted
+        return max(0, self._status("VmHWM") - self.baseline) + self.counted
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
