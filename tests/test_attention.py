@@ -445,3 +445,61 @@ def test_bypass_with_removed_attention_and_threshold_calibration(tokenizer, load
     with pytest.raises(ValueError, match="threshold"):
         with attention_bypass(model, threshold=float("nan")):
             pass
+
+
+# --- decode speed ---------------------------------------------------------------------------
+
+def test_decode_flops_count_matmuls_and_the_context_term(tokenizer):
+    from utils.attention import decode_flops_per_token, ideal_decode_speedup, realised_share
+    from utils.evaluation import matmul_parameters
+
+    base = _tiny("llama", tokenizer)
+    config = base.config
+    per_attention = 4 * config.num_attention_heads * (getattr(config, "head_dim", None)
+                                                      or config.hidden_size // config.num_attention_heads)
+    blocks = len(decoder_blocks(base))
+    assert decode_flops_per_token(base, 0) == 2 * matmul_parameters(base)
+    assert decode_flops_per_token(base, 10) == 2 * matmul_parameters(base) + 10 * per_attention * blocks
+    cut = remove_attention(copy.deepcopy(base), [2, 4])
+    assert decode_flops_per_token(cut, 10) == 2 * matmul_parameters(cut) + 10 * per_attention * (blocks - 2)
+    zeroed = remove_attention(copy.deepcopy(base), [2, 4], portable=True)  # still computes everything
+    assert decode_flops_per_token(zeroed, 10) == decode_flops_per_token(base, 10)
+    short, long = ideal_decode_speedup(base, cut, 0), ideal_decode_speedup(base, cut, 10_000)
+    assert 1 < short < long  # the removed attentions' context term grows with the context
+    assert realised_share(1.1, 1.2) == pytest.approx(0.5)
+    assert realised_share(0.9, 1.2) == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="context must be"):
+        decode_flops_per_token(base, -1)
+    with pytest.raises(ValueError, match="nothing was removed"):
+        realised_share(1.05, 1.0)
+
+
+def test_measure_decode_reports_each_model_and_rejects_bad_inputs(tokenizer):
+    from utils.attention import measure_decode
+
+    base = _tiny("llama", tokenizer)
+    cut = remove_attention(copy.deepcopy(base), [1, 3])
+    for cache in ("dynamic", "static"):
+        out = measure_decode({"base": base, "cut": cut}, tokenizer, ["a short prompt", "another one"], new_tokens=3,
+                             runs=2, warmup=0, cache=cache)
+        assert out["cache"] == cache and out["batch_size"] == 2 and out["context"] == out["prompt_tokens"] + 1.5
+        entry = out["models"]["cut"]
+        assert entry["ideal"] > 1 and out["models"]["base"]["ideal"] == 1.0
+        assert entry["decode_step_s"] > 0 and entry["decode_step_cpu_s"] >= 0
+        assert entry["realised_share"] == pytest.approx((entry["speedup"] - 1) / (entry["ideal"] - 1))
+        assert "decode" in out["compare"]["models"]["cut"]["speedup"]
+    models = {"base": base, "cut": cut}
+    with pytest.raises(ValueError, match="'dynamic' or 'static'"):
+        measure_decode(models, tokenizer, "hi", cache="paged")
+    with pytest.raises(ValueError, match="compile=True needs cache='static'"):
+        measure_decode(models, tokenizer, "hi", compile=True)
+    with pytest.raises(ValueError, match="new_tokens must be"):
+        measure_decode(models, tokenizer, "hi", new_tokens=1)
+    with pytest.raises(ValueError, match="models is empty"):
+        measure_decode({}, tokenizer, "hi")
+    with pytest.raises(TypeError, match="not a torch model"):
+        measure_decode({"base": base, "cut": "model"}, tokenizer, "hi")
+    with pytest.raises(ValueError, match="is not one of the models"):
+        measure_decode(models, tokenizer, "hi", base="other")
+    with pytest.raises(ValueError, match="non-empty string"):
+        measure_decode(models, tokenizer, [])

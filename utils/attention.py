@@ -853,10 +853,16 @@ def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new
     prompt_list = _as_prompt_list(prompts)
     if not isinstance(models, dict) or not models:
         raise ValueError("models is empty (or not a dict): pass e.g. {'base': base_model, 'cut': cut_model}.")
+    for name, m in models.items():
+        if not isinstance(m, torch.nn.Module):
+            raise TypeError(f"models[{name!r}] is a {type(m).__name__}, not a torch model.")
     names = list(models)
     base = names[0] if base is None else base
     if base not in models:
         raise ValueError(f"base={base!r} is not one of the models {names}.")
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError("The tokenizer has no pad token, so prompts cannot form one batch: set "
+                         "tokenizer.pad_token = tokenizer.eos_token first.")
     previous_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
