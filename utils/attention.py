@@ -839,7 +839,7 @@ def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new
     ``cpu_speedup``, ``realised_share`` and ``cpu_realised_share`` (:func:`realised_share`) and the
     ``verdict`` of :func:`utils.compare_speed`.
     """
-    from .evaluation import _as_prompt_list, compare_speed
+    from .evaluation import _as_prompt_list, _check_models, _generation_inputs, compare_speed
 
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}.")
@@ -851,24 +851,8 @@ def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an integer >= 2 (one first token, then decoding), got {new_tokens!r}.")
     prompt_list = _as_prompt_list(prompts)
-    if not isinstance(models, dict) or not models:
-        raise ValueError("models is empty (or not a dict): pass e.g. {'base': base_model, 'cut': cut_model}.")
-    for name, m in models.items():
-        if not isinstance(m, torch.nn.Module):
-            raise TypeError(f"models[{name!r}] is a {type(m).__name__}, not a torch model.")
-    names = list(models)
-    base = names[0] if base is None else base
-    if base not in models:
-        raise ValueError(f"base={base!r} is not one of the models {names}.")
-    if getattr(tokenizer, "pad_token_id", None) is None:
-        raise ValueError("The tokenizer has no pad token, so prompts cannot form one batch: set "
-                         "tokenizer.pad_token = tokenizer.eos_token first.")
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        prompt_tokens = tokenizer(prompt_list, return_tensors="pt", padding=True)["input_ids"].shape[1]
-    finally:
-        tokenizer.padding_side = previous_side
+    names, base = _check_models(models, base)
+    prompt_tokens = _generation_inputs(tokenizer, prompt_list)["input_ids"].shape[1]  # the batch generate will see
     context = prompt_tokens + new_tokens / 2
     ideals = {name: ideal_decode_speedup(models[base], m, context) for name, m in models.items()}
     generate_kwargs: dict = {}

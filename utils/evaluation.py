@@ -206,6 +206,20 @@ def _speedup(base_seconds: list[float], seconds: list[float], ideal: float | Non
             "median_outside_band": median_outside}
 
 
+def _check_models(models, base: str | None) -> tuple[list[str], str]:
+    """Validate a ``{name: model}`` dict and the base's name (default: the first); return (names, base)."""
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError("models is empty (or not a dict): pass e.g. {'base': base_model, 'pruned': pruned_model}.")
+    for name, model in models.items():
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"models[{name!r}] is a {type(model).__name__}, not a torch model.")
+    names = list(models)
+    base = names[0] if base is None else base
+    if base not in models:
+        raise ValueError(f"base={base!r} is not one of the models {names}: pass the name of the reference model.")
+    return names, base
+
+
 def _generation_inputs(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
     if getattr(tokenizer, "pad_token_id", None) is None:
         raise ValueError("The tokenizer has no pad token, so prompts cannot form one batch: set "
@@ -267,15 +281,7 @@ def compare_speed(models: Mapping[str, torch.nn.Module], dataloader: Iterable[di
     widens it for what the FLOPs count leaves out (attention over the context, memory traffic).
     :func:`speed_conclusion` turns the result into sentences.
     """
-    if not isinstance(models, Mapping) or not models:
-        raise ValueError("models is empty (or not a dict): pass e.g. {'base': base_model, 'pruned': pruned_model}.")
-    for name, model in models.items():
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"models[{name!r}] is a {type(model).__name__}, not a torch model.")
-    names = list(models)
-    base = names[0] if base is None else base
-    if base not in models:
-        raise ValueError(f"base={base!r} is not one of the models {names}: pass the name of the reference model.")
+    names, base = _check_models(models, base)
     _check_counts(runs, warmup)
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0 (a share, e.g. 0.05), got {tolerance!r}.")
