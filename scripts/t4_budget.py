@@ -402,13 +402,19 @@ def ch02_nb01_copies(ctx: Context) -> None:
                         f"{len(eval_dl)} eval batch(es) of {math.ceil(p['N_EVAL'] / p['BATCH_SIZE'])}")
 
 
-def _ch02_nb02_setup(ctx: Context, p: dict, before: str):
+def _teacher_and_batches(ctx: Context, p: dict):
+    """The depth-pruning notebooks' start: the teacher ("load" phase), how many blocks REMOVE_FRACTION
+    removes, and calibration and evaluation batches of 8 (CH02_NB02, CH06)."""
     with ctx.meter.phase("load"):
         teacher = ctx.build(p["MODEL_ID"])
-    n_blocks = teacher.config.num_hidden_layers
-    n_remove = max(1, round(p["REMOVE_FRACTION"] * n_blocks))
+    n_remove = max(1, round(p["REMOVE_FRACTION"] * teacher.config.num_hidden_layers))
     calib = ctx.batches(teacher, ctx.n_batches(p["CALIBRATION_TEXTS"], 8), 8, p["MAX_LENGTH"])
     eval_dl = ctx.batches(teacher, ctx.n_batches(p["EVAL_TEXTS"], 8), 8, p["MAX_LENGTH"])
+    return teacher, n_remove, calib, eval_dl
+
+
+def _ch02_nb02_setup(ctx: Context, p: dict, before: str):
+    teacher, n_remove, calib, eval_dl = _teacher_and_batches(ctx, p)
     with ctx.meter.phase("choose blocks, copy, perplexity"):
         removed = utils.choose_blocks_to_remove(teacher, calib, n_remove, progress=False)
         student = utils.remove_blocks(copy.deepcopy(teacher), removed)
@@ -555,12 +561,7 @@ def ch05_nb02_scores(ctx: Context) -> None:
 
 
 def _ch06_setup(ctx: Context, name: str, p: dict):
-    with ctx.meter.phase("load"):
-        teacher = ctx.build(p["MODEL_ID"])
-    n_blocks = teacher.config.num_hidden_layers
-    n_remove = max(1, round(p["REMOVE_FRACTION"] * n_blocks))
-    calib = ctx.batches(teacher, ctx.n_batches(p["CALIBRATION_TEXTS"], 8), 8, p["MAX_LENGTH"])
-    eval_dl = ctx.batches(teacher, ctx.n_batches(p["EVAL_TEXTS"], 8), 8, p["MAX_LENGTH"])
+    teacher, n_remove, calib, eval_dl = _teacher_and_batches(ctx, p)
     with ctx.meter.phase("choose blocks + perplexity"):
         removed = sorted(utils.choose_blocks_to_remove(teacher, calib, n_remove, progress=False))
         utils.perplexity(teacher, eval_dl, progress=False)
