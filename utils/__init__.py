@@ -14,6 +14,7 @@ that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
 :mod:`~utils.attention` (CH08: attention sublayers, KV cache, Adaptive Attention Bypass).
 CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapter-size arithmetic) and
 :mod:`~utils.quantization` (int / NF4 / FP4 blockwise quantisation, bits per parameter, fake-quantised models).
+CH11: :mod:`~utils.bias` (bias neurons, interventions, Fair Pruning, the BBQ-style benchmark).
 """
 
 from .anatomy import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
@@ -85,8 +86,36 @@ from .width import (
     kept_indices,
     neuron_importance,
     prune_glu,
+    remove_neurons,
     scores_from_activations,
     target_width,
+)
+
+# isort: split
+# CH11: bias neurons and Fair Pruning
+from .bias import (
+    AXES,
+    WeightEdit,
+    activation_bias,
+    bbq_scores,
+    bootstrap_ci,
+    count_neurons,
+    fair_prune,
+    fairness_scores,
+    final_state_bias,
+    load_bias_benchmark,
+    load_bias_pairs,
+    mc_prompt,
+    mlp_activations,
+    next_token_divergence,
+    pair_differences,
+    random_neurons,
+    relative_bias_scores,
+    scale_neurons,
+    score_choices,
+    signed_bias_scores,
+    top_neurons,
+    zero_neurons,
 )
 
 # isort: split

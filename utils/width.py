@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from .data import batch_tensors
 from .evaluation import _device_of
+from .models import register_config_surgery
 
 STATIC_METHODS: tuple[str, ...] = ("maw", "vow", "pon", "l2")
 DATA_METHODS: tuple[str, ...] = ("hybrid", "contribution", "activation")
@@ -449,3 +450,94 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
 def kept_indices(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
     """The sorted indices of the ``keep`` best neurons of each layer (what :func:`prune_glu` keeps)."""
     return [torch.topk(s.float().cpu(), keep).indices.sort().values for s in scores]
+
+
+# --- removing chosen neurons, layer by layer (CH11) ------------------------------------------
+
+#: Config field listing each block's MLP width after :func:`remove_neurons` (when the widths differ).
+WIDTHS_FIELD = "mlp_intermediate_sizes"
+
+
+def _check_neuron_selection(mlps: list[nn.Module], neurons, *, allow_all: bool = False) -> dict[int, torch.Tensor]:
+    if not isinstance(neurons, dict):
+        raise TypeError(f"neurons must be a dict {{layer: [neuron, ...]}}, got {type(neurons).__name__}.")
+    checked: dict[int, torch.Tensor] = {}
+    for layer, ids in neurons.items():
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < len(mlps):
+            raise ValueError(f"Layer {layer!r} is out of range: the model has {len(mlps)} MLPs "
+                             f"(valid layers 0-{len(mlps) - 1}).")
+        index = torch.as_tensor(list(ids) if not torch.is_tensor(ids) else ids, dtype=torch.long).flatten()
+        width = mlps[layer].gate_proj.out_features
+        if index.numel() and (index.min() < 0 or index.max() >= width):
+            raise ValueError(f"Layer {layer}: neuron indices must lie in 0-{width - 1}.")
+        if index.unique().numel() != index.numel():
+            raise ValueError(f"Layer {layer}: the neuron list has duplicates.")
+        if index.numel() >= width and not allow_all:
+            raise ValueError(f"Layer {layer}: removing all {width} neurons would delete the MLP; keep at least one.")
+        if index.numel():
+            checked[layer] = index
+    return checked
+
+
+def remove_neurons(model: nn.Module, neurons: dict[int, list[int] | torch.Tensor]) -> nn.Module:
+    """Physically remove the given neurons (``{layer: [neuron, ...]}``) from the GLU MLPs, in place.
+
+    Unlike :func:`prune_glu`, each layer may lose a different number of neurons (or none). The
+    result computes exactly what the model computes with the same neurons zeroed (their gate and up
+    rows and down column), with fewer parameters. Because the blocks now have different widths, the
+    widths are recorded in ``config.mlp_intermediate_sizes`` and ``config.intermediate_size`` keeps the
+    largest; :func:`utils.load_model` reads the record and rebuilds the narrower layers before loading
+    the weights, so a saved model round-trips. (A plain ``from_pretrained`` cannot: ``transformers``
+    has one ``intermediate_size`` for all blocks.)
+    """
+    mlps = glu_mlps(model)
+    selection = _check_neuron_selection(mlps, neurons)
+    for layer, index in selection.items():
+        mlp = mlps[layer]
+        keep = torch.ones(mlp.gate_proj.out_features, dtype=torch.bool)
+        keep[index] = False
+        kept = keep.nonzero().flatten()
+        mlp.gate_proj = _sliced_linear(mlp.gate_proj, kept, 0)
+        mlp.up_proj = _sliced_linear(mlp.up_proj, kept, 0)
+        mlp.down_proj = _sliced_linear(mlp.down_proj, kept, 1)
+    widths = [m.gate_proj.out_features for m in mlps]
+    config = getattr(model, "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if len(set(widths)) == 1:
+            _set_intermediate_size(model, widths[0])
+            if hasattr(text, WIDTHS_FIELD):
+                setattr(text, WIDTHS_FIELD, None)
+        else:
+            _set_intermediate_size(model, max(widths))
+            setattr(text, WIDTHS_FIELD, widths)
+    return model
+
+
+def _records_widths(config) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, WIDTHS_FIELD, None))
+
+
+@register_config_surgery(applies=_records_widths)
+def apply_recorded_widths(model: nn.Module) -> nn.Module:
+    """Rebuild each MLP at the width recorded in ``config.mlp_intermediate_sizes`` (weights not kept).
+
+    Meant for loading a saved model: :func:`utils.load_model` builds the model from its config, calls
+    this, then loads the checkpoint strictly. Returns the model unchanged when nothing is recorded.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not _records_widths(config):
+        return model
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    widths = list(getattr(text, WIDTHS_FIELD))
+    mlps = glu_mlps(model)
+    if len(widths) != len(mlps):
+        raise ValueError(f"config.{WIDTHS_FIELD} lists {len(widths)} widths but the model has {len(mlps)} MLPs: "
+                         "the config was edited after saving. Save the model again.")
+    for mlp, width in zip(mlps, widths):
+        if width != mlp.gate_proj.out_features:
+            mlp.gate_proj = _sliced_linear(mlp.gate_proj, torch.arange(width), 0)
+            mlp.up_proj = _sliced_linear(mlp.up_proj, torch.arange(width), 0)
+            mlp.down_proj = _sliced_linear(mlp.down_proj, torch.arange(width), 1)
+    return model
