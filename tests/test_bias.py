@@ -264,6 +264,19 @@ def test_score_choices_picks_the_likeliest_continuation(models):
     assert out["pred"] == [out["pred"][0]] * 2
 
 
+def test_lm_eval_predictions_agree_with_score_choices(models):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval); it is in requirements-dev")
+    model, tok = models()
+    items = utils.load_bias_benchmark()[:12]
+    ours = utils.score_choices(model, tok, items, progress=False)
+    theirs = utils.lm_eval_predictions(model, tok, items, batch_size=8)
+    assert theirs["pred"] == ours["pred"] and theirs["pred_norm"] == ours["pred_norm"]
+    for a, b in zip(ours["loglik"], theirs["loglik"]):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert theirs["metrics"]["acc,none"] == pytest.approx(
+        sum(p == i["label"] for p, i in zip(ours["pred"], items)) / len(items))
+
+
 def test_bbq_hub_records_are_converted():
     record = {"example_id": 7, "question_index": "3", "question_polarity": "neg", "context_condition": "ambig",
               "category": "Race_ethnicity", "context": "A Black man and a white man waited at the counter.",

@@ -103,6 +103,7 @@ from .bias import (
     fair_prune,
     fairness_scores,
     final_state_bias,
+    lm_eval_predictions,
     load_bias_benchmark,
     load_bias_pairs,
     mc_prompt,

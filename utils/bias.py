@@ -47,6 +47,17 @@ MC_FILE = DATA_DIR / "bias_mc.jsonl"
 BBQ_HUB_ID = "oskarvanderwal/bbq"
 BBQ_CONFIGS = {"gender": "Gender_identity", "age": "Age", "ses": "SES", "ethnicity": "Race_ethnicity"}
 
+# The course's defaults (CH11_NB01-NB03 use them; the evidence is in those notebooks and RESULTS.md).
+#: Fair Pruning removes this share of all MLP neurons, chosen by relative bias score over the whole model.
+#: On SmolLM2-135M, 0.5 % lowered the held-out activation bias by about 6 % for a perplexity ratio under
+#: 1.05 on wikitext; at 1 % the perplexity cost passed 1.05 (CH11_NB02's sweep).
+DEFAULT_FAIR_RATIO = 0.005
+#: The first blocks never lose a neuron (CH04: they are the ones a model cannot do without).
+DEFAULT_PROTECTED_BLOCKS = 3
+#: NB01's intervention: how many neurons (top relative scores) and the factor on their up_proj rows.
+DEFAULT_INTERVENTION_K = 20
+DEFAULT_INTERVENTION_SCALE = 0.5
+
 
 # --- data ---------------------------------------------------------------------------------
 
@@ -417,7 +428,8 @@ def fairness_scores(model: nn.Module, bias: torch.Tensor | dict, *, bias_weight:
 
 
 def fair_prune(model: nn.Module, scores: torch.Tensor, ratio: float, *, protect_layers: Sequence[int] = (),
-               per_layer: bool = False) -> dict[int, list[int]]:
+               per_layer: bool = False, dataloader=None, damping: float | None = None,
+               progress: bool = False) -> dict[int, list[int]]:
     """Remove the neurons with the highest ``|scores|``, in place; returns what was removed ``{layer: [neuron]}``.
 
     Args:
@@ -427,19 +439,37 @@ def fair_prune(model: nn.Module, scores: torch.Tensor, ratio: float, *, protect_
         protect_layers: layers that keep all their neurons (the first blocks: CH04 showed they cannot go).
         per_layer: ``False`` (the course's default) picks the top neurons over all unprotected layers
             together; ``True`` removes ``ratio`` of every unprotected layer (optipfair's way).
+        dataloader: calibration batches (general text). If given, the kept ``down_proj`` columns of every
+            layer that lost neurons are re-fitted by least squares to stand in for the removed ones
+            (CH05's repair, :func:`utils.width.compensate_down_proj`). Without it, the result equals the
+            model with the same neurons zeroed.
+        damping: ridge strength of that repair (default: CH05's ``DEFAULT_DAMPING``).
 
     The blocks may end with different widths; :func:`utils.width.remove_neurons` records them so the
     model saves and reloads with :func:`utils.load_model`.
     """
+    from .width import DEFAULT_DAMPING, activation_grams, compensate_down_proj
+
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"ratio must be strictly between 0 and 1 (e.g. 0.01 for 1 % of the neurons), got {ratio!r}.")
     n_layers, width = scores.shape
-    if per_layer:
-        k = max(1, int(ratio * width))
-    else:
-        k = max(1, round(ratio * n_layers * width))
+    k = max(1, int(ratio * width)) if per_layer else max(1, round(ratio * n_layers * width))
     chosen = top_neurons(scores, k, protect_layers=protect_layers, per_layer=per_layer)
+    new_down = {}
+    if dataloader is not None:
+        mlps = glu_mlps(model)
+        grams = activation_grams(model, dataloader, layers=sorted(chosen), progress=progress)
+        for layer, removed in chosen.items():
+            keep = torch.ones(mlps[layer].down_proj.in_features, dtype=torch.bool)
+            keep[removed] = False
+            new_down[layer] = compensate_down_proj(mlps[layer].down_proj.weight, grams[layer], keep.nonzero().flatten(),
+                                                   damping=DEFAULT_DAMPING if damping is None else damping)
+        del grams
     remove_neurons(model, chosen)
+    with torch.no_grad():
+        mlps = glu_mlps(model)
+        for layer, weight in new_down.items():
+            mlps[layer].down_proj.weight.copy_(weight)
     return chosen
 
 
@@ -520,8 +550,8 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_s
 
     Returns ``{"loglik": [[float] * 3, ...], "pred": [int, ...], "pred_norm": [int, ...]}``: ``pred``
     picks the highest summed log-likelihood (lm-eval's ``acc``), ``pred_norm`` the highest
-    log-likelihood per byte of the choice (``acc_norm``), which does not penalise a long answer such as
-    "Cannot be determined" for its length.
+    log-likelihood per character of the choice (lm-eval's ``acc_norm``), which does not penalise a long
+    answer such as "Cannot be determined" for its length.
     """
     items = list(items)
     if not items:
@@ -553,10 +583,71 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_s
             loglik[i][j] = float(logprobs[row, positions, torch.tensor(r, device=logprobs.device)].sum())
     model.train(was_training)
     pred = [max(range(len(row)), key=row.__getitem__) for row in loglik]
-    per_byte = [[ll / max(1, len((" " + c).encode("utf-8"))) for ll, c in zip(row, item["choices"])]
-                for row, item in zip(loglik, items)]
-    pred_norm = [max(range(len(row)), key=row.__getitem__) for row in per_byte]
-    return {"loglik": loglik, "pred": pred, "pred_norm": pred_norm}
+    return {"loglik": loglik, "pred": pred, "pred_norm": _norm_predictions(loglik, items)}
+
+
+def _norm_predictions(loglik: list[list[float]], items: list[dict]) -> list[int]:
+    per_char = [[ll / max(1, len(c)) for ll, c in zip(row, item["choices"])] for row, item in zip(loglik, items)]
+    return [max(range(len(row)), key=row.__getitem__) for row in per_char]
+
+
+LM_EVAL_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}\\nQuestion: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def lm_eval_predictions(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_size: int = 16,
+                        name: str = "course_bias_mc") -> dict[str, list]:
+    """The same items through EleutherAI's lm-evaluation-harness, as a local task; its choice per item.
+
+    Writes the items to a temporary JSONL file with a task definition that renders :func:`mc_prompt`, runs
+    ``lm_eval.simple_evaluate`` on the in-memory model (``HFLM(pretrained=model)``, BOS added like our
+    tokenizer calls do) and reads back every item's log-likelihoods. Returns the same keys as
+    :func:`score_choices`, so the two can be compared item by item. Needs ``pip install lm-eval``.
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ImportError("lm-eval is not installed: `pip install lm-eval` (about 30 MB with its dependencies), "
+                          "then re-run this cell.") from error
+    import logging
+    import tempfile
+    from pathlib import Path
+
+    items = list(items)
+    if not items:
+        raise ValueError("items is empty: load some with utils.load_bias_benchmark().")
+    keys = ("context", "question", "choices", "label")
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "items.jsonl"
+        data.write_text("".join(json.dumps({k: item[k] for k in keys}) + "\n" for item in items), encoding="utf-8")
+        (Path(folder) / f"{name}.yaml").write_text(LM_EVAL_TASK.format(name=name, data=data), encoding="utf-8")
+        previous = logging.getLogger("lm_eval").level
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True)
+            out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(
+                include_path=folder, include_defaults=False), log_samples=True, verbosity="WARNING")
+        finally:
+            logging.getLogger("lm_eval").setLevel(previous)
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    loglik = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
+    pred = [max(range(len(row)), key=row.__getitem__) for row in loglik]
+    return {"loglik": loglik, "pred": pred, "pred_norm": _norm_predictions(loglik, items),
+            "metrics": {k: v for k, v in out["results"][name].items() if isinstance(v, (int, float))}}
 
 
 def _bias_share(items: list[dict], preds: list[int]) -> float | None:
