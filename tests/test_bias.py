@@ -291,6 +291,24 @@ def test_bbq_hub_records_are_converted():
     assert _bbq_item({**record, "additional_metadata": {"stereotyped_groups": ["Asian"]}}) is None
 
 
+def test_loaders_filter_by_split_axis_and_token_length(models, capsys):
+    _, tok = models()
+    everything = utils.load_bias_pairs()
+    calibration = utils.load_bias_pairs("calibration", axis="age")
+    assert calibration and all(p["split"] == "calibration" and p["axis"] == "age" for p in calibration)
+    assert len(utils.load_bias_pairs("calibration")) + len(utils.load_bias_pairs("heldout")) == len(everything)
+    kept = utils.load_bias_pairs("heldout", tokenizer=tok)
+    assert kept and all(utils.bias.equal_length(tok, p) for p in kept)
+    if len(kept) < len(utils.load_bias_pairs("heldout")):
+        assert "kept" in capsys.readouterr().out
+    items = utils.load_bias_benchmark(axis="ses")
+    assert items and {i["axis"] for i in items} == {"ses"}
+    subset = utils.load_bias_benchmark(n=10, seed=1)
+    assert len(subset) == 10 and subset == utils.load_bias_benchmark(n=10, seed=1)
+    with pytest.raises(ValueError, match="positive"):
+        utils.load_bias_benchmark(n=0)
+
+
 # --- bad inputs -------------------------------------------------------------------------------
 
 def test_pairs_of_unequal_token_length_are_refused(models):
