@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ.pop("MPLBACKEND", None)  # let the kernel use its inline backend, so figures are saved
+    os.environ["RLLM_HEADLESS"] = "1"  # no one sees widgets here: utils.explore draws static figures instead
     sys.path.insert(0, str(ROOT))
 
     import papermill

@@ -15,6 +15,8 @@ that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
 CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapter-size arithmetic) and
 :mod:`~utils.quantization` (int / NF4 / FP4 blockwise quantisation, bits per parameter, fake-quantised models).
 CH11: :mod:`~utils.bias` (bias neurons, interventions, Fair Pruning, the BBQ-style benchmark).
+CH10: :mod:`~utils.activations` (capture points, GLU statistics, the residual stream, massive
+activations, the logit lens, attention sinks).
 """
 
 from .anatomy import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
@@ -142,3 +144,21 @@ from .quantization import (
     quantization_levels,
     quantize_blockwise,
 )
+
+# isort: split
+# CH10: looking inside a model (activations, residual stream, logit lens)
+from .activations import (
+    CAPTURE_POINTS,
+    attention_to_first_token,
+    bin_neurons,
+    capture_activations,
+    find_massive,
+    glu_statistics,
+    lens_top_tokens,
+    logit_lens,
+    optipfair_captures,
+    patch_residual,
+    residual_stream,
+    trace_writers,
+)
+from .plots import explore, plot_heatmap, plot_logit_lens, widgets_available
