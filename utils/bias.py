@@ -577,10 +577,12 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_s
         for row, s in enumerate(seqs):
             ids[row, : len(s)] = torch.tensor(s)
             mask[row, : len(s)] = 1
-        logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for row, (i, j, c, r) in enumerate(chunk):
-            positions = torch.arange(len(c) - 1, len(c) + len(r) - 1, device=logprobs.device)
-            loglik[i][j] = float(logprobs[row, positions, torch.tensor(r, device=logprobs.device)].sum())
+            # only the answer's positions need a softmax over the vocabulary
+            logprobs = logits[row, len(c) - 1: len(c) + len(r) - 1].float().log_softmax(-1)
+            index = torch.arange(len(r), device=logprobs.device)
+            loglik[i][j] = float(logprobs[index, torch.tensor(r, device=logprobs.device)].sum())
     model.train(was_training)
     pred = [max(range(len(row)), key=row.__getitem__) for row in loglik]
     return {"loglik": loglik, "pred": pred, "pred_norm": _norm_predictions(loglik, items)}
