@@ -36,6 +36,27 @@ def tiny_llama(tiny):
     return load_model("meta-llama/Llama-3.2-1B")
 
 
+@pytest.fixture(scope="module")
+def models():
+    """``models(model_id="meta-llama/Llama-3.2-1B") -> (model, tokenizer)``: a fresh copy of a tiny-profile model.
+
+    Each model id is loaded once per test module; every call returns a deep copy, so a test may change it.
+    """
+    import copy
+
+    from utils import load_model
+
+    cache = {}
+
+    def get(model_id: str = "meta-llama/Llama-3.2-1B"):
+        if model_id not in cache:
+            cache[model_id] = load_model(model_id)
+        model, tokenizer = cache[model_id]
+        return copy.deepcopy(model), tokenizer
+
+    return get
+
+
 # --- notebook cost: time of each notebook in the tiny profile --------------------------------------
 _NOTEBOOK_SECONDS: dict[str, float] = {}
 

@@ -15,19 +15,6 @@ from utils.bias import _bbq_item
 FAMILIES = ["meta-llama/Llama-3.2-1B", "google/gemma-3-270m", "Qwen/Qwen3-0.6B"]
 
 
-@pytest.fixture(scope="module")
-def models():
-    cache = {}
-
-    def get(model_id=FAMILIES[0]):
-        if model_id not in cache:
-            cache[model_id] = utils.load_model(model_id)
-        model, tok = cache[model_id]
-        return copy.deepcopy(model), tok
-
-    return get
-
-
 def _pairs(tok, n=6):
     """Hand-made pairs whose two prompts have the same token length under ``tok``."""
     words = [("cat", "dog"), ("red", "big"), ("she", "he"), ("north", "south"), ("old", "new"), ("sun", "sea"),

@@ -605,7 +605,11 @@ doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
   - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
 """
 
 
