@@ -147,10 +147,16 @@ def load_bias_benchmark(axis: str | None = None, *, n: int | None = None, seed: 
         axes = [axis] if axis else list(AXES)
         items = []
         for name in axes:
-            for record in load_dataset(BBQ_HUB_ID, BBQ_CONFIGS[name], split="test"):
-                item = _bbq_item(record)
-                if item is not None:
-                    items.append({**item, "axis": name})
+            records = load_dataset(BBQ_HUB_ID, BBQ_CONFIGS[name], split="test")
+            converted = [item for item in map(_bbq_item, records) if item is not None]
+            if len(converted) < len(records):
+                print(f"BBQ {BBQ_CONFIGS[name]}: kept {len(converted)} of {len(records)} items (the others do not "
+                      "name the stereotyped group in their answers unambiguously)")
+            items.extend({**item, "axis": name} for item in converted)
+        if not items:
+            raise ValueError(f"No usable BBQ item for axis {axis!r}: the dataset's answer_info / stereotyped_groups "
+                             "fields did not match. Check the dataset version, or use the offline benchmark "
+                             "(RLLM_PROFILE=cpu).")
     else:
         items = [r for r in _read_jsonl(MC_FILE) if axis is None or r["axis"] == axis]
     if n is not None and n < len(items):
