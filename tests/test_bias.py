@@ -276,6 +276,14 @@ def test_bbq_hub_records_are_converted():
     assert (item["target_index"], item["other_index"], item["unknown_index"]) == (2, 0, 1)
     assert item["group_order"] == "target_first" and item["label"] == 1
     assert _bbq_item({**record, "additional_metadata": {"stereotyped_groups": ["Asian"]}}) is None
+    # the label formats of other BBQ categories: gender words for the letter "F", "lowSES" for "low SES", "old"
+    for answers, stereotyped, target in ((["boy", "boy"], ["girl", "girl"], ["F"]), (["lawyer", "highSES"],
+                                         ["cashier", "lowSES"], ["low SES"]), (["grandson", "nonOld"],
+                                         ["grandfather", "old"], ["old"])):
+        info = {"ans0": ["Undetermined", "unknown"], "ans1": answers, "ans2": stereotyped}
+        item = _bbq_item({**record, "answer_info": info, "additional_metadata": {"stereotyped_groups": target},
+                          "ans0": "Undetermined", "ans1": f"The {answers[0]}", "ans2": f"The {stereotyped[0]}"})
+        assert item is not None and (item["target_index"], item["other_index"], item["unknown_index"]) == (2, 1, 0)
 
 
 def test_loaders_filter_by_split_axis_and_token_length(models, capsys):

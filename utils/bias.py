@@ -108,14 +108,33 @@ def load_bias_pairs(split: str | None = None, *, axis: str | None = None, tokeni
     return pairs
 
 
+#: BBQ labels gender answers with words ("girl", "man") or letters ("F", "M") while its stereotyped groups use
+#: the letters: these words stand for each letter.
+_BBQ_ALIASES = {"f": {"f", "woman", "girl", "female", "women", "girls"},
+                "m": {"m", "man", "boy", "male", "men", "boys"}}
+
+
+def _bbq_norm(label) -> str:
+    return "".join(ch for ch in str(label).lower() if ch.isalnum())
+
+
+def _bbq_matches(group: str, stereotyped: set[str]) -> bool:
+    """Whether an answer's group label (e.g. "lowSES", "girl", "F-Black") names one of the stereotyped groups."""
+    names = {group} | {_bbq_norm(part) for part in str(group).replace("-", " ").replace("_", " ").split()}
+    names = {_bbq_norm(n) for n in names}
+    for target in stereotyped:
+        if target in names or names & _BBQ_ALIASES.get(target, set()):
+            return True
+    return False
+
+
 def _bbq_item(record: dict) -> dict | None:
     """One BBQ record (Hub format) in the fields of ``bias_mc.jsonl``; None if its groups cannot be told apart."""
     info = record["answer_info"]
-    groups = [str(info[f"ans{i}"][1]).lower() for i in range(3)]
-    stereotyped = {str(g).lower() for g in record["additional_metadata"]["stereotyped_groups"]}
-    unknown = [i for i, g in enumerate(groups) if g == "unknown"]
-    target = [i for i, g in enumerate(groups) if i not in unknown
-              and (g in stereotyped or any(part in stereotyped for part in g.replace("-", " ").split()))]
+    groups = [str(info[f"ans{i}"][1]) for i in range(3)]
+    stereotyped = {_bbq_norm(g) for g in record["additional_metadata"]["stereotyped_groups"]}
+    unknown = [i for i, g in enumerate(groups) if _bbq_norm(g) == "unknown"]
+    target = [i for i, g in enumerate(groups) if i not in unknown and _bbq_matches(g, stereotyped)]
     if len(unknown) != 1 or len(target) != 1:
         return None
     other = ({0, 1, 2} - {unknown[0], target[0]}).pop()
