@@ -161,6 +161,7 @@ def plot_logit_lens(words: Sequence[Sequence[str]], probs, *, input_tokens: Sequ
     for r, row in enumerate(rows):
         for c in range(grid.shape[1]):
             text = repr(words[row][c])[1:-1][:10]
+            text = text if text.strip() else "\u2423" * max(1, len(text))  # show a blank token as visible spaces
             ax.text(c, r, text, ha="center", va="center", fontsize=7,
                     color="white" if grid[r, c] > 0.5 else "black")
     ax.figure.colorbar(image, ax=ax, label="probability of the top token")
