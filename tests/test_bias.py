@@ -114,6 +114,16 @@ def test_scaling_up_rows_scales_the_neurons_activation_exactly_and_restores(mode
     torch.testing.assert_close(model(**tok(prompts[:1], return_tensors="pt")).logits, logits)  # restored
 
 
+def test_zero_neurons_can_be_undone(models):
+    model, _ = models()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with utils.zero_neurons(model, {1: [0, 3], 4: [2]}):
+        assert float(model.model.layers[1].mlp.down_proj.weight.detach()[:, 3].abs().sum()) == 0.0
+        assert float(model.model.layers[4].mlp.gate_proj.weight.detach()[2].abs().sum()) == 0.0
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
 def test_zero_neurons_equals_optipfair_zero_neurons_mlp(models):
     from optipfair.pruning import zero_neurons_mlp
 
