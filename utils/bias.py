@@ -266,6 +266,21 @@ def _check_pairs(pairs, tokenizer) -> list[dict]:
     return pairs
 
 
+def _pair_prompts(pairs: Sequence[dict]) -> list[str]:
+    """All target prompts, then all other prompts (row ``i`` and ``i + len(pairs)`` are one pair)."""
+    return [p["target_prompt"] for p in pairs] + [p["other_prompt"] for p in pairs]
+
+
+def _pair_batches(model: nn.Module, tokenizer, pairs: list[dict], batch_size: int):
+    """Yield ``(n, input_ids, attention_mask)`` per chunk of ``n`` pairs: rows ``:n`` target, ``n:`` other prompts."""
+    device = _device_of(model)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start: start + batch_size]
+        prompts = _pair_prompts(chunk)
+        batch = next(iter(make_dataloader(prompts, tokenizer, batch_size=len(prompts), max_length=4096)))
+        yield len(chunk), batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
 def pair_differences(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batch_size: int = 16,
                      progress: bool = False) -> torch.Tensor:
     """``a(target prompt) - a(other prompt)`` for every pair, layer and neuron: ``[n_pairs, n_layers, I]``.
@@ -275,8 +290,7 @@ def pair_differences(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batc
     optipfair's ``analyze_neuron_bias`` score at ``down_proj_input``; ``.mean(0)`` is the signed score.
     """
     pairs = _check_pairs(pairs, tokenizer)
-    prompts = [p["target_prompt"] for p in pairs] + [p["other_prompt"] for p in pairs]
-    acts = mlp_activations(model, tokenizer, prompts, batch_size=batch_size, progress=progress)
+    acts = mlp_activations(model, tokenizer, _pair_prompts(pairs), batch_size=batch_size, progress=progress)
     return acts[: len(pairs)] - acts[len(pairs):]
 
 
@@ -299,8 +313,7 @@ def relative_bias_scores(model: nn.Module, tokenizer, pairs: Sequence[dict], *, 
     pairs = _check_pairs(pairs, tokenizer)
     if signed is None:
         signed = signed_bias_scores(model, tokenizer, pairs, **kwargs)
-    prompts = [p["target_prompt"] for p in pairs] + [p["other_prompt"] for p in pairs]
-    typical = mlp_activations(model, tokenizer, prompts, pool="abs_mean", **kwargs).mean(0)
+    typical = mlp_activations(model, tokenizer, _pair_prompts(pairs), pool="abs_mean", **kwargs).mean(0)
     floor = eps * typical.median(dim=1, keepdim=True).values
     return signed.abs() / (typical + floor)
 
@@ -525,16 +538,11 @@ def final_state_bias(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batc
     way the neuron's own activation difference is.
     """
     pairs = _check_pairs(pairs, tokenizer)
-    device = _device_of(model)
     total, count = 0.0, 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start: start + batch_size]
-        prompts = [p["target_prompt"] for p in chunk] + [p["other_prompt"] for p in chunk]
-        batch = next(iter(make_dataloader(prompts, tokenizer, batch_size=len(prompts), max_length=4096)))
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    for n, ids, mask in _pair_batches(model, tokenizer, pairs, batch_size):
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
-        delta = (hidden[: len(chunk)] - hidden[len(chunk):]).norm(dim=-1)
-        real = mask[: len(chunk)].float()
+        delta = (hidden[:n] - hidden[n:]).norm(dim=-1)
+        real = mask[:n].float()
         total += float((delta * real).sum())
         count += int(real.sum())
     return total / count
@@ -544,16 +552,11 @@ def final_state_bias(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batc
 def next_token_divergence(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batch_size: int = 16) -> torch.Tensor:
     """Jensen-Shannon divergence (nats) between the next-token distributions of the two prompts of each pair."""
     pairs = _check_pairs(pairs, tokenizer)
-    device = _device_of(model)
     out = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start: start + batch_size]
-        prompts = [p["target_prompt"] for p in chunk] + [p["other_prompt"] for p in chunk]
-        batch = next(iter(make_dataloader(prompts, tokenizer, batch_size=len(prompts), max_length=4096)))
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    for n, ids, mask in _pair_batches(model, tokenizer, pairs, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        last = logits[torch.arange(ids.size(0), device=device), mask.sum(1) - 1]
-        p, q = last[: len(chunk)].log_softmax(-1), last[len(chunk):].log_softmax(-1)
+        last = logits[torch.arange(ids.size(0), device=ids.device), mask.sum(1) - 1]
+        p, q = last[:n].log_softmax(-1), last[n:].log_softmax(-1)
         m = torch.logsumexp(torch.stack([p, q]), 0) - math.log(2)
         js = 0.5 * (F.kl_div(m, p, log_target=True, reduction="none").sum(-1)
                     + F.kl_div(m, q, log_target=True, reduction="none").sum(-1))
