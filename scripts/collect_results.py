@@ -29,6 +29,7 @@ CHAPTER_TITLES = {
     "CH07": "CH07 · LoRA, DoRA, QLoRA: specialisation",
     "CH10": "CH10 · Activation analysis: capture points, heatmaps, residual stream, massive activations, logit lens",
     "CH11": "CH11 · Fair Pruning: bias neurons, bias-aware pruning, a bias benchmark",
+    "CH12": "CH12 · Capstone: from a general model to a small, fast specialist",
     "BENCH": "Benchmark · our utilities next to optipfair",
     "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
 }

@@ -186,3 +186,37 @@ def test_other_bad_inputs(tiny_llama, tmp_path):
     utils.apply_lora(model, ["v_proj"], r=2)
     with pytest.raises(ValueError, match="already has a LoRA adapter"):
         utils.apply_lora(model, ["v_proj"], r=2)
+
+
+def test_train_lora_adapter_trains_only_the_adapter_and_merges(tiny):
+    from utils import extraction as ex
+
+    model, tokenizer = utils.load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    records = utils.load_records("clinical_notes", split="train", n=6)
+    loader = ex.make_sft_dataloader(records, tokenizer, batch_size=2, max_length=512, seed=0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model, history = utils.train_lora_adapter(copy.deepcopy(model), loader, steps=4, rank=4, alpha=8,
+                                                   loss_fn=ex.answer_loss, progress=False)
+    assert history["settings"]["steps"] == 4 and len(history["loss"]) == 4  # 3 batches: cycles into a 2nd epoch
+    assert history["trainable_parameters"] == utils.lora_parameter_count(model, 4, utils.lora.CONFIG_PROJECTIONS)
+    assert not peft_model.training
+    merged = peft_model.merge_and_unload()
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, frozen[n])]
+    assert changed and all(n.split(".")[-2] in utils.lora.CONFIG_PROJECTIONS for n in changed)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # the original is untouched
+
+
+def test_train_lora_adapter_bad_inputs(tiny_llama):
+    model, _ = tiny_llama
+    batches = [{"input_ids": _ids(), "attention_mask": torch.ones(2, 10, dtype=torch.long)}]
+    for steps in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            utils.train_lora_adapter(model, batches, steps=steps)
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        utils.train_lora_adapter(model, [], steps=1)
+    with pytest.raises(TypeError, match="must have a length"):
+        utils.train_lora_adapter(model, iter(batches), steps=1)
+    with pytest.raises(ValueError, match="no_such_proj"):
+        utils.train_lora_adapter(model, batches, steps=1, target_modules=["no_such_proj"])
+    with pytest.raises(ValueError, match="rank"):
+        utils.train_lora_adapter(model, batches, steps=1, rank=0)

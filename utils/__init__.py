@@ -130,6 +130,7 @@ from .lora import (
     find_target_modules,
     lora_parameter_count,
     merge_lora,
+    train_lora_adapter,
 )
 from .quantization import (
     QuantizedTensor,

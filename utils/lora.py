@@ -315,3 +315,60 @@ def adapter_size_bytes(source: nn.Module | int | str | os.PathLike, dtype: torch
             raise ValueError("The model holds no adapter parameters (no parameter name contains 'lora_').")
         return sum(p.numel() * (dtype or p.dtype).itemsize for p in params)
     raise TypeError(f"source must be a model, a parameter count or a folder, got {type(source).__name__}.")
+
+
+def train_lora_adapter(model: nn.Module, dataloader, *, steps: int, rank: int = 8, alpha: float = 16,
+                       target_modules: str | Iterable[str] = CONFIG_PROJECTIONS, lr: float = 2e-3,
+                       warmup_steps: int = 3, loss_fn=None, seed: int = 0, progress: bool = True,
+                       desc: str = "LoRA"):
+    """Add a peft LoRA adapter to ``model``, train it for ``steps`` optimizer steps, return ``(peft_model, history)``.
+
+    The recipe of CH07_NB02 in one call, so later chapters (CH12) give two models exactly the same
+    adapter budget: ``peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=...)``, seeded
+    initialisation, then :func:`utils.train` (AdamW over the adapter's parameters only, warm-up and
+    cosine decay) for ``steps`` steps, cycling through ``dataloader`` as many times as needed.
+
+    ``model`` is modified in place (peft wraps its Linear layers): pass ``copy.deepcopy(model)`` to keep
+    the original. ``peft_model.merge_and_unload()`` then gives a plain transformers model.
+
+    Args:
+        dataloader: training batches, e.g. :func:`utils.extraction.make_sft_dataloader` (labels on the
+            answer tokens only) with ``loss_fn=utils.extraction.answer_loss``.
+        steps: optimizer steps (>= 1).
+        rank, alpha: LoRA rank and scale numerator (scale = alpha / rank).
+        target_modules: projection names to adapt (peft's rule: a module whose name ends with one).
+        loss_fn: ``loss_fn(model, batch)``; default :func:`utils.causal_lm_loss`.
+        seed: seeds the adapter's initialisation (``A`` is random, ``B`` zero).
+
+    Returns:
+        The ``peft.PeftModel`` in eval mode and :func:`utils.train`'s history (plus
+        ``trainable_parameters``).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from .training import train
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int (optimizer steps), got {steps!r}.")
+    _check_rank_alpha(rank, alpha)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}.")
+    try:
+        batches = len(dataloader)
+    except TypeError:
+        raise TypeError("dataloader must have a length (a torch DataLoader or a list of batches).") from None
+    if batches == 0:
+        raise ValueError("dataloader is empty: check the records and max_length (too-long examples are left out).")
+    find_target_modules(model, target_modules)  # a clear error for a name that matches no Linear layer
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                  target_modules=list(_as_names(target_modules)),
+                                                  task_type="CAUSAL_LM"))
+    adapter = [p for name, p in peft_model.named_parameters() if p.requires_grad]
+    if not adapter or not all("lora_" in name for name, p in peft_model.named_parameters() if p.requires_grad):
+        raise RuntimeError("peft left parameters other than the adapter's trainable: this should not happen.")
+    history = train(peft_model, dataloader, loss_fn=loss_fn, max_steps=steps, epochs=math.ceil(steps / batches),
+                    lr=lr, warmup_steps=min(warmup_steps, steps - 1), params=adapter, progress=progress, desc=desc)
+    history["trainable_parameters"] = sum(p.numel() for p in adapter)
+    peft_model.eval()
+    return peft_model, history
