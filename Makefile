@@ -10,6 +10,8 @@ PY      := $(VENV)/bin/python
 #   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 PROFILE ?= cpu
+# make test runs the suite in this many processes (pytest-xdist), one test file or notebook per process at a time.
+TEST_WORKERS ?= 2
 CH      ?=
 NB      ?=
 
@@ -41,7 +43,7 @@ plan:
 	$(PYTHON) scripts/run_notebooks.py --plan --profile $(PROFILE) $(if $(CH),--chapter $(CH)) $(if $(NB),--notebook $(NB))
 
 test: setup
-	RLLM_PROFILE=tiny HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest
+	RLLM_PROFILE=tiny HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	RLLM_PROFILE=$(PROFILE) $(PY) scripts/benchmark.py
