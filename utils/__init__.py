@@ -175,3 +175,4 @@ from .benchmarks import (
     run_lm_eval,
     score_choices,
 )
+from .energy import EnergyMeter, energy_sources, idle_baseline, measure_energy, token_costs

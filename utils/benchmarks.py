@@ -411,7 +411,8 @@ def _plain_metrics(results: Mapping) -> dict[str, float]:
 
 
 def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str, Sequence[dict]],
-                limit: int | None = None, num_fewshot: int = 0, batch_size: int = 16, *, seed: int = 0) -> dict[str, dict]:
+                limit: int | None = None, num_fewshot: int = 0, batch_size: int = 16, *,
+                seed: int = 0) -> dict[str, dict]:
     """Evaluate an in-memory model with EleutherAI's lm-evaluation-harness; plain floats with standard errors.
 
     Args:
