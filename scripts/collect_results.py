@@ -29,6 +29,8 @@ CHAPTER_TITLES = {
     "CH07": "CH07 · LoRA, DoRA, QLoRA: specialisation",
     "CH10": "CH10 · Activation analysis: capture points, heatmaps, residual stream, massive activations, logit lens",
     "CH11": "CH11 · Fair Pruning: bias neurons, bias-aware pruning, a bias benchmark",
+    "APPB": "Appendix B · Benchmark evaluation with lm-evaluation-harness",
+    "APPC": "Appendix C · Energy and cost per token",
     "BENCH": "Benchmark · our utilities next to optipfair",
     "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
 }
@@ -144,7 +146,8 @@ def collect(profile: str = "cpu", root: Path = ROOT, *, keep_previous: bool = Tr
     for item in [*payloads, *kept.items()]:
         notebook = item["notebook"] if isinstance(item, dict) else item[0]
         by_chapter.setdefault(notebook.split("_")[0], []).append(item)
-    for chapter in sorted(by_chapter, key=lambda c: (c in ("BENCH", "SWEEP"), c)):
+    # chapters (CHxx), then appendices (APPx), then the benchmark and sweep scripts
+    for chapter in sorted(by_chapter, key=lambda c: (c in ("BENCH", "SWEEP"), c.startswith("APP"), c)):
         lines += [f"## {CHAPTER_TITLES.get(chapter, chapter)}", ""]
         items = sorted(by_chapter[chapter], key=lambda i: i["notebook"] if isinstance(i, dict) else i[0])
         for payload in items:

@@ -576,7 +576,7 @@ def lm_eval_predictions(model: nn.Module, tokenizer, items: Sequence[dict], *, b
 
     :func:`utils.benchmarks.run_lm_eval` on ``{name: items}`` (the prompt is :func:`mc_prompt`). Returns the
     same keys as :func:`score_choices` (``loglik``, ``pred``, ``pred_norm``), so the two can be compared item
-    by item, plus lm-eval's ``metrics``. Needs ``pip install lm-eval``.
+    by item, plus lm-eval's ``metrics`` as plain names (``acc``, ``acc_stderr``, ...). Needs ``pip install lm-eval``.
     """
     out = run_lm_eval(model, tokenizer, {name: list(items)}, batch_size=batch_size)[name]
     return {"loglik": out["loglik"], "pred": out["pred"], "pred_norm": out["pred_norm"],
