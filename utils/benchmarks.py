@@ -399,6 +399,17 @@ def write_local_task(folder: str | Path, name: str, items: Sequence[dict], *, fe
     return yaml
 
 
+def _datasets_progress_bars(enabled: bool) -> bool:
+    """Switch the ``datasets`` library's progress bars on or off; return whether they were on."""
+    try:
+        import datasets
+    except ImportError:
+        return enabled
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    return was
+
+
 def _plain_metrics(results: Mapping) -> dict[str, float]:
     """``{"acc,none": 0.5, "acc_stderr,none": 0.1, "alias": ...}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``."""
     out = {}
@@ -452,6 +463,7 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str,
             write_local_task(folder, name, items, fewshot=num_fewshot > 0)
         previous = logging.getLogger("lm_eval").level
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it warns that the model was passed in memory
+        bars = _datasets_progress_bars(False)  # one "Generating test split" bar per local task otherwise
         try:
             manager = TaskManager(include_path=folder if local else None, include_defaults=bool(registry))
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True)
@@ -461,6 +473,7 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str,
                                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         finally:
             logging.getLogger("lm_eval").setLevel(previous)
+            _datasets_progress_bars(bars)
     results = {}
     for name in list(local) + registry:
         entry = _plain_metrics(out["results"][name])
