@@ -113,6 +113,8 @@ class EnergyMeter:
     Reads, before and after: wall clock (``time.perf_counter``), the process's CPU time (all threads,
     ``time.process_time``), every readable RAPL package counter (µJ, with wrap-around) and every NVML GPU energy
     counter (mJ). CUDA work is synchronised before each reading. A counter that does not exist reads ``None``.
+    A RAPL counter that wrapped once is corrected; a block longer than one full range (``max_energy_range_uj``,
+    usually hundreds of kJ: tens of minutes at full power) could hide a second wrap, so meter shorter blocks.
 
     Args:
         gpu, cpu: read NVML / RAPL (default: both, where available).
