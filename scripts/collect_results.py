@@ -169,7 +169,8 @@ def collect(profile: str = "cpu", root: Path = ROOT, *, keep_previous: bool = Tr
                 lines += [f"Notebook run time: {timings[payload['notebook']]:.0f} s", ""]
     if timings:
         lines += [RUN_TIME_TITLE, "", markdown_table(
-            [{"notebook": k, "seconds": v} for k, v in sorted(timings.items())]), ""]
+            [{"notebook": k, "seconds": v} for k, v in sorted(timings.items(), key=lambda kv: (kv[0].startswith("APP"),
+                                                                                                kv[0]))]), ""]
     out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out
 
