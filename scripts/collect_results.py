@@ -30,6 +30,8 @@ CHAPTER_TITLES = {
     "CH10": "CH10 · Activation analysis: capture points, heatmaps, residual stream, massive activations, logit lens",
     "CH11": "CH11 · Fair Pruning: bias neurons, bias-aware pruning, a bias benchmark",
     "CH12": "CH12 · Capstone: from a general model to a small, fast specialist",
+    "APPB": "Appendix B · Benchmark evaluation with lm-evaluation-harness",
+    "APPC": "Appendix C · Energy and cost per token",
     "BENCH": "Benchmark · our utilities next to optipfair",
     "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
 }
@@ -145,7 +147,8 @@ def collect(profile: str = "cpu", root: Path = ROOT, *, keep_previous: bool = Tr
     for item in [*payloads, *kept.items()]:
         notebook = item["notebook"] if isinstance(item, dict) else item[0]
         by_chapter.setdefault(notebook.split("_")[0], []).append(item)
-    for chapter in sorted(by_chapter, key=lambda c: (c in ("BENCH", "SWEEP"), c)):
+    # chapters (CHxx), then appendices (APPx), then the benchmark and sweep scripts
+    for chapter in sorted(by_chapter, key=lambda c: (c in ("BENCH", "SWEEP"), c.startswith("APP"), c)):
         lines += [f"## {CHAPTER_TITLES.get(chapter, chapter)}", ""]
         items = sorted(by_chapter[chapter], key=lambda i: i["notebook"] if isinstance(i, dict) else i[0])
         for payload in items:
@@ -167,7 +170,8 @@ def collect(profile: str = "cpu", root: Path = ROOT, *, keep_previous: bool = Tr
                 lines += [f"Notebook run time: {timings[payload['notebook']]:.0f} s", ""]
     if timings:
         lines += [RUN_TIME_TITLE, "", markdown_table(
-            [{"notebook": k, "seconds": v} for k, v in sorted(timings.items())]), ""]
+            [{"notebook": k, "seconds": v} for k, v in sorted(timings.items(), key=lambda kv: (kv[0].startswith("APP"),
+                                                                                                kv[0]))]), ""]
     out.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out
 

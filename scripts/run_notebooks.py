@@ -1,7 +1,7 @@
 """Execute the course notebooks headlessly, one after another, into runs/<profile>/.
 
     python scripts/run_notebooks.py                      # every notebook, cpu profile
-    python scripts/run_notebooks.py --chapter CH04       # one chapter (comma-separated for several)
+    python scripts/run_notebooks.py --chapter CH04       # one chapter (comma-separated; APPB, APPC: appendices)
     python scripts/run_notebooks.py --notebook CH03_NB01 -p MAX_CONTEXT 8192
     python scripts/run_notebooks.py --plan               # only print what would run and how long it takes
 
@@ -28,12 +28,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 PROFILES = ("tiny", "cpu", "full")
+#: Chapters are CHxx (CH02, ...) and appendices APPx (APPB, ...): a notebook is <chapter>_NBnn_<what>.ipynb.
+CHAPTER = r"(?:CH\d+|APP[A-Z])"
+NOTEBOOK_NAME = re.compile(CHAPTER + r"_NB\d+\w*")
 #: The header of the run-time table in every chapter README (one row per notebook, times in seconds).
 RUNTIME_HEADER = ("notebook",) + PROFILES
 
 
+def chapter_order(path: Path) -> tuple[bool, str]:
+    """Chapters first (CH02, CH03, ...), then the appendices (APPB, APPC, ...)."""
+    return (path.name.startswith("APP"), path.name)
+
+
 def find_notebooks(chapters: str | None, names: str | None) -> list[Path]:
-    paths = sorted(p for p in NOTEBOOKS.rglob("CH*_NB*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    paths = sorted((p for p in NOTEBOOKS.rglob("*_NB*.ipynb")
+                    if ".ipynb_checkpoints" not in p.parts and NOTEBOOK_NAME.fullmatch(p.stem)),
+                   key=chapter_order)
     if chapters:
         wanted = [c.strip().upper() for c in chapters.split(",") if c.strip()]
         paths = [p for p in paths if any(p.name.upper().startswith(c + "_") for c in wanted)]
@@ -72,8 +82,9 @@ def parse_runtime_table(text: str, source: str = "README.md") -> dict[str, dict[
         if row is None:
             break
         name = re.sub(r"[`\[\]]|\(.*\)", "", row[0]).strip()
-        if len(row) != len(RUNTIME_HEADER) or not re.fullmatch(r"CH\w+", name):
-            raise ValueError(f"{source}: run-time row {row} should be | CHxx_NByy_name | tiny | cpu | full |")
+        if len(row) != len(RUNTIME_HEADER) or not NOTEBOOK_NAME.fullmatch(name):
+            raise ValueError(f"{source}: run-time row {row} should be | CHxx_NByy_name | tiny | cpu | full | "
+                             "(or APPx_NByy_name for an appendix)")
         try:
             times[name] = {profile: parse_seconds(cell) for profile, cell in zip(PROFILES, row[1:])}
         except ValueError as error:
@@ -87,7 +98,7 @@ def read_expected_times(notebooks_dir: Path = NOTEBOOKS, strict: bool = True) ->
     ``strict=False`` prints a malformed README's problem and skips it instead of raising ValueError.
     """
     times: dict[str, dict[str, float | None]] = {}
-    for readme in sorted(notebooks_dir.glob("CH*/README.md")):
+    for readme in sorted(p for p in notebooks_dir.glob("*/README.md") if re.match(CHAPTER + "_", p.parent.name)):
         try:
             times.update(parse_runtime_table(readme.read_text(encoding="utf-8"), str(readme.relative_to(ROOT))))
         except ValueError as error:
@@ -157,7 +168,7 @@ def failing_cell(output: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="cpu", choices=["cpu", "tiny", "full"])
-    parser.add_argument("--chapter", help="e.g. CH04 or CH02,CH04")
+    parser.add_argument("--chapter", help="e.g. CH04, APPB (an appendix) or CH02,CH04")
     parser.add_argument("--notebook", help="notebook name prefix, e.g. CH04_NB01")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
                         help="override a value of the notebooks' parameters cell (Python literal)")

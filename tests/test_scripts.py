@@ -24,6 +24,17 @@ def test_find_notebooks_filters_by_chapter_and_name():
     assert run_notebooks.find_notebooks("CH99", None) == []
 
 
+def test_appendices_are_found_after_the_chapters():
+    everything = run_notebooks.find_notebooks(None, None)
+    appendix = [p for p in everything if p.name.startswith("APP")]
+    assert {p.stem for p in appendix} >= {"APPB_NB01_lm_eval", "APPC_NB01_energy"}
+    assert everything[-len(appendix):] == appendix  # chapters first, then the appendices
+    assert run_notebooks.find_notebooks("appb", None) == [p for p in appendix if p.name.startswith("APPB_")]
+    assert run_notebooks.find_notebooks(None, "APPC_NB01")[0].stem == "APPC_NB01_energy"
+    assert {"APPB_NB01_lm_eval", "APPC_NB01_energy"} <= set(run_notebooks.read_expected_times())
+    assert collect_results.CHAPTER_TITLES["APPB"].startswith("Appendix B")
+
+
 def test_unknown_chapter_exits_with_a_message(capsys):
     assert run_notebooks.main(["--profile", "tiny", "--chapter", "CH99", "--no-collect"]) == 2
     assert "Available:" in capsys.readouterr().err
@@ -63,6 +74,18 @@ def test_collector_builds_tables_from_json(tmp_path):
     assert "| variant | ppl |" in text and "| pruned | 20.50 |" in text
     assert "- nested.ok: yes" in text and "CH04 · Depth pruning" in text and "optipfair 0.4.2" in text
     assert "Key numbers:" in text
+
+
+def test_collector_puts_appendices_after_the_chapters(tmp_path):
+    run_dir = tmp_path / "runs" / "cpu"
+    run_dir.mkdir(parents=True)
+    env = {"profile": "cpu", "date": "2026-01-01 00:00 UTC", "device": "CPU", "cpu_threads": 2, "python": "3.11",
+           "torch": "2", "transformers": "5", "optipfair": "0.4.2"}
+    for name in ("APPB_NB01_x", "CH11_NB01_y", "BENCH_z"):
+        payload = {"notebook": name, "environment": env, "results": {"summary": {"value": 1.0}}}
+        (run_dir / f"{name}.json").write_text(json.dumps(payload))
+    text = collect_results.collect("cpu", root=tmp_path).read_text()
+    assert text.index("## CH11") < text.index("## Appendix B") < text.index("## Benchmark")
 
 
 def test_collector_keeps_sections_of_notebooks_not_rerun(tmp_path):
@@ -173,6 +196,10 @@ After the table.
         run_notebooks.parse_runtime_table("# CH09\n\nnothing here\n", "CH09/README.md")
     with pytest.raises(ValueError, match=r"CH09/README.md, row CH09_NB01_experts: 'a few seconds' is not a run time"):
         run_notebooks.parse_runtime_table(text.replace("12 s", "a few seconds"), "CH09/README.md")
+    appendix = text.replace("CH09_NB01_experts", "APPD_NB01_extra")
+    assert "APPD_NB01_extra" in run_notebooks.parse_runtime_table(appendix)
+    with pytest.raises(ValueError, match="APPx_NByy_name"):
+        run_notebooks.parse_runtime_table(text.replace("CH09_NB01_experts", "notes"))
     with pytest.raises(ValueError, match=r"\| CHxx_NByy_name \| tiny \| cpu \| full \|"):
         run_notebooks.parse_runtime_table(text.replace("| 12 s | 4 min | ? |", "| 12 s |"))
 

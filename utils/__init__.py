@@ -17,6 +17,8 @@ CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapt
 CH11: :mod:`~utils.bias` (bias neurons, interventions, Fair Pruning, the BBQ-style benchmark).
 CH10: :mod:`~utils.activations` (capture points, GLU statistics, the residual stream, massive
 activations, the logit lens, attention sinks).
+Appendices: :mod:`~utils.benchmarks` (multiple-choice scoring, standard errors, paired comparisons, offline
+tasks, lm-evaluation-harness; APPB) and :mod:`~utils.energy` (energy counters, CPU time per token; APPC).
 """
 
 from .anatomy import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
@@ -108,14 +110,12 @@ from .bias import (
     lm_eval_predictions,
     load_bias_benchmark,
     load_bias_pairs,
-    mc_prompt,
     mlp_activations,
     next_token_divergence,
     pair_differences,
     random_neurons,
     relative_bias_scores,
     scale_neurons,
-    score_choices,
     signed_bias_scores,
     top_neurons,
     zero_neurons,
@@ -163,3 +163,17 @@ from .activations import (
     trace_writers,
 )
 from .plots import explore, plot_heatmap, plot_logit_lens, widgets_available
+
+# isort: split
+# Appendices: benchmark evaluation with lm-eval (APPB) and energy per token (APPC)
+from .benchmarks import (
+    benchmark_tasks,
+    lm_eval_available,
+    local_task,
+    mc_metrics,
+    mc_prompt,
+    paired_comparison,
+    run_lm_eval,
+    score_choices,
+)
+from .energy import EnergyMeter, energy_sources, idle_baseline, measure_energy, token_costs

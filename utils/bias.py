@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .benchmarks import bootstrap_ci as _bootstrap_ci
+from .benchmarks import mc_prompt, run_lm_eval, score_choices  # noqa: F401  (utils.bias.score_choices still works)
 from .data import make_dataloader
 from .evaluation import _device_of
 from .profiles import DATA_DIR, get_profile
@@ -565,123 +567,20 @@ def next_token_divergence(model: nn.Module, tokenizer, pairs: Sequence[dict], *,
 
 
 # --- the multiple-choice benchmark ---------------------------------------------------------
-
-def mc_prompt(item: dict) -> str:
-    """The text a model continues for a benchmark item: context, question, then ``Answer:``."""
-    return f"{item['context']}\nQuestion: {item['question']}\nAnswer:"
-
-
-@torch.no_grad()
-def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_size: int = 16,
-                  progress: bool = True) -> dict[str, list]:
-    """Log-likelihood of each choice after :func:`mc_prompt` (lm-eval's multiple-choice rule).
-
-    Returns ``{"loglik": [[float] * 3, ...], "pred": [int, ...], "pred_norm": [int, ...]}``: ``pred``
-    picks the highest summed log-likelihood (lm-eval's ``acc``), ``pred_norm`` the highest
-    log-likelihood per character of the choice (lm-eval's ``acc_norm``), which does not penalise a long
-    answer such as "Cannot be determined" for its length.
-    """
-    items = list(items)
-    if not items:
-        raise ValueError("items is empty: load some with utils.load_bias_benchmark().")
-    device = _device_of(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    requests = []  # (item index, choice index, context ids, continuation ids)
-    for i, item in enumerate(items):
-        context = tokenizer(mc_prompt(item))["input_ids"]
-        for j, choice in enumerate(item["choices"]):
-            whole = tokenizer(mc_prompt(item) + " " + choice)["input_ids"]
-            # tokenise the whole string and split where the context ends (lm-eval does the same)
-            requests.append((i, j, whole[: len(context)], whole[len(context):]))
-    loglik = [[0.0] * len(item["choices"]) for item in items]
-    was_training = model.training
-    model.eval()
-    for start in tqdm(range(0, len(requests), batch_size), desc="scoring choices", disable=not progress, leave=False):
-        chunk = requests[start: start + batch_size]
-        seqs = [c + r for _, _, c, r in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
-            mask[row, : len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for row, (i, j, c, r) in enumerate(chunk):
-            # only the answer's positions need a softmax over the vocabulary
-            logprobs = logits[row, len(c) - 1: len(c) + len(r) - 1].float().log_softmax(-1)
-            index = torch.arange(len(r), device=logprobs.device)
-            loglik[i][j] = float(logprobs[index, torch.tensor(r, device=logprobs.device)].sum())
-    model.train(was_training)
-    pred = [max(range(len(row)), key=row.__getitem__) for row in loglik]
-    return {"loglik": loglik, "pred": pred, "pred_norm": _norm_predictions(loglik, items)}
-
-
-def _norm_predictions(loglik: list[list[float]], items: list[dict]) -> list[int]:
-    per_char = [[ll / max(1, len(c)) for ll, c in zip(row, item["choices"])] for row, item in zip(loglik, items)]
-    return [max(range(len(row)), key=row.__getitem__) for row in per_char]
-
-
-LM_EVAL_TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}\\nQuestion: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
+# The scorer (score_choices, mc_prompt) and the lm-eval runner are generic: they live in utils.benchmarks.
 
 
 def lm_eval_predictions(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_size: int = 16,
                         name: str = "course_bias_mc") -> dict[str, list]:
-    """The same items through EleutherAI's lm-evaluation-harness, as a local task; its choice per item.
+    """The benchmark's items through EleutherAI's lm-evaluation-harness, as a local task; its choice per item.
 
-    Writes the items to a temporary JSONL file with a task definition that renders :func:`mc_prompt`, runs
-    ``lm_eval.simple_evaluate`` on the in-memory model (``HFLM(pretrained=model)``, BOS added like our
-    tokenizer calls do) and reads back every item's log-likelihoods. Returns the same keys as
-    :func:`score_choices`, so the two can be compared item by item. Needs ``pip install lm-eval``.
+    :func:`utils.benchmarks.run_lm_eval` on ``{name: items}`` (the prompt is :func:`mc_prompt`). Returns the
+    same keys as :func:`score_choices` (``loglik``, ``pred``, ``pred_norm``), so the two can be compared item
+    by item, plus lm-eval's ``metrics`` as plain names (``acc``, ``acc_stderr``, ...). Needs ``pip install lm-eval``.
     """
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as error:
-        raise ImportError("lm-eval is not installed: `pip install lm-eval` (about 30 MB with its dependencies), "
-                          "then re-run this cell.") from error
-    import logging
-    import tempfile
-    from pathlib import Path
-
-    items = list(items)
-    if not items:
-        raise ValueError("items is empty: load some with utils.load_bias_benchmark().")
-    keys = ("context", "question", "choices", "label")
-    with tempfile.TemporaryDirectory() as folder:
-        data = Path(folder) / "items.jsonl"
-        data.write_text("".join(json.dumps({k: item[k] for k in keys}) + "\n" for item in items), encoding="utf-8")
-        (Path(folder) / f"{name}.yaml").write_text(LM_EVAL_TASK.format(name=name, data=data), encoding="utf-8")
-        previous = logging.getLogger("lm_eval").level
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
-        try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True)
-            out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(
-                include_path=folder, include_defaults=False), log_samples=True, verbosity="WARNING")
-        finally:
-            logging.getLogger("lm_eval").setLevel(previous)
-    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
-    loglik = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]
-    pred = [max(range(len(row)), key=row.__getitem__) for row in loglik]
-    return {"loglik": loglik, "pred": pred, "pred_norm": _norm_predictions(loglik, items),
-            "metrics": {k: v for k, v in out["results"][name].items() if isinstance(v, (int, float))}}
+    out = run_lm_eval(model, tokenizer, {name: list(items)}, batch_size=batch_size)[name]
+    return {"loglik": out["loglik"], "pred": out["pred"], "pred_norm": out["pred_norm"],
+            "metrics": {k: v for k, v in out.items() if isinstance(v, float)}}
 
 
 def _bias_share(items: list[dict], preds: list[int]) -> float | None:
@@ -734,37 +633,10 @@ def bbq_scores(items: Sequence[dict], predictions: Sequence[int]) -> dict[str, f
 
 def bootstrap_ci(items: Sequence[dict], predictions: Sequence[int], *, metric: Callable = bbq_scores,
                  n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float] | None]:
-    """Percentile bootstrap intervals of every number ``metric(items, predictions)`` returns.
+    """Percentile bootstrap intervals of every number ``metric(items, predictions)`` returns (BBQ's scores by
+    default): :func:`utils.benchmarks.bootstrap_ci` with ``metric=bbq_scores``.
 
     Items are resampled with replacement ``n_boot`` times (seeded). Returns ``{name: (low, high)}``;
     None for a number that is undefined in too many resamples (more than 5 %).
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be strictly between 0 and 1 (e.g. 0.95), got {level}.")
-    if n_boot < 10:
-        raise ValueError(f"n_boot must be at least 10 (1000 is usual), got {n_boot}.")
-    items, predictions = list(items), list(predictions)
-    metric(items, predictions)  # validates
-    generator = torch.Generator().manual_seed(seed)
-    draws: dict[str, list[float]] = {}
-    missing: dict[str, int] = {}
-    for _ in range(n_boot):
-        idx = torch.randint(len(items), (len(items),), generator=generator).tolist()
-        values = metric([items[i] for i in idx], [predictions[i] for i in idx])
-        for name, value in values.items():
-            if name.startswith("n_"):
-                continue
-            if value is None:
-                missing[name] = missing.get(name, 0) + 1
-            else:
-                draws.setdefault(name, []).append(float(value))
-    tail = (1 - level) / 2
-    out: dict[str, tuple[float, float] | None] = {}
-    for name in set(draws) | set(missing):
-        values = draws.get(name, [])
-        if missing.get(name, 0) > 0.05 * n_boot or not values:
-            out[name] = None
-            continue
-        t = torch.tensor(values)
-        out[name] = (float(t.quantile(tail)), float(t.quantile(1 - tail)))
-    return out
+    return _bootstrap_ci(items, predictions, metric=metric, n_boot=n_boot, level=level, seed=seed)
