@@ -15,6 +15,7 @@ that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
 CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapter-size arithmetic) and
 :mod:`~utils.quantization` (int / NF4 / FP4 blockwise quantisation, bits per parameter, fake-quantised models).
 CH11: :mod:`~utils.bias` (bias neurons, interventions, Fair Pruning, the BBQ-style benchmark).
+CH09: :mod:`~utils.moe` (mixture of experts from a dense model: split, route, upcycle, export to Qwen2-MoE).
 CH10: :mod:`~utils.activations` (capture points, GLU statistics, the residual stream, massive
 activations, the logit lens, attention sinks).
 """
@@ -162,3 +163,21 @@ from .activations import (
     trace_writers,
 )
 from .plots import explore, plot_heatmap, plot_logit_lens, widgets_available
+
+# isort: split
+# CH09: mixture of experts from a dense model
+from . import moe
+from .moe import (
+    GLUMoE,
+    active_parameters,
+    fit_routers,
+    load_balancing_loss,
+    moefy,
+    partition_neurons,
+    routing_stats,
+    save_moe,
+    set_routing,
+    set_top_k,
+    to_qwen2_moe,
+    upcycle,
+)

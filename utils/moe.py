@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -289,7 +290,8 @@ def moe_layers(model: nn.Module) -> dict[int, GLUMoE]:
 def _require_moe(model: nn.Module) -> dict[int, GLUMoE]:
     layers = moe_layers(model)
     if not layers:
-        raise ValueError("The model has no GLUMoE layer: build one with utils.moe.moefy(...) or utils.moe.upcycle(...).")
+        raise ValueError("The model has no GLUMoE layer: build one with utils.moe.moefy(...) or "
+                         "utils.moe.upcycle(...).")
     return layers
 
 
@@ -684,7 +686,9 @@ def to_qwen2_moe(model: nn.Module) -> nn.Module:
     plan = _export_plan(model)
     config = qwen2_moe_config(model)
     param = next(model.parameters())
-    out = AutoModelForCausalLM.from_config(config, dtype=param.dtype).to(param.device)
+    with warnings.catch_warnings():  # a width-0 shared expert warns that initialising it does nothing
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        out = AutoModelForCausalLM.from_config(config, dtype=param.dtype).to(param.device)
     state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
     for i, layer in plan["layers"].items():
         p = f"model.layers.{i}.mlp."
