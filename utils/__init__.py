@@ -170,6 +170,7 @@ from . import moe
 from .moe import (
     GLUMoE,
     active_parameters,
+    calibrate_temperature,
     fit_routers,
     load_balancing_loss,
     moefy,

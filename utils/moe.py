@@ -209,6 +209,10 @@ class GLUMoE(nn.Module):
         return (f"experts={self.num_experts}, expert_size={self.expert_size}, top_k={self.top_k}, "
                 f"combine={self.combine!r}, shared={self.shared is not None}")
 
+    def active_expert_parameters(self) -> int:
+        """Expert weights one token multiplies with: ``top_k`` experts' gate, up and down matrices."""
+        return 3 * self.expert_size * self.hidden_size * self.top_k
+
     def expert_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert's output for flat tokens ``x`` [N, hidden] -> ``[N, E, hidden]``."""
         h = self.act_fn(torch.einsum("nh,emh->nem", x, self.gate_proj)) * torch.einsum("nh,emh->nem", x, self.up_proj)
@@ -229,7 +233,12 @@ class GLUMoE(nn.Module):
         if self.combine == "sum":
             selected = torch.topk(logits, self.top_k, dim=-1).indices
             return logits, selected, torch.ones(selected.shape, dtype=x.dtype, device=x.device)
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        # the router weight divided by T, exactly as the exported Qwen2-MoE router computes it
+        if self.temperature == 1.0 or (self.training and self.noise_std > 0):
+            scaled = logits / self.temperature
+        else:
+            scaled = F.linear(x, self.router.weight / self.temperature)
+        probs = torch.softmax(scaled.float(), dim=-1)
         weights, selected = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.scale_by_k:
@@ -324,7 +333,8 @@ def _check_glu_model(model: nn.Module, layers: Iterable[int] | None) -> tuple[li
 @torch.no_grad()
 def moefy(model: nn.Module, num_experts: int, top_k: int, *, dataloader: Iterable | None = None,
           layers: Iterable[int] | None = None, method: str = "coactivation", shared: int = 0, router: str = "ridge",
-          damping: float = DEFAULT_ROUTER_DAMPING, seed: int = 0, progress: bool = True) -> dict:
+          damping: float = DEFAULT_ROUTER_DAMPING, grams: dict[int, torch.Tensor] | None = None, seed: int = 0,
+          progress: bool = True) -> dict:
     """Split the GLU MLP of each chosen block into ``num_experts`` experts, in place (dense -> MoE).
 
     Args:
@@ -335,6 +345,8 @@ def moefy(model: nn.Module, num_experts: int, top_k: int, *, dataloader: Iterabl
         method: ``"coactivation"`` or ``"random"`` (:func:`partition_neurons`).
         shared: neurons per block kept in an always-on shared expert.
         router: ``"ridge"`` (:func:`fit_routers`) or ``"zeros"`` (no router yet: ties; only sensible at k = E).
+        grams: activation Gram matrices already measured on this dense model (``{layer: G}``, e.g. the
+            ``"grams"`` another ``moefy`` call returned): skips that calibration pass.
 
     Returns:
         ``{"partitions": {layer: experts [E, m]}, "shared": {layer: indices}, "grams": {layer: G}}`` (the
@@ -347,15 +359,17 @@ def moefy(model: nn.Module, num_experts: int, top_k: int, *, dataloader: Iterabl
     width = mlps[chosen[0]].gate_proj.out_features
     if (width - shared) % num_experts:
         partition_neurons(torch.eye(width), num_experts, shared=shared)  # raises the explanatory error
-    needs_data = method == "coactivation" or shared > 0 or router == "ridge"
-    if needs_data and dataloader is None:
+    needs_grams = (method == "coactivation" or shared > 0) and grams is None
+    if (needs_grams or router == "ridge") and dataloader is None:
         raise ValueError("moefy needs dataloader= (calibration batches, e.g. utils.make_dataloader("
                          "utils.load_texts('wikitext', n=32), tokenizer)) for the co-activation clustering, "
                          "the shared neurons and the ridge router; or use method='random', shared=0, router='zeros'.")
-    if needs_data:
+    if needs_grams:
         grams = activation_grams(model, dataloader, layers=chosen, progress=progress)
-    else:
+    elif grams is None:
         grams = {i: torch.eye(mlps[i].gate_proj.out_features) for i in chosen}
+    elif any(i not in grams or grams[i].shape[0] != mlps[i].gate_proj.out_features for i in chosen):
+        raise ValueError("grams must hold one [intermediate, intermediate] matrix for every chosen layer.")
     parts, shared_idx = {}, {}
     for i in chosen:
         parts[i], shared_idx[i] = partition_neurons(grams[i], num_experts, method=method, shared=shared, seed=seed + i)
@@ -475,6 +489,40 @@ def set_routing(model: nn.Module, *, top_k: int | None = None, combine: str | No
                 raise ValueError(f"noise_std must be a number >= 0, got {noise_std!r}.")
             layer.noise_std = float(noise_std)
     return model
+
+
+@torch.no_grad()
+def calibrate_temperature(model: nn.Module, dataloader: Iterable, *, deviation: float = 0.01) -> dict[int, float]:
+    """Set each :class:`GLUMoE`'s temperature so that the softmax rule's weights stay near the sum rule's.
+
+    With ``combine="softmax"`` and ``scale_by_k``, a selected expert's weight is ``k * softmax`` over the
+    top-k logits divided by ``T``; it differs from 1 by about the spread of those logits over ``T``. Per layer,
+    ``T`` = the mean spread (largest minus smallest of the top-k logits, real tokens of ``dataloader``) divided
+    by ``deviation``. Much larger temperatures make the probabilities so close that float32 rounding starts to
+    reorder near-ties, so the selection would no longer be the router's. Returns ``{layer: T}``.
+    """
+    layers = _require_moe(model)
+    if isinstance(deviation, bool) or not isinstance(deviation, (int, float)) or not 0 < deviation < 1:
+        raise ValueError(f"deviation must be a number between 0 and 1 (e.g. 0.01), got {deviation!r}.")
+    device = _device_of(model)
+    spread = dict.fromkeys(layers, 0.0)
+    count = 0
+    with keep_router_logits(model) as ordered:
+        for batch in dataloader:
+            ids, mask = batch_tensors(batch, device)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            real = mask.reshape(-1).bool()
+            count += int(real.sum())
+            for i, layer in zip(sorted(layers), ordered):
+                top = torch.topk(layer.last_router_logits[real].float(), layer.top_k, dim=-1).values
+                spread[i] += float((top[:, 0] - top[:, -1]).sum())
+    if count == 0:
+        raise ValueError("The dataloader gave no token: calibrate_temperature needs a few batches.")
+    temps = {}
+    for i, layer in layers.items():
+        temps[i] = max(spread[i] / count / deviation, 1e-6) if layer.top_k > 1 else 1.0
+        layer.temperature = temps[i]
+    return temps
 
 
 def set_top_k(model: nn.Module, k: int) -> nn.Module:
