@@ -349,8 +349,9 @@ def moefy(model: nn.Module, num_experts: int, top_k: int, *, dataloader: Iterabl
             ``"grams"`` another ``moefy`` call returned): skips that calibration pass.
 
     Returns:
-        ``{"partitions": {layer: experts [E, m]}, "shared": {layer: indices}, "grams": {layer: G}}`` (the
-        Gram matrices are kept so a notebook can measure the clustering; they are CPU float32 tensors).
+        ``{"partitions": {layer: experts [E, m]}, "shared": {layer: indices}, "grams": {layer: G},
+        "router_r2": {layer: R^2 of the ridge router}}`` (the Gram matrices are kept so a notebook can measure
+        the clustering and reuse them; they are CPU float32 tensors).
     """
     mlps, chosen = _check_glu_model(model, layers)
     _check_int("num_experts", num_experts, 1)
@@ -382,9 +383,8 @@ def moefy(model: nn.Module, num_experts: int, top_k: int, *, dataloader: Iterabl
         down = mlp.down_proj.weight[:, experts].permute(1, 0, 2)  # [E, hidden, m]
         shared_mlp = _glu_slice(mlp, shared_idx[i]) if shared else None
         blocks[i].mlp = GLUMoE(gate, up, down, top_k=top_k, act_fn=mlp.act_fn, shared=shared_mlp)
-    if router == "ridge":
-        fit_routers(model, dataloader, damping=damping, progress=progress)
-    return {"partitions": parts, "shared": shared_idx, "grams": grams}
+    r2 = fit_routers(model, dataloader, damping=damping, progress=progress) if router == "ridge" else {}
+    return {"partitions": parts, "shared": shared_idx, "grams": grams, "router_r2": r2}
 
 
 @contextmanager
