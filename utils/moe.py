@@ -84,11 +84,17 @@ def coactivation(gram: torch.Tensor) -> torch.Tensor:
     return (g.abs() / norms[:, None] / norms[None, :]).float()
 
 
-def _sinkhorn_balanced(scores: torch.Tensor, per_expert: int, *, temperature: float = 0.02,
+def _sinkhorn_balanced(scores: torch.Tensor, per_expert: int, *, temperature: float = 0.3,
                        iters: int = 50) -> torch.Tensor:
-    """Hard balanced assignment (``per_expert`` neurons each) that follows ``scores`` [neurons, experts]."""
+    """Hard balanced assignment (``per_expert`` neurons each) that follows ``scores`` [neurons, experts].
+
+    A transport plan with uniform marginals (Sinkhorn iterations on ``scores`` in units of their standard
+    deviation, divided by ``temperature``), rounded one expert at a time: the expert with the most confident
+    column first takes its ``per_expert`` best free neurons. On tiny-profile Gram matrices the clustering hardly
+    changed between temperatures 0.03 and 1.
+    """
     n, experts = scores.shape
-    log_p = (scores - scores.mean()) / (scores.std().clamp_min(1e-12) * temperature * 50)
+    log_p = (scores - scores.mean()) / (scores.std().clamp_min(1e-12) * temperature)
     for _ in range(iters):  # rows sum to 1, columns to per_expert (log domain)
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
         log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + math.log(per_expert)
