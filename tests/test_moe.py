@@ -225,6 +225,9 @@ def test_bad_inputs_say_what_to_do(base, calib, split):
         moe.set_routing(model, temperature=0)
     with pytest.raises(ValueError, match="list of models"):
         moe.upcycle(copy.deepcopy(base[0]), [1], base[0])
+    unrouted = copy.deepcopy(base[0])
+    assert moe.moefy(unrouted, 4, 4, layers=[0], method="random", router="zeros", progress=False)["router_r2"] == {}
+    assert not moe.moe_layers(unrouted)[0].router.weight.any()
     qwen3, _ = utils.load_model("Qwen/Qwen3-0.6B")
     moe.moefy(qwen3, 2, 1, layers=[0], method="random", router="zeros", progress=False)
     moe.set_routing(qwen3, combine="softmax")

@@ -389,6 +389,8 @@ def moefy(model: nn.Module, num_experts: int, top_k: int, *, dataloader: Iterabl
         down = mlp.down_proj.weight[:, experts].permute(1, 0, 2)  # [E, hidden, m]
         shared_mlp = _glu_slice(mlp, shared_idx[i]) if shared else None
         blocks[i].mlp = GLUMoE(gate, up, down, top_k=top_k, act_fn=mlp.act_fn, shared=shared_mlp)
+        if router == "zeros":
+            nn.init.zeros_(blocks[i].mlp.router.weight)
     r2 = fit_routers(model, dataloader, damping=damping, progress=progress) if router == "ridge" else {}
     return {"partitions": parts, "shared": shared_idx, "grams": grams, "router_r2": r2}
 
