@@ -52,7 +52,7 @@ from torch import nn
 from .data import batch_tensors
 from .depth import decoder_blocks
 from .evaluation import _device_of, count_parameters
-from .width import activation_grams, glu_mlps
+from .width import GRAM_BUDGET_BYTES, _layer_groups, activation_grams, glu_mlps
 
 COMBINES: tuple[str, ...] = ("sum", "softmax")
 SELECTIONS: tuple[str, ...] = ("router", "oracle")
@@ -157,6 +157,19 @@ def partition_neurons(gram: torch.Tensor, num_experts: int, *, method: str = "co
             assign = new
     experts = torch.stack([routed_index[(assign == e).nonzero().flatten()] for e in range(num_experts)])
     return experts.sort(dim=1).values, shared_index
+
+
+def gram_matrices(model: nn.Module, dataloader: Iterable, *, layers: Iterable[int] | None = None,
+                  progress: bool = True) -> dict[int, torch.Tensor]:
+    """:func:`utils.activation_grams` for many layers, a group of layers per pass so that the matrices held on
+    the model's device stay under ``utils.width.GRAM_BUDGET_BYTES`` (as :func:`utils.prune_glu` does).
+    Returns ``{layer: G}`` on the CPU."""
+    mlps = glu_mlps(model)
+    chosen = list(range(len(mlps))) if layers is None else sorted({int(i) for i in layers})
+    grams: dict[int, torch.Tensor] = {}
+    for group in _layer_groups([mlps[i] for i in chosen], GRAM_BUDGET_BYTES):
+        grams.update(activation_grams(model, dataloader, layers=[chosen[j] for j in group], progress=progress))
+    return grams
 
 
 def within_expert_coactivation(gram: torch.Tensor, experts: torch.Tensor) -> float:
@@ -372,7 +385,7 @@ def moefy(model: nn.Module, num_experts: int, top_k: int, *, dataloader: Iterabl
                          "utils.load_texts('wikitext', n=32), tokenizer)) for the co-activation clustering, "
                          "the shared neurons and the ridge router; or use method='random', shared=0, router='zeros'.")
     if needs_grams:
-        grams = activation_grams(model, dataloader, layers=chosen, progress=progress)
+        grams = gram_matrices(model, dataloader, layers=chosen, progress=progress)
     elif grams is None:
         grams = {i: torch.eye(mlps[i].gate_proj.out_features) for i in chosen}
     elif any(i not in grams or grams[i].shape[0] != mlps[i].gate_proj.out_features for i in chosen):
