@@ -29,7 +29,7 @@ for each token, so only ``k/E`` of the MLP's neurons compute. The pieces:
   :func:`set_routing` / :func:`set_top_k`, :func:`routing_stats` (load per expert, entropy),
   :func:`load_balancing_loss` (Switch Transformer, Fedus et al. 2021, Eq. 4-6; the same quantity as
   ``transformers``' ``load_balancing_loss_func``), :func:`active_parameters`.
-* :func:`to_qwen2_moe` / :func:`save_moe` — the same model as a plain ``transformers`` Qwen2-MoE
+* :func:`to_qwen2_moe` / :func:`save_moe` (and :func:`compare_logits` to check a reload) — the same model as a plain ``transformers`` Qwen2-MoE
   (``qkv_bias=False`` reproduces Llama attention; blocks that stay dense are ``mlp_only_layers``; the shared
   expert's sigmoid gate gets a zero weight, so it is exactly 1/2, and the shared expert's ``down_proj`` is
   doubled). It reloads with ``AutoModelForCausalLM.from_pretrained`` and no custom code. It computes the
@@ -784,6 +784,29 @@ def to_qwen2_moe(model: nn.Module) -> nn.Module:
     if getattr(model, "generation_config", None) is not None:
         out.generation_config = copy.deepcopy(model.generation_config)
     return out.eval()
+
+
+@torch.no_grad()
+def compare_logits(model: nn.Module, other: nn.Module, dataloader: Iterable) -> dict[str, float]:
+    """How closely ``other`` reproduces ``model`` (e.g. a reloaded export) on the real tokens of ``dataloader``.
+
+    Returns ``{"max_abs_diff": largest |logit difference|, "argmax_agreement": share of tokens whose top
+    token is the same, "tokens": real tokens compared}``.
+    """
+    device = _device_of(model)
+    largest, agree, total = 0.0, 0, 0
+    for batch in dataloader:
+        ids, mask = batch_tensors(batch, device)
+        a = model(input_ids=ids, attention_mask=mask).logits.float()
+        b = other(input_ids=ids.to(_device_of(other)), attention_mask=mask.to(_device_of(other))).logits.float()
+        b = b.to(a.device)
+        real = mask.bool()
+        largest = max(largest, float((a - b)[real].abs().max()))
+        agree += int((a.argmax(-1) == b.argmax(-1))[real].sum())
+        total += int(real.sum())
+    if total == 0:
+        raise ValueError("The dataloader gave no token to compare.")
+    return {"max_abs_diff": largest, "argmax_agreement": agree / total, "tokens": total}
 
 
 def save_moe(model: nn.Module, tokenizer, folder: str | Path) -> Path:
