@@ -119,7 +119,7 @@ def test_export_reloads_with_plain_transformers(split, batch, base, tmp_path):
         check = moe.compare_logits(model, eager, [batch])
     finally:
         moe.set_routing(model, combine="sum", temperature=1.0)
-    assert check["max_abs_diff"] == 0.0 and check["argmax_agreement"] == 1.0  # the same arithmetic as GLUMoE
+    assert check["max_abs_diff"] < 1e-5 and check["argmax_agreement"] == 1.0  # a loop over experts, like GLUMoE
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # default experts kernel: rounding may differ
     assert reloaded.config.model_type == "qwen2_moe"
     assert reloaded.config.mlp_only_layers == [i for i in range(16) if i not in LAYERS]
