@@ -29,11 +29,14 @@ for each token, so only ``k/E`` of the MLP's neurons compute. The pieces:
   :func:`set_routing` / :func:`set_top_k`, :func:`routing_stats` (load per expert, entropy),
   :func:`load_balancing_loss` (Switch Transformer, Fedus et al. 2021, Eq. 4-6; the same quantity as
   ``transformers``' ``load_balancing_loss_func``), :func:`active_parameters`.
-* :func:`to_qwen2_moe` / :func:`save_moe` (and :func:`compare_logits` to check a reload) — the same model as a plain ``transformers`` Qwen2-MoE
-  (``qkv_bias=False`` reproduces Llama attention; blocks that stay dense are ``mlp_only_layers``; the shared
-  expert's sigmoid gate gets a zero weight, so it is exactly 1/2, and the shared expert's ``down_proj`` is
-  doubled). It reloads with ``AutoModelForCausalLM.from_pretrained`` and no custom code. It computes the
-  ``combine="softmax"`` rule (the only one ``transformers`` has), so that is the mode to export and compare.
+* :func:`to_qwen2_moe` / :func:`save_moe` (and :func:`compare_logits` to check a reload) — the same model as a
+  plain ``transformers`` Qwen2-MoE (``qkv_bias=False`` reproduces Llama attention; blocks that stay dense are
+  ``mlp_only_layers``; the shared expert's sigmoid gate gets a zero weight, so it is exactly 1/2, and the shared
+  expert's ``down_proj`` is doubled). It reloads with ``AutoModelForCausalLM.from_pretrained`` and no custom
+  code. It computes the ``combine="softmax"`` rule (the only one ``transformers`` has), so that is the mode to
+  export and compare. With its default grouped experts kernel, ``transformers`` rounds the last bits differently from
+  :class:`GLUMoE`'s loop, and top-k routing can turn that into a swapped expert for a nearly tied token;
+  ``from_pretrained(folder, experts_implementation="eager")`` loops over the experts as we do.
 """
 
 from __future__ import annotations
