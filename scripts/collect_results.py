@@ -27,6 +27,7 @@ CHAPTER_TITLES = {
     "CH06": "CH06 · Knowledge distillation",
     "CH08": "CH08 · Attention optimisation: KV cache, attention removal, Adaptive Attention Bypass",
     "CH07": "CH07 · LoRA, DoRA, QLoRA: specialisation",
+    "CH09": "CH09 · Mixture of experts: split a dense MLP, route, upcycle, export",
     "CH10": "CH10 · Activation analysis: capture points, heatmaps, residual stream, massive activations, logit lens",
     "CH11": "CH11 · Fair Pruning: bias neurons, bias-aware pruning, a bias benchmark",
     "CH12": "CH12 · Capstone: from a general model to a small, fast specialist",

@@ -15,6 +15,7 @@ that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
 CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapter-size arithmetic) and
 :mod:`~utils.quantization` (int / NF4 / FP4 blockwise quantisation, bits per parameter, fake-quantised models).
 CH11: :mod:`~utils.bias` (bias neurons, interventions, Fair Pruning, the BBQ-style benchmark).
+CH09: :mod:`~utils.moe` (mixture of experts from a dense model: split, route, upcycle, export to Qwen2-MoE).
 CH10: :mod:`~utils.activations` (capture points, GLU statistics, the residual stream, massive
 activations, the logit lens, attention sinks).
 Appendices: :mod:`~utils.benchmarks` (multiple-choice scoring, standard errors, paired comparisons, offline
@@ -177,3 +178,22 @@ from .benchmarks import (
     score_choices,
 )
 from .energy import EnergyMeter, energy_sources, idle_baseline, measure_energy, token_costs
+
+# isort: split
+# CH09: mixture of experts from a dense model
+from . import moe
+from .moe import (
+    GLUMoE,
+    active_parameters,
+    calibrate_temperature,
+    fit_routers,
+    load_balancing_loss,
+    moefy,
+    partition_neurons,
+    routing_stats,
+    save_moe,
+    set_routing,
+    set_top_k,
+    to_qwen2_moe,
+    upcycle,
+)

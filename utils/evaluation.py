@@ -83,12 +83,16 @@ def matmul_parameters(model: torch.nn.Module) -> int:
     """Weights that take part in a matrix multiplication for every token: all ``nn.Linear`` weights,
     the LM head included (a tied head is counted here even though it shares the embedding tensor),
     plus GPT-2's ``Conv1D`` projections. Embedding look-ups and norms cost no matmul and are left out.
+    A mixture-of-experts layer (:class:`utils.moe.GLUMoE`) adds only the experts one token runs
+    (its ``active_expert_parameters()``); its router and shared expert are ``nn.Linear`` and count as such.
     """
     total = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
             total += weight.numel()
+        elif callable(getattr(module, "active_expert_parameters", None)):
+            total += module.active_expert_parameters()
     return total
 
 
