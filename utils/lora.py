@@ -364,9 +364,10 @@ def train_lora_adapter(model: nn.Module, dataloader, *, steps: int, rank: int = 
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                                   target_modules=list(_as_names(target_modules)),
                                                   task_type="CAUSAL_LM"))
-    adapter = [p for name, p in peft_model.named_parameters() if p.requires_grad]
-    if not adapter or not all("lora_" in name for name, p in peft_model.named_parameters() if p.requires_grad):
+    trainable = [(name, p) for name, p in peft_model.named_parameters() if p.requires_grad]
+    if not trainable or any("lora_" not in name for name, _ in trainable):
         raise RuntimeError("peft left parameters other than the adapter's trainable: this should not happen.")
+    adapter = [p for _, p in trainable]
     history = train(peft_model, dataloader, loss_fn=loss_fn, max_steps=steps, epochs=math.ceil(steps / batches),
                     lr=lr, warmup_steps=min(warmup_steps, steps - 1), params=adapter, progress=progress, desc=desc)
     history["trainable_parameters"] = sum(p.numel() for p in adapter)
