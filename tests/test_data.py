@@ -97,3 +97,12 @@ def test_batch_tensors_unpacks_dicts_and_tuples():
         assert torch.equal(batch_tensors(batch, "cpu")[1], torch.ones_like(ids))
     with pytest.raises(TypeError, match="Unsupported batch type Tensor: use dicts"):
         batch_tensors(ids, "cpu")
+
+
+def test_course_code_sample_is_used_in_every_profile(monkeypatch):
+    # the code domain has no Hub dataset: even the full profile reads the file shipped in data/
+    monkeypatch.setenv("RLLM_PROFILE", "full")
+    texts = load_texts("code", split="test")
+    assert texts and all(t.startswith(("def ", "@")) for t in texts)
+    monkeypatch.setenv("RLLM_PROFILE", "tiny")
+    assert load_texts("course_code", split="test") == texts

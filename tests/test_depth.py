@@ -18,6 +18,9 @@ from utils.depth import (
     block_importance,
     choose_blocks_to_remove,
     decoder_blocks,
+    fold_linear_replacements,
+    linear_replacements,
+    prune_depth,
     remove_blocks,
     weight_norms,
 )
@@ -298,3 +301,89 @@ def test_default_strategy_beats_one_shot_on_real_model(monkeypatch):
         chosen = choose_blocks_to_remove(model, calib, 6, strategy=strategy, progress=False)
         ppl[strategy] = perplexity(remove_blocks(copy.deepcopy(model), chosen), held_out, progress=False)
     assert ppl[DEFAULT_STRATEGY] < ppl["cosine"]
+
+
+# --- linear replacement of a removed run (ReplaceMe) -------------------------------------------
+
+def _states(model, loader, p, last):
+    """Real-token rows of block p's MLP output m, block p's output x and block ``last``'s output y."""
+    blocks, got = decoder_blocks(model), {"m": [], "x": [], "y": []}
+    masks = []
+    hooks = [blocks[p].mlp.register_forward_hook(lambda mod, a, out: got["m"].append(out)),
+             blocks[p].register_forward_hook(lambda mod, a, out: got["x"].append(out[0] if isinstance(out, tuple) else out)),
+             blocks[last].register_forward_hook(lambda mod, a, out: got["y"].append(out[0] if isinstance(out, tuple) else out))]
+    with torch.no_grad():
+        for batch in loader:
+            masks.append(batch["attention_mask"].reshape(-1).bool())
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat([t.reshape(-1, t.shape[-1])[m] for t, m in zip(v, masks)]).double() for k, v in got.items()}
+
+
+@pytest.mark.parametrize("damping", [0.1, 1.0])
+def test_linear_replacement_is_the_ridge_least_squares_solution(tokenizer, loader, damping):
+    model = _tiny(FAMILIES["llama"], tokenizer)
+    T = linear_replacements(model, [5, 6, 7], loader, damping=damping, progress=False)[4].double()
+    s = _states(model, loader, 4, 7)
+    m, target = s["m"], s["y"] - (s["x"] - s["m"])
+    lam = damping * (m.T @ m).diagonal().mean()
+    eye = torch.eye(T.shape[0], dtype=T.dtype)
+    gradient = m.T @ (m @ T - target) + lam * (T - eye)  # zero at the minimum of the ridge objective
+    assert gradient.abs().max() < 1e-4 * (m.T @ target).abs().max()
+    # the map never fits the calibration tokens worse than the plain cut (T = I is feasible)
+    assert (m @ T - target).pow(2).sum() <= (m - target).pow(2).sum()
+    huge = linear_replacements(model, [5, 6, 7], loader, damping=1e9, progress=False)[4]
+    torch.testing.assert_close(huge, torch.eye(T.shape[0]), atol=1e-6, rtol=0)
+
+
+def test_fold_makes_the_mlp_output_m_times_T(tokenizer):
+    for family in ("llama", "gpt2"):
+        model = _tiny(FAMILIES[family], tokenizer)
+        mlp = decoder_blocks(model)[2].mlp
+        hidden = model.config.hidden_size
+        x = torch.randn(3, 5, hidden)
+        T = torch.randn(hidden, hidden) / hidden ** 0.5
+        with torch.no_grad():
+            expected = mlp(x) @ T
+            fold_linear_replacements(model, {2: T})
+            torch.testing.assert_close(mlp(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_prune_depth_round_trip_and_cache(tokenizer, loader, tmp_path):
+    model = _tiny(FAMILIES["llama"], tokenizer)
+    plain = remove_blocks(copy.deepcopy(model), choose_blocks_to_remove(model, loader, 3, progress=False))
+    pruned = prune_depth(copy.deepcopy(model), 3, loader, progress=False)
+    assert pruned.config.num_hidden_layers == 13 == plain.config.num_hidden_layers
+    assert pruned.config.removed_layers == plain.config.removed_layers
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 8]])
+    with torch.no_grad():
+        assert not torch.allclose(pruned(ids).logits, plain(ids).logits)  # the map changed something
+    assert torch.equal(_greedy(pruned, ids, True), _greedy(pruned, ids, False))
+    pruned.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, _ = load_model(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits, atol=1e-5, rtol=0)
+    off = prune_depth(copy.deepcopy(model), 3, loader, linear_replacement=False, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(off(ids).logits, plain(ids).logits, atol=0, rtol=0)
+
+
+def test_linear_replacement_bad_inputs(tokenizer, loader):
+    model = _tiny(FAMILIES["llama"], tokenizer)
+    with pytest.raises(ValueError, match="Block 0 has no block before it"):
+        linear_replacements(model, [0, 1], loader)
+    with pytest.raises(ValueError, match="out of range"):
+        linear_replacements(model, [3, 16], loader)
+    with pytest.raises(ValueError, match="empty"):
+        linear_replacements(model, [], loader)
+    for bad in (0, -1.0, float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="damping must be a positive number"):
+            linear_replacements(model, [3], loader, damping=bad)
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        linear_replacements(model, [3], [])
+    gemma = _tiny(FAMILIES["gemma3"], tokenizer)
+    with pytest.raises(ValueError, match="linear_replacement=False"):
+        prune_depth(gemma, 2, loader, progress=False)
+    assert len(decoder_blocks(gemma)) == gemma.config.num_hidden_layers  # nothing was removed

@@ -20,7 +20,7 @@ class DatasetSpec:
 
     name: str
     sample_file: str  # offline stand-in in data/ (cpu and tiny profiles)
-    hub_path: str  # Hugging Face Hub dataset (full profile)
+    hub_path: str | None  # Hugging Face Hub dataset (full profile); None: the sample is used in every profile
     hub_config: str | None
     text_field: str
     label_field: str | None = None
@@ -47,9 +47,14 @@ DATASETS: dict[str, DatasetSpec] = {
         label_field="label",
         description="synthetic clinical notes with a gold JSON extraction label (CH07)",
     ),
+    "course_code": DatasetSpec(
+        "course_code", "course_code_sample.jsonl", None, None, "text",
+        description="Python functions of the course's own utils package (a held-out domain; every profile)",
+    ),
 }
 ALIASES = {"wikitext2": "wikitext", "wikitext-2": "wikitext", "sms": "sms_spam", "spam": "sms_spam",
-           "clinical": "clinical_notes", "clinical-ner-qdora": "clinical_notes"}
+           "clinical": "clinical_notes", "clinical-ner-qdora": "clinical_notes",
+           "code": "course_code"}
 
 
 def _spec(name: str) -> DatasetSpec:
@@ -160,12 +165,14 @@ def load_records(name: str, *, split: str = "train", n: int | None = None) -> li
     """
     spec = _spec(name)
     _check_args(split, n)
-    records = _offline_records(spec, split) if get_profile() != "full" else _hub_records(spec, split)
+    offline = get_profile() != "full" or spec.hub_path is None
+    records = _offline_records(spec, split) if offline else _hub_records(spec, split)
     return records[:n] if n is not None else records
 
 
 def load_texts(name: str, *, split: str = "train", n: int | None = None) -> list[str]:
-    """Texts of a course dataset: ``"wikitext"``, ``"sms_spam"``, ``"cosmopedia"`` or ``"clinical_notes"``.
+    """Texts of a course dataset: ``"wikitext"``, ``"sms_spam"``, ``"cosmopedia"``, ``"clinical_notes"`` or
+    ``"course_code"``.
 
     Args:
         name: dataset name (an unknown one raises ``ValueError`` listing the known ones).

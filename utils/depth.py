@@ -411,6 +411,153 @@ def remove_blocks(model, indices: Iterable[int]):
     return model
 
 
+# --- replacing a removed run of blocks by a linear map (ReplaceMe) ---------------------------
+
+#: Ridge strength of :func:`linear_replacements`, relative to the mean energy of the MLP output it maps.
+DEFAULT_REPLACEMENT_DAMPING = 1.0
+
+
+def _contiguous_runs(indices: Iterable[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in sorted(indices):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _output_projection(block) -> torch.nn.Module:
+    """The last linear layer of a block's MLP, whose output is added straight to the residual stream."""
+    if any(hasattr(block, name) for name in ("post_feedforward_layernorm", "post_mlp_layernorm")):
+        raise ValueError("This block normalises its MLP output before adding it to the residual stream (Gemma "
+                         "family), so a linear map cannot be folded into the MLP: cut without it "
+                         "(prune_depth(..., linear_replacement=False) or remove_blocks).")
+    mlp = getattr(block, "mlp", None)
+    for name in ("down_proj", "c_proj", "fc2"):
+        layer = getattr(mlp, name, None)
+        if layer is not None and hasattr(layer, "weight"):
+            return layer
+    raise ValueError(f"Cannot find the output projection of {type(block).__name__}'s MLP (down_proj or c_proj).")
+
+
+@torch.no_grad()
+def linear_replacements(model, indices: Iterable[int], dataloader: Iterable[dict], *,
+                        damping: float = DEFAULT_REPLACEMENT_DAMPING, progress: bool = True) -> dict[int, torch.Tensor]:
+    """For each run of consecutive blocks in ``indices``, the linear map that best stands in for it.
+
+    Let block ``p`` be the block just before a run and ``y`` the hidden state leaving the run's last
+    block. Block ``p`` outputs ``r + m``: its residual stream ``r`` plus its MLP's output ``m``. The map
+    ``T`` (``[hidden, hidden]``) minimises, over the real tokens of ``dataloader``,
+    ``sum_t ||r_t + m_t T - y_t||^2 + lambda ||T - I||^2`` with ``lambda = damping * mean(diag(M^T M))``:
+    if block ``p``'s MLP writes ``m T`` instead of ``m``, the run can go and the next block still
+    receives (approximately) what it received before. This is the idea of ReplaceMe (Shopkhoev et al.,
+    2025) in its least-squares form; the ridge pulls ``T`` towards the identity (the plain cut) when the
+    calibration tokens are few. Returns ``{p: T}`` (float32, CPU); :func:`fold_linear_replacements`
+    writes the maps into the weights.
+    """
+    _check_damping_value(damping)
+    blocks = decoder_blocks(model)
+    runs = _contiguous_runs(indices)
+    if not runs:
+        raise ValueError("indices is empty: pass the block indices to remove, e.g. [10, 11].")
+    bad = [i for run in runs for i in run if not 0 <= i < len(blocks)]
+    if bad:
+        raise ValueError(f"Block indices {bad} are out of range: this model has {len(blocks)} blocks.")
+    if runs[0][0] == 0:
+        raise ValueError("Block 0 has no block before it whose MLP could absorb the linear map: keep block 0 "
+                         "(the default strategies protect it) or remove it with remove_blocks.")
+    for run in runs:
+        _output_projection(blocks[run[0] - 1])
+    device = _device_of(model)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    hidden = _text_config(model).hidden_size
+    stats = {run[0] - 1: [torch.zeros(hidden, hidden, dtype=dtype, device=device),
+                          torch.zeros(hidden, hidden, dtype=dtype, device=device)] for run in runs}
+    last_of = {run[0] - 1: run[-1] for run in runs}
+    state: dict[str, torch.Tensor] = {}
+    handles = []
+    for p, last in last_of.items():
+        def on_mlp(module, args, output, p=p):
+            state[f"m{p}"] = output.reshape(-1, output.shape[-1])[state["real"]].to(dtype)
+
+        def on_block(module, args, output, p=p):
+            state[f"x{p}"] = _output_of(output).reshape(-1, hidden)[state["real"]].to(dtype)
+
+        def on_last(module, args, output, p=p):
+            y = _output_of(output).reshape(-1, hidden)[state["real"]].to(dtype)
+            m = state.pop(f"m{p}")
+            residual = state.pop(f"x{p}") - m
+            stats[p][0].addmm_(m.T, m)
+            stats[p][1].addmm_(m.T, y - residual)
+
+        handles += [blocks[p].mlp.register_forward_hook(on_mlp), blocks[p].register_forward_hook(on_block),
+                    blocks[last].register_forward_hook(on_last)]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in tqdm(dataloader, desc="calibration (linear replacement)", disable=not progress, leave=False):
+            ids, mask = batch_tensors(batch, device)
+            state["real"] = mask.reshape(-1).bool()
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("The dataloader is empty: the linear replacement needs at least one batch.")
+    maps = {}
+    for p, (mtm, mty) in stats.items():
+        eye = torch.eye(hidden, dtype=torch.float64, device=device)
+        ridge = damping * mtm.diagonal().mean().clamp_min(1e-12).double() * eye
+        maps[p] = torch.linalg.solve(mtm.double() + ridge, mty.double() + ridge).float().cpu()
+    return maps
+
+
+def _check_damping_value(damping) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0 or math.isinf(damping):
+        raise ValueError(f"damping must be a positive number ({DEFAULT_REPLACEMENT_DAMPING} is the default), "
+                         f"got {damping!r}.")
+
+
+@torch.no_grad()
+def fold_linear_replacements(model, maps: dict[int, torch.Tensor]):
+    """Write each map ``T`` of :func:`linear_replacements` into block ``p``'s MLP output projection, in
+    place: the MLP then outputs ``m T``. The architecture does not change (same shapes, no new module)."""
+    blocks = decoder_blocks(model)
+    for p, T in maps.items():
+        layer = _output_projection(blocks[p])
+        T = T.to(device=layer.weight.device, dtype=torch.float64)
+        weight = layer.weight.double()
+        if isinstance(layer, torch.nn.Linear):  # weight [hidden, inner]: out = a W^T + b
+            layer.weight.copy_((T.T @ weight).to(layer.weight.dtype))
+        else:  # GPT-2's Conv1D, weight [inner, hidden]: out = a W + b
+            layer.weight.copy_((weight @ T).to(layer.weight.dtype))
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.copy_((layer.bias.double() @ T).to(layer.bias.dtype))
+    return model
+
+
+def prune_depth(model, n: int, dataloader: Iterable[dict], *, strategy: str = DEFAULT_STRATEGY,
+                linear_replacement: bool = True, damping: float = DEFAULT_REPLACEMENT_DAMPING,
+                protect: int | Sequence[int] | None = None, progress: bool = True):
+    """Remove ``n`` decoder blocks in place, the course's default way, and return the model.
+
+    Chooses the blocks with :func:`choose_blocks_to_remove` (``strategy``, default ``"angular_window"``),
+    then, with ``linear_replacement=True`` (the default), folds the least-squares map of
+    :func:`linear_replacements` into the block before each removed run, and removes the blocks with
+    :func:`remove_blocks`. Both steps use the same calibration batches. ``linear_replacement=False`` is
+    the plain cut. The evidence for the default is ``scripts/benchmark.py``'s table in RESULTS.md.
+    """
+    indices = choose_blocks_to_remove(model, dataloader, n, strategy=strategy, protect=protect, progress=progress)
+    if linear_replacement:
+        fold_linear_replacements(model, linear_replacements(model, indices, dataloader, damping=damping,
+                                                            progress=progress))
+    return remove_blocks(model, indices)
+
+
 def _remap_block_records(config, kept: list[int]) -> None:
     """Records indexed by block follow the kept blocks: ``removed_attention`` (:mod:`utils.attention`)
     and transformers' ``per_layer_config`` overrides. Entries of removed blocks are dropped."""
