@@ -1,6 +1,21 @@
 """Benchmark: the course's utilities side by side with optipfair, in ONE run on the same data.
 
-    RLLM_PROFILE=cpu python scripts/benchmark.py        (or: make bench)
+    RLLM_PROFILE=cpu python scripts/benchmark.py                  (or: make bench) both parts
+    RLLM_PROFILE=cpu python scripts/benchmark.py --part domains   only the multi-domain quality table
+
+Part 1, ``domains`` (BENCH_pruning_domains.json): pruning quality that must hold on text we did not tune
+on. For each domain (wikitext, cosmopedia, sms_spam, clinical_notes and the held-out course_code) and each
+calibration size (16 and 64 texts of that domain's train split, batch 8, at most 128 tokens, so short
+texts bring much padding), the course's defaults and optipfair prune the same model by the same amount,
+and perplexity is measured on that domain's test split (texts never used for calibration):
+  * width: 20 % of the MLP neurons, ``utils.prune_glu(model, 0.2, dataloader=calib)`` vs optipfair's hybrid
+    (``prune_model(pruning_type="MLP_GLU", neuron_selection_method="MAW", dataloader=calib)``);
+  * depth: 20 % of the blocks, ``utils.prune_depth(model, n, calib)`` vs optipfair's one-shot cosine choice
+    (the n blocks of lowest ``analyze_layer_importance``), no recovery for either.
+Each row reports both perplexities, their ratio and whether the course's target holds (width: ours at
+least 5 % lower; depth: ours at most 0.75x optipfair's).
+
+Part 2, ``speed`` (BENCH_utils_vs_optipfair.json), on wikitext:
 
 Measures, on the active profile's model (the real SmolLM2-135M in `cpu`):
   * block-importance time, and its ratio to a plain forward pass over the same batches (timed in turns with
@@ -10,12 +25,14 @@ Measures, on the active profile's model (the real SmolLM2-135M in `cpu`):
   * speed of each pruned model against the base with utils.compare_speed (forward pass and greedy generation,
     timed in turns): median ratios, the verdict on noise, and the ideal ratio predicted from the matmul FLOPs;
   * peak memory of each step (resident set size on CPU, allocated memory on CUDA).
-Writes runs/<profile>/BENCH_utils_vs_optipfair.json, which scripts/collect_results.py puts in RESULTS.md.
+scripts/collect_results.py puts both JSON files in RESULTS.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -27,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import optipfair  # noqa: E402
 import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import utils  # noqa: E402
 
@@ -83,8 +101,78 @@ def plain_forward(model, loader):
             model(input_ids=input_ids, attention_mask=mask, use_cache=False)
 
 
-def main() -> None:
-    base, tokenizer = utils.load_model(MODEL_ID)
+DOMAINS = ("wikitext", "cosmopedia", "sms_spam", "clinical_notes", "course_code")
+CALIBRATION_SIZES = (16, 64)
+HELD_OUT_TEXTS = utils.budget(full=64, cpu=48, tiny=8)
+WIDTH_TARGET, DEPTH_TARGET = 0.95, 0.75  # ours / optipfair perplexity must be at most this
+
+
+def optipfair_width(model, calib, ratio=WIDTH_RATIO):
+    """optipfair's data-driven hybrid: MAW weight ranges x per-batch activation norms, plain cut."""
+    return optipfair.prune_model(model, pruning_type="MLP_GLU", neuron_selection_method="MAW",
+                                 pruning_percentage=100 * ratio, dataloader=calib, show_progress=False)
+
+
+def optipfair_depth(model, calib, n_remove):
+    """optipfair's one-shot choice: the n blocks with the lowest cosine importance, plain cut."""
+    scores = optipfair.analyze_layer_importance(model, calib, show_progress=False)
+    lowest = sorted(scores, key=scores.get)[:n_remove]
+    return optipfair.prune_model(model, pruning_type="DEPTH", layer_indices=sorted(lowest), show_progress=False)
+
+
+def domain_rows(base, tokenizer, domains=DOMAINS, sizes=CALIBRATION_SIZES, *, held_out_texts=HELD_OUT_TEXTS,
+                progress: bool = True) -> list[dict]:
+    """One row per (domain, calibration size, width/depth): ours vs optipfair on that domain's test texts."""
+    n_blocks = base.config.num_hidden_layers
+    n_remove = max(1, round(DEPTH_FRACTION * n_blocks))
+    methods = {
+        "width": (WIDTH_TARGET, lambda m, c: utils.prune_glu(m, WIDTH_RATIO, dataloader=c, progress=False),
+                  optipfair_width),
+        "depth": (DEPTH_TARGET, lambda m, c: utils.prune_depth(m, n_remove, c, progress=False),
+                  lambda m, c: optipfair_depth(m, c, n_remove)),
+    }
+    rows = []
+    cells = [(d, n, kind) for d in domains for n in sizes for kind in methods]
+    bar = tqdm(total=len(cells), desc="domains x sizes x methods", disable=not progress)
+    for domain in domains:
+        held_out = utils.make_dataloader(utils.load_texts(domain, split="test", n=held_out_texts), tokenizer,
+                                         batch_size=8, max_length=256)
+        base_ppl = utils.perplexity(base, held_out, progress=False)
+        for size in sizes:
+            calib = utils.make_dataloader(utils.load_texts(domain, split="train", n=size), tokenizer,
+                                          batch_size=8, max_length=128)
+            tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+            for kind, (target, ours, theirs) in methods.items():
+                ppl_ours = utils.perplexity(ours(copy.deepcopy(base), calib), held_out, progress=False)
+                ppl_theirs = utils.perplexity(theirs(copy.deepcopy(base), calib), held_out, progress=False)
+                ratio = ppl_ours / ppl_theirs
+                rows.append({"domain": domain, "calibration_texts": size, "calibration_tokens": tokens,
+                             "pruning": kind, "base_ppl": base_ppl, "ours_ppl": ppl_ours,
+                             "optipfair_ppl": ppl_theirs, "ours_vs_optipfair": ratio,
+                             "log_ppl_gap": math.log(ppl_ours) - math.log(ppl_theirs),
+                             "target": f"<= {target}", "meets_target": ratio <= target})
+                bar.update(1)
+    bar.close()
+    return rows
+
+
+def run_domains(base, tokenizer) -> None:
+    rows = domain_rows(base, tokenizer)
+    summary = {}
+    for kind in ("width", "depth"):
+        mine = [r for r in rows if r["pruning"] == kind]
+        summary[f"{kind}_rows_meeting_target"] = f"{sum(r['meets_target'] for r in mine)} of {len(mine)}"
+        summary[f"{kind}_worst_ratio"] = max(r["ours_vs_optipfair"] for r in mine)
+        summary[f"{kind}_best_ratio"] = min(r["ours_vs_optipfair"] for r in mine)
+    utils.save_results("BENCH_pruning_domains", {"model": base.name_or_path, "table": rows, "summary": summary})
+    for row in rows:
+        print(f"{row['pruning']:5s} {row['domain']:15s} n={row['calibration_texts']:2d}  ours {row['ours_ppl']:9.2f}  "
+              f"optipfair {row['optipfair_ppl']:9.2f}  ratio {row['ours_vs_optipfair']:.3f}  "
+              f"{'meets' if row['meets_target'] else 'MISSES'} the target {row['target']}")
+    print(summary)
+
+
+def run_speed(base, tokenizer) -> None:
     calib = utils.make_dataloader(utils.load_texts("wikitext", split="train", n=CALIBRATION), tokenizer,
                                   batch_size=8, max_length=128)
     held_out = utils.make_dataloader(utils.load_texts("wikitext", split="test", n=EVALUATION), tokenizer,
@@ -129,31 +217,14 @@ def main() -> None:
         add("block importance", library, cost[library]["median_s"], mem,
             extra={"x_forward": cost[library]["median_s"] / forward_s})
 
-    def ours_depth():
-        model = copy.deepcopy(base)
-        return utils.remove_blocks(model, utils.choose_blocks_to_remove(model, calib, n_remove))
-
-    def optipfair_depth():  # optipfair's one-shot choice: the blocks with the lowest importance
-        scores = optipfair.analyze_layer_importance(base, calib, show_progress=False)
-        lowest = sorted(scores, key=scores.get)[:n_remove]
-        return optipfair.prune_model(copy.deepcopy(base), pruning_type="DEPTH", layer_indices=sorted(lowest),
-                                     show_progress=False)
-
-    model, s, m = timed(ours_depth)
-    add(f"depth: remove {n_remove} of {n_blocks} blocks", "utils (default)", s, m, model)
-    model, s, m = timed(optipfair_depth)
+    model, s, m = timed(lambda: utils.prune_depth(copy.deepcopy(base), n_remove, calib, progress=False))
+    add(f"depth: remove {n_remove} of {n_blocks} blocks", "utils (default: angular window + linear replacement)",
+        s, m, model)
+    model, s, m = timed(lambda: optipfair_depth(copy.deepcopy(base), calib, n_remove))
     add(f"depth: remove {n_remove} of {n_blocks} blocks", "optipfair (one-shot cosine)", s, m, model)
-
-    def ours_width():
-        return utils.prune_glu(copy.deepcopy(base), WIDTH_RATIO, dataloader=calib)
-
-    def optipfair_width():
-        return optipfair.prune_model(copy.deepcopy(base), pruning_type="MLP_GLU", neuron_selection_method="MAW",
-                                     pruning_percentage=100 * WIDTH_RATIO, dataloader=calib, show_progress=False)
-
-    model, s, m = timed(ours_width)
-    add(f"width: {WIDTH_RATIO:.0%} of MLP neurons", "utils (default: hybrid + least-squares repair)", s, m, model)
-    model, s, m = timed(optipfair_width)
+    model, s, m = timed(lambda: utils.prune_glu(copy.deepcopy(base), WIDTH_RATIO, dataloader=calib, progress=False))
+    add(f"width: {WIDTH_RATIO:.0%} of MLP neurons", "utils (default)", s, m, model)
+    model, s, m = timed(lambda: optipfair_width(copy.deepcopy(base), calib))
     add(f"width: {WIDTH_RATIO:.0%} of MLP neurons", "optipfair (hybrid MAW)", s, m, model)
     del model
 
@@ -167,6 +238,17 @@ def main() -> None:
     utils.save_results("BENCH_utils_vs_optipfair", results)
     for row in rows:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The course's pruning utilities next to optipfair.")
+    parser.add_argument("--part", choices=("all", "domains", "speed"), default="all")
+    args = parser.parse_args()
+    base, tokenizer = utils.load_model(MODEL_ID)
+    if args.part in ("all", "domains"):
+        run_domains(base, tokenizer)
+    if args.part in ("all", "speed"):
+        run_speed(base, tokenizer)
 
 
 if __name__ == "__main__":

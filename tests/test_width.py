@@ -143,6 +143,40 @@ def test_activation_norms_exclude_padding(tiny):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
+def test_padded_norms_equal_optipfair_on_one_batch(tiny):
+    """With padding counted, one batch gives exactly optipfair's per-batch activation norms, so the
+    default hybrid scores choose optipfair's neurons; prune_glu's one-pass statistic is the same."""
+    from optipfair.pruning import mlp_glu
+
+    model, tok = tiny(FAMILIES[0])
+    texts = ["A short one.", "A much longer sentence about rivers, towns and the people who live there."]
+    batch = utils.make_dataloader(texts, tok, batch_size=2)
+    ours = utils.activation_norms(model, batch, padding=True, progress=False)
+    real_only = utils.activation_norms(model, batch, progress=False)
+    handles = mlp_glu.setup_mlp_hooks_for_importance(model, torch.device("cpu"))
+    try:
+        mlp_glu.run_calibration_forward_passes(model, batch, torch.device("cpu"), show_progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    theirs = mlp_glu.get_activation_norms()
+    for i, n in enumerate(ours):
+        torch.testing.assert_close(n, theirs[i].float(), atol=1e-5, rtol=1e-5)
+    assert any(not torch.allclose(a, b) for a, b in zip(ours, real_only))  # the padding did count
+    padded = {}
+    utils.activation_grams(model, batch, progress=False, padded_norms=padded)
+    for i, n in enumerate(ours):
+        torch.testing.assert_close(padded[i], n, atol=1e-5, rtol=1e-5)
+    # both prune_glu paths (plain cut, and repair with its one-pass statistic) keep the default scores' top neurons
+    scores = utils.neuron_importance(model, method="hybrid", dataloader=batch, progress=False)
+    keep = utils.target_width(256, model.config.hidden_size, 0.25)
+    kept = utils.width.kept_indices(scores, keep)
+    for reconstruct in (False, True):
+        pruned = utils.prune_glu(copy.deepcopy(model), 0.25, dataloader=batch, reconstruct=reconstruct, progress=False)
+        for layer, (mlp, index) in enumerate(zip(utils.glu_mlps(pruned), kept)):
+            torch.testing.assert_close(mlp.up_proj.weight, utils.glu_mlps(model)[layer].up_proj.weight[index])
+
+
 def test_target_width():
     assert utils.target_width(1536, 576, 0.2) == 1536 - 307
     assert utils.target_width(1536, 576, 0.2, divisor=64) == 1216
