@@ -13,7 +13,9 @@ and perplexity is measured on that domain's test split (texts never used for cal
   * depth: 20 % of the blocks, ``utils.prune_depth(model, n, calib)`` vs optipfair's one-shot cosine choice
     (the n blocks of lowest ``analyze_layer_importance``), no recovery for either.
 Each row reports both perplexities, their ratio and whether the course's target holds (width: ours at
-least 5 % lower; depth: ours at most 0.75x optipfair's).
+least 5 % lower; depth: ours at most 0.75x optipfair's), and, as ablations, the defaults with one choice
+undone: width with real-token scores (damping 1.0, and 0.1 as before issue 17), depth without the linear
+replacement (the plain angular-window cut).
 
 Part 2, ``speed`` (BENCH_utils_vs_optipfair.json), on wikitext:
 
@@ -125,11 +127,26 @@ def domain_rows(base, tokenizer, domains=DOMAINS, sizes=CALIBRATION_SIZES, *, he
     """One row per (domain, calibration size, width/depth): ours vs optipfair on that domain's test texts."""
     n_blocks = base.config.num_hidden_layers
     n_remove = max(1, round(DEPTH_FRACTION * n_blocks))
+    def real_token_scores(model, calib):  # the hybrid statistic before SCORE_PADDING: real tokens only
+        return utils.scores_from_activations(model, utils.activation_norms(model, calib, progress=False), "hybrid")
+
     methods = {
         "width": (WIDTH_TARGET, lambda m, c: utils.prune_glu(m, WIDTH_RATIO, dataloader=c, progress=False),
                   optipfair_width),
         "depth": (DEPTH_TARGET, lambda m, c: utils.prune_depth(m, n_remove, c, progress=False),
                   lambda m, c: optipfair_depth(m, c, n_remove)),
+    }
+    # ablations of the defaults, reported next to them (not part of the target)
+    ablations = {
+        "width": {
+            "real_tokens_damping_0.1_ppl": lambda m, c: utils.prune_glu(  # the default before issue 17
+                m, WIDTH_RATIO, dataloader=c, scores=real_token_scores(m, c), damping=0.1, progress=False),
+            "real_tokens_ppl": lambda m, c: utils.prune_glu(
+                m, WIDTH_RATIO, dataloader=c, scores=real_token_scores(m, c), progress=False),
+        },
+        "depth": {
+            "plain_cut_ppl": lambda m, c: utils.prune_depth(m, n_remove, c, linear_replacement=False, progress=False),
+        },
     }
     rows = []
     cells = [(d, n, kind) for d in domains for n in sizes for kind in methods]
@@ -142,15 +159,19 @@ def domain_rows(base, tokenizer, domains=DOMAINS, sizes=CALIBRATION_SIZES, *, he
             calib = utils.make_dataloader(utils.load_texts(domain, split="train", n=size), tokenizer,
                                           batch_size=8, max_length=128)
             tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+            positions = sum(b["attention_mask"].numel() for b in calib)
             for kind, (target, ours, theirs) in methods.items():
                 ppl_ours = utils.perplexity(ours(copy.deepcopy(base), calib), held_out, progress=False)
                 ppl_theirs = utils.perplexity(theirs(copy.deepcopy(base), calib), held_out, progress=False)
                 ratio = ppl_ours / ppl_theirs
-                rows.append({"domain": domain, "calibration_texts": size, "calibration_tokens": tokens,
-                             "pruning": kind, "base_ppl": base_ppl, "ours_ppl": ppl_ours,
-                             "optipfair_ppl": ppl_theirs, "ours_vs_optipfair": ratio,
-                             "log_ppl_gap": math.log(ppl_ours) - math.log(ppl_theirs),
-                             "target": f"<= {target}", "meets_target": ratio <= target})
+                row = {"domain": domain, "calibration_texts": size, "calibration_tokens": tokens,
+                       "padding_share": 1 - tokens / positions, "pruning": kind, "base_ppl": base_ppl,
+                       "ours_ppl": ppl_ours, "optipfair_ppl": ppl_theirs, "ours_vs_optipfair": ratio,
+                       "log_ppl_gap": math.log(ppl_ours) - math.log(ppl_theirs),
+                       "target": f"<= {target}", "meets_target": ratio <= target}
+                for name, prune in ablations[kind].items():
+                    row[name] = utils.perplexity(prune(copy.deepcopy(base), calib), held_out, progress=False)
+                rows.append(row)
                 bar.update(1)
     bar.close()
     return rows

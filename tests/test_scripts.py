@@ -408,3 +408,20 @@ def test_t4_budget_out_of_memory_is_a_result(tmp_path):
     assert "≥ 16.50" in text and "| no |" in text
     crashed = t4_budget.failed_row(step, 1, "Traceback ...\nKeyError: 'MODEL_ID'", None)
     assert crashed["error"] == "KeyError: 'MODEL_ID'" and t4_budget.verdict(crashed, 15) is None
+
+
+def test_benchmark_domain_rows_on_the_tiny_model(tiny):
+    """The multi-domain pruning table runs end to end (tiny model, one domain, one calibration size)."""
+    import benchmark
+
+    from utils import load_model
+
+    model, tok = load_model(benchmark.MODEL_ID)
+    rows = benchmark.domain_rows(model, tok, domains=("sms_spam",), sizes=(8,), held_out_texts=8, progress=False)
+    assert [r["pruning"] for r in rows] == ["width", "depth"]
+    for row in rows:
+        assert row["domain"] == "sms_spam" and row["calibration_texts"] == 8
+        assert 0 < row["padding_share"] < 1 and row["calibration_tokens"] > 0
+        assert row["ours_vs_optipfair"] == pytest.approx(row["ours_ppl"] / row["optipfair_ppl"])
+        assert row["meets_target"] == (row["ours_vs_optipfair"] <= float(row["target"].split()[-1]))
+    assert {"real_tokens_ppl", "real_tokens_damping_0.1_ppl"} <= set(rows[0]) and "plain_cut_ppl" in rows[1]
