@@ -7,6 +7,13 @@
 * :func:`remove_blocks` — the surgery, keeping ``config.num_hidden_layers``,
   ``config.layer_types`` and every attention's ``layer_idx`` consistent, so that the KV cache
   and ``save_pretrained``/``from_pretrained`` keep working.
+* :func:`linear_replacements` / :func:`fold_linear_replacements` — a least-squares linear map that
+  stands in for a removed run of blocks, folded into the ``down_proj`` of the block before it
+  (ReplaceMe, Shopkhoev et al. 2025); the architecture stays standard.
+* :func:`prune_depth` — the course's default in one call: choose a run (``"angular_window"``), fit and
+  fold its replacement, remove it. In ``scripts/benchmark.py`` (five domains, 16 and 64 calibration
+  texts, SmolLM2-135M, 6 of 30 blocks) it is compared with optipfair's one-shot cosine cut; the table
+  is in RESULTS.md.
 
 Works on the course's Llama, Gemma 3 (``gemma3_text``), Qwen 3 (``model.model.layers``) and
 GPT-2 (``model.transformer.h``) models.
