@@ -425,3 +425,19 @@ def test_benchmark_domain_rows_on_the_tiny_model(tiny):
         assert row["ours_vs_optipfair"] == pytest.approx(row["ours_ppl"] / row["optipfair_ppl"])
         assert row["meets_target"] == (row["ours_vs_optipfair"] <= float(row["target"].split()[-1]))
     assert {"real_tokens_ppl", "real_tokens_damping_0.1_ppl"} <= set(rows[0]) and "plain_cut_ppl" in rows[1]
+
+
+def test_code_sample_rebuilds_from_its_pinned_commit():
+    import subprocess
+
+    import build_code_sample
+
+    root = Path(build_code_sample.ROOT)
+    known = subprocess.run(["git", "cat-file", "-e", f"{build_code_sample.SOURCE_COMMIT}^{{commit}}"], cwd=root,
+                           capture_output=True)
+    if known.returncode:
+        pytest.skip("shallow clone: the pinned source commit is not available")
+    records = build_code_sample.build()
+    on_disk = [json.loads(line) for line in build_code_sample.OUTPUT.read_text(encoding="utf-8").splitlines()]
+    assert records == on_disk
+    assert all(build_code_sample.MIN_CHARS <= len(r["text"]) <= build_code_sample.MAX_CHARS for r in records)
