@@ -69,3 +69,19 @@ def test_save_results_writes_json_with_environment(tiny):
         save_results("a/b", {})
     with pytest.raises(TypeError):
         save_results("x", [1])
+
+
+def test_load_results_round_trip_and_missing(tiny):
+    from utils import load_results
+
+    path = save_results("unit_test_load", {"ppl": 2.5, "rows": [{"a": 1}]})
+    try:
+        assert load_results("unit_test_load") == {"ppl": 2.5, "rows": [{"a": 1}]}
+        assert load_results("unit_test_load", profile="tiny") == load_results("unit_test_load")
+    finally:
+        path.unlink()
+    assert load_results("unit_test_load") is None  # not run yet: None, not an exception
+    with pytest.raises(ValueError, match="plain name"):
+        load_results("a/b")
+    with pytest.raises(ValueError, match="'full', 'cpu' or 'tiny'"):
+        load_results("x", profile="gpu")

@@ -82,7 +82,7 @@ from .models import (
 )
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .profiles import budget, describe_profile, get_profile, runs_dir
-from .results import save_results
+from .results import load_results, save_results
 from .training import causal_lm_loss, train
 from .width import (
     activation_grams,

@@ -61,3 +61,16 @@ def save_results(notebook: str, results: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     print(f"Results written to {path}")
     return path
+
+
+def load_results(name: str, profile: str | None = None) -> dict[str, Any] | None:
+    """The ``results`` dict that :func:`save_results` wrote for ``name`` (a notebook, or a script such as
+    ``"BENCH_pruning_domains"``) in ``runs/<profile>/``, or ``None`` when that run has not been made yet."""
+    if not name or "/" in name:
+        raise ValueError("name must be a plain name such as 'CH03_NB01_anatomy' or 'BENCH_pruning_domains'.")
+    if profile is not None and profile not in ("full", "cpu", "tiny"):
+        raise ValueError(f"profile must be 'full', 'cpu' or 'tiny' (or None for the active one), got {profile!r}.")
+    path = runs_dir(profile) / f"{name}.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))["results"]
