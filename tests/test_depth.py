@@ -309,9 +309,12 @@ def _states(model, loader, p, last):
     """Real-token rows of block p's MLP output m, block p's output x and block ``last``'s output y."""
     blocks, got = decoder_blocks(model), {"m": [], "x": [], "y": []}
     masks = []
+    def leaving(out):
+        return out[0] if isinstance(out, tuple) else out
+
     hooks = [blocks[p].mlp.register_forward_hook(lambda mod, a, out: got["m"].append(out)),
-             blocks[p].register_forward_hook(lambda mod, a, out: got["x"].append(out[0] if isinstance(out, tuple) else out)),
-             blocks[last].register_forward_hook(lambda mod, a, out: got["y"].append(out[0] if isinstance(out, tuple) else out))]
+             blocks[p].register_forward_hook(lambda mod, a, out: got["x"].append(leaving(out))),
+             blocks[last].register_forward_hook(lambda mod, a, out: got["y"].append(leaving(out)))]
     with torch.no_grad():
         for batch in loader:
             masks.append(batch["attention_mask"].reshape(-1).bool())

@@ -373,3 +373,28 @@ def test_speed_conclusion_words_a_median_beyond_the_ideal_carefully():
     assert "50% of the ideal gain" in speed_conclusion(result({"forward": inside}))
     at_ideal = _speedup([1.0, 1.0], [1 / 1.22, 1 / 1.24], 1.2, 0.05)  # a hair above x1.20: inside the tolerance
     assert "115% of the ideal gain" in speed_conclusion(result({"forward": at_ideal}))  # x1.23
+
+
+def test_calibration_pass_feeds_masks_stops_early_and_restores_mode(tiny_llama):
+    from utils import make_dataloader
+    from utils.depth import decoder_blocks
+    from utils.evaluation import StopForward, calibration_pass
+
+    model, tok = tiny_llama
+    model.train()
+    loader = make_dataloader(["one short text", "a second, somewhat longer text to pad the first"], tok,
+                             batch_size=2, max_length=32)
+    masks, reached = [], []
+    hooks = [decoder_blocks(model)[0].register_forward_hook(lambda *a: reached.append(0)),
+             decoder_blocks(model)[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(StopForward())),
+             decoder_blocks(model)[2].register_forward_hook(lambda *a: reached.append(2))]
+    try:
+        assert calibration_pass(model, loader, masks.append, progress=False) == 1
+    finally:
+        for h in hooks:
+            h.remove()
+    assert reached == [0]  # block 1 stopped the pass before block 2
+    assert masks[0].shape == next(iter(loader))["attention_mask"].shape and masks[0].sum() < masks[0].numel()
+    assert model.training  # the mode the model came in with
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        calibration_pass(model, [], masks.append, progress=False)

@@ -46,8 +46,14 @@ from .attention import (
 )
 from .checks import tolerances
 from .data import DATASETS, batch_tensors, load_records, load_texts, make_dataloader
-from .depth import (block_importance, choose_blocks_to_remove, fold_linear_replacements, linear_replacements,
-                    prune_depth, remove_blocks)
+from .depth import (
+    block_importance,
+    choose_blocks_to_remove,
+    fold_linear_replacements,
+    linear_replacements,
+    prune_depth,
+    remove_blocks,
+)
 from .distillation import distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
 from .evaluation import (
     SPEED_VERDICTS,

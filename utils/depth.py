@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import batch_tensors
-from .evaluation import _device_of
+from .evaluation import _device_of, calibration_pass
 
 #: Strategy names accepted by :func:`choose_blocks_to_remove`, with a one-line description.
 STRATEGIES: dict[str, str] = {
@@ -500,21 +500,12 @@ def linear_replacements(model, indices: Iterable[int], dataloader: Iterable[dict
 
         handles += [blocks[p].mlp.register_forward_hook(on_mlp), blocks[p].register_forward_hook(on_block),
                     blocks[last].register_forward_hook(on_last)]
-    was_training = model.training
-    model.eval()
-    seen = 0
     try:
-        for batch in tqdm(dataloader, desc="calibration (linear replacement)", disable=not progress, leave=False):
-            ids, mask = batch_tensors(batch, device)
-            state["real"] = mask.reshape(-1).bool()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            seen += 1
+        calibration_pass(model, dataloader, lambda mask: state.__setitem__("real", mask.reshape(-1).bool()),
+                         desc="calibration (linear replacement)", progress=progress)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("The dataloader is empty: the linear replacement needs at least one batch.")
     maps = {}
     for p, (mtm, mty) in stats.items():
         eye = torch.eye(hidden, dtype=torch.float64, device=device)

@@ -28,6 +28,39 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class StopForward(Exception):
+    """Raise it from a forward hook to skip the rest of a forward pass; :func:`calibration_pass` catches it."""
+
+
+@torch.no_grad()
+def calibration_pass(model: torch.nn.Module, dataloader: Iterable[dict], before_batch: Callable, *,
+                     desc: str = "calibration", progress: bool = True) -> int:
+    """Feed every batch through ``model`` (eval mode, no cache, no gradients) for hooks to read.
+
+    ``before_batch(attention_mask)`` is called before each forward pass, so hooks can tell real tokens from
+    padding. A hook may raise :class:`StopForward` once it has what it needs. The model's training mode is
+    restored afterwards. Returns the number of batches; an empty dataloader raises ``ValueError``.
+    """
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
+            ids, mask = batch_tensors(batch, device)
+            before_batch(mask)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+            seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("The dataloader is empty: calibration needs at least one batch.")
+    return seen
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, dataloader: Iterable[dict], *, progress: bool = True,
                desc: str = "perplexity") -> float:

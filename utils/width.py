@@ -48,10 +48,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .data import batch_tensors
-from .evaluation import _device_of
+from .evaluation import StopForward, _device_of, calibration_pass
 from .models import register_config_surgery
 
 STATIC_METHODS: tuple[str, ...] = ("maw", "vow", "pon", "l2")
@@ -123,10 +121,6 @@ def static_scores(gate: torch.Tensor, up: torch.Tensor, method: str = "maw") -> 
     raise ValueError(f"static_scores: method must be one of {', '.join(STATIC_METHODS)}, got {method!r}.")
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the deepest layer of interest has been seen: the rest of the forward is skipped."""
-
-
 @torch.no_grad()
 def _run_calibration(model: nn.Module, dataloader: Iterable, layers: list[int], consume, *, desc: str,
                      progress: bool) -> None:
@@ -134,7 +128,6 @@ def _run_calibration(model: nn.Module, dataloader: Iterable, layers: list[int], 
     input of each chosen layer: ``real`` holds the real tokens' rows, ``every`` every position's, padding
     included (both ``[rows, intermediate]``, float32). The forward pass stops after the deepest chosen layer."""
     mlps = glu_mlps(model)
-    device = _device_of(model)
     state: dict[str, torch.Tensor] = {}
     last = max(layers)
 
@@ -144,28 +137,16 @@ def _run_calibration(model: nn.Module, dataloader: Iterable, layers: list[int], 
             real = state["mask"].reshape(-1).bool()
             consume(index, acts[real].float(), acts.float())  # real tokens only, and every position
             if index == last:
-                raise _StopForward
+                raise StopForward
         return hook
 
     handles = [mlps[i].down_proj.register_forward_pre_hook(make_hook(i)) for i in layers]
-    was_training = model.training
-    model.eval()
-    seen = 0
     try:
-        for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
-            ids, mask = batch_tensors(batch, device)
-            state["mask"] = mask
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            seen += 1
+        calibration_pass(model, dataloader, lambda mask: state.__setitem__("mask", mask), desc=desc,
+                         progress=progress)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise ValueError("The dataloader is empty: calibration needs at least one batch.")
 
 
 def activation_norms(model: nn.Module, dataloader: Iterable, *, padding: bool = False,
