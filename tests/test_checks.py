@@ -86,3 +86,13 @@ def test_glu_from_scratch_matches_the_module_in_every_dtype(qwen_norm_and_mlp, d
         swapped = (mlp.act_fn(x @ mlp.up_proj.weight.T) * (x @ mlp.gate_proj.weight.T)) @ mlp.down_proj.weight.T
         with pytest.raises(AssertionError):  # activation on the wrong branch
             torch.testing.assert_close(swapped, theirs, **tolerances(theirs))
+
+
+def test_check_damping_accepts_positive_numbers_only():
+    from utils.checks import check_damping
+
+    for good in (1e-6, 0.1, 1, 10.0):
+        check_damping(good, 1.0)
+    for bad in (0, -0.5, float("inf"), float("nan"), True, "1", None):
+        with pytest.raises(ValueError, match=r"damping must be a positive number \(0.1 is the default\)"):
+            check_damping(bad, 0.1)

@@ -9,9 +9,13 @@ and an ``atol`` of the same size *relative to the largest value of the reference
 order 0.01, and a fixed ``atol=1e-2`` would accept any formula at all. With these tolerances a
 check still fails when the formula is wrong (a missing weight, a mean instead of a root mean
 square, the activation on the wrong branch: errors of the order of the values themselves).
+
+Also one argument check shared by the least-squares repairs of CH04 and CH05: :func:`check_damping`.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -50,3 +54,10 @@ def tolerances(reference: torch.Tensor | torch.dtype) -> dict[str, float]:
     if isinstance(reference, torch.Tensor) and reference.numel():
         atol *= max(reference.detach().abs().max().item(), torch.finfo(dtype).tiny)
     return {"atol": atol, "rtol": rtol}
+
+
+def check_damping(damping, default: float) -> None:
+    """Raise ``ValueError`` unless ``damping`` (a ridge strength) is a finite positive number; the message
+    names ``default``, the caller's default value."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0 or math.isinf(damping):
+        raise ValueError(f"damping must be a positive number ({default} is the default), got {damping!r}.")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checks import check_damping
 from .data import batch_tensors
 from .evaluation import _device_of, calibration_pass
 
@@ -467,7 +468,7 @@ def linear_replacements(model, indices: Iterable[int], dataloader: Iterable[dict
     calibration tokens are few. Returns ``{p: T}`` (float32, CPU); :func:`fold_linear_replacements`
     writes the maps into the weights.
     """
-    _check_damping_value(damping)
+    check_damping(damping, DEFAULT_REPLACEMENT_DAMPING)
     blocks = decoder_blocks(model)
     runs = _contiguous_runs(indices)
     if not runs:
@@ -516,12 +517,6 @@ def linear_replacements(model, indices: Iterable[int], dataloader: Iterable[dict
         ridge = damping * mtm.diagonal().mean().clamp_min(1e-12).double() * eye
         maps[p] = torch.linalg.solve(mtm.double() + ridge, mty.double() + ridge).float().cpu()
     return maps
-
-
-def _check_damping_value(damping) -> None:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0 or math.isinf(damping):
-        raise ValueError(f"damping must be a positive number ({DEFAULT_REPLACEMENT_DAMPING} is the default), "
-                         f"got {damping!r}.")
 
 
 @torch.no_grad()

@@ -43,12 +43,12 @@ stays a single integer and the pruned model saves and reloads with plain ``trans
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from .checks import check_damping
 from .evaluation import StopForward, _device_of, calibration_pass
 from .models import register_config_surgery
 
@@ -313,17 +313,13 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
 
     def consume(index: int, real: torch.Tensor, every: torch.Tensor) -> None:
         grams[index].addmm_(real.T, real)
-        norms[index] += every.pow(2).sum(dim=0).double().cpu()
+        if padded_norms is not None:
+            norms[index] += every.pow(2).sum(dim=0).double().cpu()
 
     _run_calibration(model, dataloader, chosen, consume, desc="calibration (Gram)", progress=progress)
     if padded_norms is not None:  # the scores' statistic, gathered in the same pass
         padded_norms.update({i: n.sqrt().float() for i, n in norms.items()})
     return {i: g.cpu() for i, g in grams.items()}
-
-
-def _check_damping(damping) -> None:
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0 or math.isinf(damping):
-        raise ValueError(f"damping must be a positive number ({DEFAULT_DAMPING} is the default), got {damping!r}.")
 
 
 def compensate_down_proj(down_weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, *,
@@ -343,7 +339,7 @@ def compensate_down_proj(down_weight: torch.Tensor, gram: torch.Tensor, kept: to
     Returns:
         The new ``[hidden, len(kept)]`` weight, in ``down_weight``'s dtype and device.
     """
-    _check_damping(damping)
+    check_damping(damping, DEFAULT_DAMPING)
     hidden, width = down_weight.shape
     if gram.shape != (width, width):
         raise ValueError(f"gram must be [{width}, {width}] (one row and column per neuron of this layer), "
@@ -416,7 +412,7 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
     if reconstruct and dataloader is None:
         raise ValueError("reconstruct=True re-fits down_proj on calibration activations: pass dataloader= "
                          "(e.g. utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)).")
-    _check_damping(damping)
+    check_damping(damping, DEFAULT_DAMPING)
     if method is None:
         method = DEFAULT_DATA_METHOD if dataloader is not None else DEFAULT_STATIC_METHOD
     method = _check_method(method)
