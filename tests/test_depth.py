@@ -14,6 +14,7 @@ from utils.architectures import tiny_config
 from utils.depth import (
     DEFAULT_STRATEGY,
     STRATEGIES,
+    _output_of,
     angular_distances,
     block_importance,
     choose_blocks_to_remove,
@@ -309,12 +310,9 @@ def _states(model, loader, p, last):
     """Real-token rows of block p's MLP output m, block p's output x and block ``last``'s output y."""
     blocks, got = decoder_blocks(model), {"m": [], "x": [], "y": []}
     masks = []
-    def leaving(out):
-        return out[0] if isinstance(out, tuple) else out
-
     hooks = [blocks[p].mlp.register_forward_hook(lambda mod, a, out: got["m"].append(out)),
-             blocks[p].register_forward_hook(lambda mod, a, out: got["x"].append(leaving(out))),
-             blocks[last].register_forward_hook(lambda mod, a, out: got["y"].append(leaving(out)))]
+             blocks[p].register_forward_hook(lambda mod, a, out: got["x"].append(_output_of(out))),
+             blocks[last].register_forward_hook(lambda mod, a, out: got["y"].append(_output_of(out)))]
     with torch.no_grad():
         for batch in loader:
             masks.append(batch["attention_mask"].reshape(-1).bool())

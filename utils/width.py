@@ -308,16 +308,17 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
     device = _device_of(model)
     grams = {i: torch.zeros(mlps[i].down_proj.in_features, mlps[i].down_proj.in_features, device=device)
              for i in chosen}
-
-    norms = {i: torch.zeros(mlps[i].down_proj.in_features, dtype=torch.float64) for i in chosen}
+    # the scores' statistic, gathered in the same pass when asked for
+    norms = None if padded_norms is None else {i: torch.zeros(mlps[i].down_proj.in_features, dtype=torch.float64)
+                                               for i in chosen}
 
     def consume(index: int, real: torch.Tensor, every: torch.Tensor) -> None:
         grams[index].addmm_(real.T, real)
-        if padded_norms is not None:
+        if norms is not None:
             norms[index] += every.pow(2).sum(dim=0).double().cpu()
 
     _run_calibration(model, dataloader, chosen, consume, desc="calibration (Gram)", progress=progress)
-    if padded_norms is not None:  # the scores' statistic, gathered in the same pass
+    if norms is not None:
         padded_norms.update({i: n.sqrt().float() for i, n in norms.items()})
     return {i: g.cpu() for i, g in grams.items()}
 
