@@ -2,7 +2,8 @@
 
     from utils import load_model, load_texts, make_dataloader, perplexity
 
-Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.architectures` (the course
+Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.precision` (the precision-and-device policy:
+load dtype, autocast, loss scaling; ``RLLM_HARDWARE=t4`` simulates a Colab T4), :mod:`~utils.architectures` (the course
 models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (datasets and
 dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
 (charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
@@ -87,6 +88,8 @@ from .models import (
     register_config_surgery,
 )
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
+from . import precision
+from .precision import device_of, precision_policy, to_device
 from .profiles import budget, describe_profile, get_profile, runs_dir
 from .results import load_results, save_results
 from .training import causal_lm_loss, train

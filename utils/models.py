@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .architectures import ARCHITECTURES, FALLBACK_MODEL_ID, tiny_config
+from .precision import default_device, precision_policy
 from .profiles import DATA_DIR, cache_dir, get_profile
 
 #: The real model of the ``cpu`` profile, whatever ``model_id`` a notebook asks for.
@@ -79,10 +80,6 @@ def register_config_surgery(fn: Callable | None = None, *, applies: Callable | N
     return register if fn is None else register(fn)
 
 
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _resolve_dtype(dtype: torch.dtype | str | None, device: str, model_type: str | None) -> torch.dtype:
     if isinstance(dtype, str):
         if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
@@ -90,12 +87,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: str, model_type: str
         return getattr(torch, dtype)
     if dtype is not None:
         return dtype
-    if not str(device).startswith("cuda"):
+    policy = precision_policy()
+    if not str(device).startswith("cuda") and not policy.simulated:
         return torch.float32
-    if torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    # A T4 has no native bfloat16. Gemma 3 overflows in float16, so it stays in float32.
-    return torch.float32 if model_type and model_type.startswith("gemma") else torch.float16
+    # The policy: bfloat16 where the GPU has it natively; a T4 (real or simulated) has not, so float16,
+    # except Gemma 3, which overflows in float16 and stays in float32.
+    return policy.load_dtype(model_type)
 
 
 # A Hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'; not starting with '.').
@@ -125,8 +122,9 @@ def load_model(model_id: str | os.PathLike, *, dtype: torch.dtype | str | None =
     Args:
         model_id: a Hugging Face Hub id, e.g. ``"Qwen/Qwen3-0.6B"``, or a local folder written by
             ``model.save_pretrained(folder)`` and ``tokenizer.save_pretrained(folder)``.
-        dtype: weights' dtype. Default: float32 on CPU; bfloat16 on GPUs that support it,
-            else float16 (float32 for Gemma, which overflows in float16).
+        dtype: weights' dtype. Default: :func:`utils.precision.precision_policy`'s choice: float32 on
+            a CPU; bfloat16 on GPUs that have it natively, else float16 (float32 for Gemma, which
+            overflows in float16). ``RLLM_HARDWARE=t4`` simulates a T4's choice on a CPU.
         device: ``"cpu"``, ``"cuda"``, ... Default: CUDA when available.
 
     Returns:
@@ -148,7 +146,7 @@ def load_model(model_id: str | os.PathLike, *, dtype: torch.dtype | str | None =
     if not isinstance(model_id, str) or not model_id.strip():
         raise ValueError("model_id must be a non-empty string such as 'Qwen/Qwen3-0.6B', or a saved model's folder.")
     profile = get_profile()
-    device = device or _default_device()
+    device = device or default_device()
     folder = _local_folder(model_id)
     if folder is not None:
         model, tokenizer = _load_folder(folder, dtype, device)

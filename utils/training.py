@@ -11,8 +11,11 @@ What the loop does, in the order a reader would write it by hand:
 * a learning rate that warms up linearly, then decays along a cosine to 10 % of ``lr``;
 * ``grad_accum`` batches per optimizer step, and optionally ``micro_batch_size``: each batch is cut
   into smaller chunks whose gradients are accumulated (about the same update, less memory);
-* gradient-norm clipping, mixed precision on a CUDA GPU (bfloat16 where supported, else float16 with
-  loss scaling; never float16 for Gemma, whose activations overflow it);
+* gradient-norm clipping, and mixed precision as :mod:`utils.precision` decides: a float32 model on a
+  GPU is autocast to bfloat16 where the GPU has it natively, else to float16 with loss scaling (never
+  float16 for Gemma, whose activations overflow it); a half-precision model (float16 on a T4) computes in
+  its own dtype while AdamW updates **float32 master copies** of the parameters that train, never the
+  half-precision weights themselves (float16's smallest steps and AdamW's ``eps`` underflow there);
 * a progress bar, a history of every step, and an evaluation callback.
 
 The loss is a function ``loss_fn(model, batch)``: the default :func:`causal_lm_loss` is next-token
@@ -29,14 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .precision import HALF_DTYPES, device_of, dtype_of, precision_policy, to_device
+
 IGNORE_INDEX = -100
 MIN_LR_RATIO = 0.1
 
 LossFn = Callable[[torch.nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, dict]"]
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def lm_labels(batch: dict) -> torch.Tensor:
@@ -69,16 +70,48 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
-    """The mixed-precision dtype for training ``model``: None (full precision) unless its float32
-    weights sit on a CUDA GPU; there bfloat16 where supported, else float16 (None for Gemma, whose
-    activations overflow float16)."""
-    param = next(model.parameters())
-    if param.device.type != "cuda" or param.dtype != torch.float32:
-        return None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16
+    """The dtype ``model`` trains in under autocast, or None for plain float32 (see
+    :meth:`utils.precision.PrecisionPolicy.autocast_dtype`): a half-precision model its own dtype; a
+    float32 model on a GPU bfloat16 where native, else float16 (None for Gemma); None on a CPU."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
-    return None if model_type.startswith("gemma") else torch.float16
+    policy = precision_policy()
+    if device_of(model).type != "cuda" and not policy.simulated:
+        return dtype_of(model) if dtype_of(model) in HALF_DTYPES else None
+    return policy.autocast_dtype(dtype_of(model), model_type)
+
+
+class MasterWeights:
+    """float32 copies of the half-precision parameters that train: what AdamW updates.
+
+    AdamW run directly on float16 weights breaks: its second-moment estimate and ``eps=1e-8`` underflow,
+    and an update smaller than the weight's float16 step is lost. So the optimizer holds a float32
+    "master" copy of each half-precision parameter; after each backward pass :meth:`grads_to_masters`
+    hands it the gradient (in float32), and after each optimizer step :meth:`masters_to_model` writes the
+    rounded result back into the model. float32 parameters (a LoRA adapter on a float16 base, say) are
+    their own masters and cost nothing extra.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.pairs = [(p, p.detach().float().clone().requires_grad_(True) if p.dtype in HALF_DTYPES else p)
+                      for p in params]
+        self.params = [master for _, master in self.pairs]
+
+    @property
+    def copies(self) -> int:
+        """How many parameters have a separate float32 copy."""
+        return sum(p is not master for p, master in self.pairs)
+
+    def grads_to_masters(self) -> None:
+        for p, master in self.pairs:
+            if p is not master:
+                master.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    @torch.no_grad()
+    def masters_to_model(self) -> None:
+        for p, master in self.pairs:
+            if p is not master:
+                p.copy_(master)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -96,7 +129,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     if not isinstance(batch, dict):
         raise TypeError(f"Training batches must be dicts of tensors (input_ids, attention_mask, ...), got "
                         f"{type(batch).__name__}. Build them with utils.make_dataloader.")
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return to_device(batch, device)
 
 
 def _split(batch: dict, size: int | None) -> list[tuple[dict, float]]:
@@ -181,10 +214,11 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
     for p in all_params:  # frozen parameters get no gradient at all (memory and time)
         p.requires_grad_(id(p) in chosen_ids)
 
-    device = _device_of(model)
+    device = device_of(model)
     amp_dtype = autocast_dtype(model)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    optimizer = torch.optim.AdamW(chosen, lr=lr, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if precision_policy().needs_grad_scaler(amp_dtype) else None
+    masters = MasterWeights(chosen)
+    optimizer = torch.optim.AdamW(masters.params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n_batches / grad_accum)
     total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
 
@@ -234,15 +268,17 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
                     continue
                 for group in optimizer.param_groups:
                     group["lr"] = lr * lr_factor(step, total_steps, warmup_steps)
+                masters.grads_to_masters()
                 if scaler:
                     scaler.unscale_(optimizer)
                 if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(chosen, max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(masters.params, max_grad_norm)
                 if scaler:
-                    scaler.step(optimizer)
+                    scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
                     scaler.update()
                 else:
                     optimizer.step()
+                masters.masters_to_model()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 history["step"].append(step)
@@ -263,6 +299,8 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
         bar.close()
     finally:
         optimizer.zero_grad(set_to_none=True)
+        for p in chosen:
+            p.grad = None
         for p, flag in zip(all_params, grad_flags):
             p.requires_grad_(flag)
         model.train(was_training)
@@ -271,5 +309,6 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
                            "micro_batch_size": micro_batch_size, "epochs": epochs, "max_steps": max_steps,
                            "steps": step, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
                            "trainable_parameters": sum(p.numel() for p in chosen),
-                           "mixed_precision": str(amp_dtype) if amp_dtype else None}
+                           "mixed_precision": str(amp_dtype) if amp_dtype else None,
+                           "float32_master_copies": masters.copies, "loss_scaling": scaler is not None}
     return history
