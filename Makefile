@@ -15,12 +15,13 @@ TEST_WORKERS ?= 2
 CH      ?=
 NB      ?=
 
-.PHONY: help setup plan run test results bench lint tokenizer figures clean
+.PHONY: help setup plan run test rehearse results bench lint tokenizer figures clean
 
 help:
 	@echo "make run [CH=CH04] [NB=CH04_NB01] [PROFILE=cpu|tiny|full]  execute notebooks into runs/<profile>/"
 	@echo "make plan [CH=...] [NB=...] [PROFILE=...]                 what make run would execute, and how long it takes"
 	@echo "make test                                                 run the whole test suite (offline)"
+	@echo "make rehearse                                             every notebook as a Colab T4 would run it (simulated on the CPU)"
 	@echo "make bench                                               utils vs optipfair benchmark (part of a full make run)"
 	@echo "make results                                              rebuild RESULTS.md from runs/cpu/"
 	@echo "make setup                                                only create .venv and install"
@@ -44,6 +45,13 @@ plan:
 
 test: setup
 	RLLM_PROFILE=tiny HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# The Colab rehearsal: every notebook in the tiny profile under a simulated T4 (RLLM_HARDWARE=t4: models in
+# float16 -- Gemma 3 in float32 --, float16 autocast and loss scaling in training), so a cell that only works in
+# float32 fails here before it fails on Colab. Tensors stay on the CPU: scripts/rehearse_cuda.sh runs the same
+# on a real GPU.
+rehearse: setup
+	RLLM_PROFILE=tiny RLLM_HARDWARE=t4 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile notebooks tests/test_rehearsal.py
 
 bench: setup
 	RLLM_PROFILE=$(PROFILE) $(PY) scripts/benchmark.py
