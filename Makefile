@@ -51,7 +51,7 @@ test: setup
 # float32 fails here before it fails on Colab. Tensors stay on the CPU: scripts/rehearse_cuda.sh runs the same
 # on a real GPU.
 rehearse: setup
-	RLLM_PROFILE=tiny RLLM_HARDWARE=t4 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile notebooks tests/test_rehearsal.py
+	RLLM_REHEARSAL=1 RLLM_PROFILE=tiny RLLM_HARDWARE=t4 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile notebooks tests/test_rehearsal.py
 
 bench: setup
 	RLLM_PROFILE=$(PROFILE) $(PY) scripts/benchmark.py
