@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -220,3 +221,22 @@ def test_train_lora_adapter_bad_inputs(tiny_llama):
         utils.train_lora_adapter(model, batches, steps=1, target_modules=["no_such_proj"])
     with pytest.raises(ValueError, match="rank"):
         utils.train_lora_adapter(model, batches, steps=1, rank=0)
+
+
+def test_train_lora_adapter_on_a_float16_base(tiny):
+    """A T4's case: a float16 base, a float32 adapter (peft's default), loss scaling; the base stays put."""
+    from utils import extraction as ex
+
+    model, tokenizer = utils.load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype=torch.float16)
+    records = utils.load_records("clinical_notes", split="train", n=6)
+    loader = ex.make_sft_dataloader(records, tokenizer, batch_size=2, max_length=512, seed=0)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model, history = utils.train_lora_adapter(model, loader, steps=3, rank=4, alpha=8, lr=1e-2,
+                                                   loss_fn=ex.answer_loss, progress=False)
+    assert all(math.isfinite(v) for v in history["loss"])
+    assert history["settings"]["mixed_precision"] == "torch.float16"
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero: it learned
+    for name, p in peft_model.base_model.model.named_parameters():
+        if "lora_" not in name:
+            assert p.dtype == torch.float16 and torch.equal(p, base[name.replace("base_layer.", "")])

@@ -137,3 +137,76 @@ def test_distill_and_train_share_the_loop():
     student = copy.deepcopy(teacher)
     history = utils.distill(student, teacher, _batches(2), max_steps=2, micro_batch_size=2, progress=False)
     assert history["settings"]["micro_batch_size"] == 2 and len(history["soft"]) == 2
+
+
+# --- half precision: what a T4 gets (float16 weights) ------------------------------------------
+
+def test_adamw_directly_on_float16_weights_is_what_breaks():
+    """The failure the master weights fix: AdamW's state underflows in float16 (eps=1e-8 is 0 there)."""
+    param = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    param.grad = torch.full((4,), 1e-4, dtype=torch.float16)
+    optimizer.step()
+    state = optimizer.state[param]["exp_avg_sq"]
+    assert state.dtype == torch.float16 and (state == 0).all()  # 1e-8 * (1 - beta2) underflows to 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_trains_with_float32_masters(dtype):
+    model = _model().to(dtype)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = train(model, _batches(2) * 8, max_steps=12, lr=3e-3, progress=False)
+    assert all(math.isfinite(v) for v in history["loss"])
+    assert sum(history["loss"][-3:]) < sum(history["loss"][:3])
+    assert all(p.dtype == dtype for p in model.parameters())  # the model keeps its dtype
+    assert all(p.grad is None for p in model.parameters())  # no half-precision gradient left behind
+    assert sum(not torch.equal(p, before[n]) for n, p in model.named_parameters()) == len(before)
+    settings = history["settings"]
+    assert settings["float32_master_copies"] == len(before)
+    assert settings["mixed_precision"] == str(dtype)
+    assert settings["loss_scaling"] is (dtype == torch.float16)
+
+
+def test_master_weights_update_small_steps_that_float16_would_lose():
+    """An update far below float16's step at 1.0 (about 1e-3) is kept in the master and adds up."""
+    param = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    masters = utils.training.MasterWeights([param])
+    optimizer = torch.optim.SGD(masters.params, lr=1.0)
+    for _ in range(50):
+        param.grad = torch.full((3,), 1e-4, dtype=torch.float16)
+        masters.grads_to_masters()
+        optimizer.step()
+        masters.masters_to_model()
+    assert param.grad is None and masters.params[0].dtype == torch.float32
+    torch.testing.assert_close(masters.params[0], torch.full((3,), 1 - 50e-4))
+    assert param[0].item() == pytest.approx(0.995, abs=1e-3)  # 50 steps of 1e-4 that float16 alone would lose
+
+
+def test_float32_parameters_are_their_own_masters():
+    adapter = torch.nn.Parameter(torch.zeros(2))
+    masters = utils.training.MasterWeights([adapter, torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))])
+    assert masters.params[0] is adapter and masters.copies == 1
+
+
+def test_float16_distillation_under_a_simulated_t4(monkeypatch):
+    monkeypatch.setenv("RLLM_HARDWARE", "t4")
+    teacher = _model().to(torch.float16)
+    student = copy.deepcopy(teacher)
+    student.model.layers = student.model.layers[:1]
+    student.config.num_hidden_layers = 1
+    history = utils.distill(student, teacher, _batches(2) * 6, max_steps=10, lr=3e-3, progress=False)
+    assert all(math.isfinite(v) for v in history["loss"])
+    assert sum(history["loss"][-3:]) < sum(history["loss"][:3])
+    assert history["settings"]["loss_scaling"] is True
+    assert next(student.parameters()).dtype == torch.float16
+
+
+def test_autocast_follows_the_policy(monkeypatch):
+    model = _model()
+    monkeypatch.setenv("RLLM_HARDWARE", "cpu")
+    assert utils.training.autocast_dtype(model) is None
+    assert utils.training.autocast_dtype(copy.deepcopy(model).half()) == torch.float16
+    monkeypatch.setenv("RLLM_HARDWARE", "t4")
+    assert utils.training.autocast_dtype(model) == torch.float16  # a float32 model on a T4 is autocast
+    model.config.model_type = "gemma3_text"
+    assert utils.training.autocast_dtype(model) is None  # ... but never Gemma in float16
