@@ -243,3 +243,15 @@ def test_flops_ideal_counts_the_active_experts_only(base, split):
     idle = moe.active_parameters(model)["total"] - moe.active_parameters(model)["active"]
     routers = sum(p.numel() for p in moe.router_parameters(model))
     assert utils.matmul_parameters(model) == utils.matmul_parameters(base[0]) - idle + routers
+
+
+def test_random_split_measures_no_gram_and_compare_logits_skips_padding(base, batch):
+    model = copy.deepcopy(base[0])
+    info = moe.moefy(model, 4, 4, layers=LAYERS, method="random", router="zeros", progress=False)
+    assert info["grams"] == {}  # no identity stand-ins returned (16 x 268 MB on the CPU for Llama-3.2-1B)
+    assert all(p.shape == (4, 64) for p in info["partitions"].values())
+    padded = {"input_ids": batch["input_ids"].clone(), "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][-1] = 0  # a row of padding only: skipped, not a NaN or an empty max
+    check = moe.compare_logits(model, base[0], [padded])  # k = E: the split equals the dense model
+    assert check["tokens"] == int(padded["attention_mask"].sum())
+    assert check["max_abs_diff"] < 1e-4 and check["argmax_agreement"] == 1.0
