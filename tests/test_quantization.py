@@ -264,3 +264,115 @@ def test_bad_storage_arguments_are_clear_errors():
         utils.bits_per_parameter(0, 64)
     with pytest.raises(ValueError, match="numel"):
         utils.bits_per_parameter(4, 64, numel=-3)
+
+
+# --- real 4-bit models (bitsandbytes) --------------------------------------------------------------
+
+def test_bnb_cpu_shape_rules():
+    # SmolLM2-135M's projections (576 / 192 / 1536 features) fit both; the tiny profile's do not.
+    for out_features, in_features in [(576, 576), (192, 576), (1536, 576), (576, 1536)]:
+        assert utils.quantization.bnb_cpu_packing_fits(out_features, in_features)
+        assert utils.quantization.bnb_cpu_dequantize_fits(in_features)
+    assert not utils.quantization.bnb_cpu_packing_fits(16, 64)  # key projection: 16 outputs, not a multiple of 32
+    assert not utils.quantization.bnb_cpu_packing_fits(176, 64)
+    assert not utils.quantization.bnb_cpu_packing_fits(64, 176)  # 176 inputs: blocks of 64 straddle rows
+    assert not utils.quantization.bnb_cpu_dequantize_fits(176)
+    assert utils.quantization.bnb_cpu_dequantize_fits(176, blocksize=16)
+    with pytest.raises(ValueError, match="out_features must be a positive int"):
+        utils.quantization.bnb_cpu_packing_fits(0, 64)
+    with pytest.raises(ValueError, match="blocksize"):
+        utils.quantization.bnb_cpu_dequantize_fits(64, blocksize=True)
+
+
+class _Fake4bit(nn.Module):
+    """Stands for a bitsandbytes Linear4bit on a CPU with AVX512-BF16 (no bitsandbytes needed)."""
+
+    def __init__(self, out_features, in_features, packed=False):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.weight = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.weight.quant_state = type("State", (), {"blocksize": 64, "packing_format_for_cpu": packed})()
+        self.support_avx512bf16_for_cpu = True
+
+
+def test_keep_bnb_cpu_packing_safe_switches_off_only_what_does_not_fit():
+    model = nn.ModuleDict({"q": _Fake4bit(64, 64), "k": _Fake4bit(16, 64), "down": _Fake4bit(64, 176),
+                           "done": _Fake4bit(64, 64, packed=True), "plain": nn.Linear(3, 5)})
+    assert utils.quantization.keep_bnb_cpu_packing_safe(model) == ["k", "down"]
+    assert [model[n].support_avx512bf16_for_cpu for n in ("q", "k", "down", "done")] == [True, False, False, True]
+    assert utils.quantization.keep_bnb_cpu_packing_safe(model) == []  # idempotent
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        utils.quantization.keep_bnb_cpu_packing_safe("model")
+
+
+def _saved_tiny_llama(tmp_path):
+    """A 2-block Llama with the tiny profile's awkward shapes: k/v projections of 16 outputs, an MLP of 176."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def _reference(model):
+    """What the 4-bit model should compute: NF4 fake quantisation, down_proj (176 inputs) kept in float."""
+    return utils.fake_quantize_model(model, "nf4", 4, 64, skip=("lm_head", "down_proj"))
+
+
+@pytest.mark.parametrize("cpu_packing", [False, True])
+def test_load_4bit_model_runs_the_tiny_shapes_on_every_cpu(tmp_path, cpu_packing):
+    """The CH07 QLoRA base in the tiny profile. On a CPU with AVX512-BF16, bitsandbytes' packed path used to
+    fail at the first inference call ("N must be divisible by block_n", k_proj has 16 outputs)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is optional (CH07); the 4-bit checks run when installed")
+    from bitsandbytes.nn import Linear4bit
+
+    model = _saved_tiny_llama(tmp_path)
+    q4 = utils.quantization.load_4bit_model(tmp_path, device="cpu", double_quant=False, cpu_packing=cpu_packing)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, expected = q4(ids).logits, _reference(model)(ids).logits
+    # bitsandbytes' CPU kernel de-quantises layers with 176 inputs wrongly: they stay in float
+    assert q4.kept_unquantized == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    layer = q4.model.layers[0]
+    assert isinstance(layer.self_attn.k_proj, Linear4bit) and type(layer.mlp.down_proj) is nn.Linear
+    packed = utils.quantization.bnb_cpu_packed_path_available() and cpu_packing
+    # the packed kernel computes in bfloat16; the generic path de-quantises to the same float32 weights
+    torch.testing.assert_close(ours, expected, **utils.checks.tolerances(expected.to(torch.bfloat16) if packed
+                                                                           else expected))
+    assert getattr(layer.self_attn.q_proj.weight.quant_state, "packing_format_for_cpu", False) == packed
+    assert not getattr(layer.self_attn.k_proj.weight.quant_state, "packing_format_for_cpu", False)
+
+
+def test_load_4bit_model_trains_adapters_after_an_evaluation(tmp_path):
+    """QLoRA after an evaluation (utils.train's eval_fn does one): every adapter gets a gradient on every CPU."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is optional (CH07); the 4-bit checks run when installed")
+    from peft import LoraConfig, get_peft_model
+
+    _saved_tiny_llama(tmp_path)
+    q4 = utils.quantization.load_4bit_model(tmp_path, device="cpu")
+    peft_model = get_peft_model(q4, LoraConfig(r=4, target_modules=["q_proj", "k_proj"], init_lora_weights=False))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    peft_model.eval()
+    with torch.no_grad():
+        peft_model(ids)
+    peft_model.train()
+    peft_model(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert len(grads) == 2 * 2 * 2  # 2 blocks x 2 modules x (A, B)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_load_4bit_model_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="save_pretrained"):
+        utils.quantization.load_4bit_model(tmp_path / "missing")
+    with pytest.raises(ValueError, match="'nf4' or 'fp4'"):
+        utils.quantization.load_4bit_model(tmp_path, quant_type="int4")
+
+
+def test_load_4bit_model_without_bitsandbytes_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError, match="pip install"):
+        utils.quantization.load_4bit_model(tmp_path)

@@ -22,12 +22,18 @@ block's absmax. The formats differ only in the table:
 
 Storage cost is counted by :func:`bits_per_parameter`, which also covers QLoRA's *double
 quantisation* (the per-block absmax constants themselves quantised to 8 bits).
+
+Real 4-bit models (bitsandbytes, QLoRA) are loaded with :func:`load_4bit_model`, which works around
+bitsandbytes' CPU limits so that the same code runs on every CPU, with or without AVX512-BF16: see
+:func:`bnb_cpu_packing_fits` and :func:`bnb_cpu_dequantize_fits`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +54,12 @@ DQ_BLOCK_SIZE = 256
 
 BITSANDBYTES_HINT = ("bitsandbytes is not installed, so the comparison with its tables is skipped. It is optional "
                      "(CH07 only): `pip install 'bitsandbytes>=0.50'` (it runs on CPU as well as on a GPU).")
+
+#: bitsandbytes' packed CPU layout groups a 4-bit weight's output rows by this many (``block_n`` of its
+#: ``_convert_weight_packed_for_cpu``, bitsandbytes 0.50).
+BNB_CPU_BLOCK_N = 32
+#: The block size of bitsandbytes' 4-bit formats as transformers loads them (one absmax per 64 weights).
+BNB_BLOCKSIZE = 64
 
 
 # --- level tables --------------------------------------------------------------------------------
@@ -377,3 +389,175 @@ def fake_quantize_model(model: nn.Module, kind: str = "nf4", bits: int = 4, bloc
         raise ValueError("No nn.Linear layer was quantised: the model has none, or `skip` excludes them all.")
     target.fake_quantized = changed
     return target
+
+
+# --- real 4-bit models (bitsandbytes) ------------------------------------------------------------
+
+def bnb_cpu_packed_path_available() -> bool:
+    """Whether bitsandbytes takes its packed CPU path on this machine (False without bitsandbytes).
+
+    bitsandbytes >= 0.50 runs 4-bit layers on a CPU two ways. Every CPU can de-quantise the weight and
+    multiply (the generic path). On a CPU with AVX512-BF16 (recent Intel Xeon, AMD Zen 4 and later), a
+    ``Linear4bit`` layer used for inference (``eval()`` mode, no gradient) first repacks its weight, once,
+    into the layout of a fused bfloat16 kernel. That repacking accepts only some shapes: see
+    :func:`bnb_cpu_packing_fits`.
+    """
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def _check_features(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def bnb_cpu_packing_fits(out_features: int, in_features: int, blocksize: int = BNB_BLOCKSIZE) -> bool:
+    """Whether bitsandbytes' packed CPU layout (CPUs with AVX512-BF16) can hold a 4-bit weight of this shape.
+
+    The repacking (``bitsandbytes.functional._convert_weight_packed_for_cpu``, 0.50) groups output rows
+    by :data:`BNB_CPU_BLOCK_N` and asserts ``N must be divisible by block_n`` otherwise; it also lays the
+    scales out as ``in_features / blocksize`` per output row. So it needs ``out_features`` divisible by
+    32 and ``in_features`` divisible by ``blocksize``. It checks neither before the layer's first
+    inference call. Real models fit (SmolLM2-135M: 576, 192 and 1536 features); the ``tiny`` profile's
+    models do not (a key projection of 16 outputs, an MLP of 176).
+    """
+    _check_features(out_features=out_features, in_features=in_features, blocksize=blocksize)
+    return out_features % BNB_CPU_BLOCK_N == 0 and in_features % blocksize == 0
+
+
+def bnb_cpu_dequantize_fits(in_features: int, blocksize: int = BNB_BLOCKSIZE) -> bool:
+    """Whether bitsandbytes' CPU de-quantisation gives the right values for layers with ``in_features`` inputs.
+
+    Its native CPU kernel (0.50, AVX512 build) de-quantises a weight row by row and assumes that every row
+    holds whole blocks (``in_features / blocksize`` scales per row). When ``in_features`` is not a multiple
+    of ``blocksize`` the blocks straddle rows and the kernel applies the wrong scales (it silently returns
+    weights several times further from the original than NF4's own error). Real models fit; the ``tiny``
+    profile's ``down_proj`` (176 inputs) does not.
+    """
+    _check_features(in_features=in_features, blocksize=blocksize)
+    return in_features % blocksize == 0
+
+
+def keep_bnb_cpu_packing_safe(model: nn.Module) -> list[str]:
+    """Switch bitsandbytes' packed CPU path off on the 4-bit layers of ``model`` that it cannot take.
+
+    A ``bitsandbytes.nn.Linear4bit`` decides when it is built whether to use the packed path (its
+    ``support_avx512bf16_for_cpu`` attribute, True on CPUs with AVX512-BF16) and repacks its weight at
+    its first inference call on a CPU without checking the shape; on a layer that
+    :func:`bnb_cpu_packing_fits` rejects, that raises ``AssertionError: N must be divisible by block_n``.
+    Turning the attribute off on those layers keeps them on the generic path, which every CPU runs, with
+    the same weights; layers that fit keep the faster packed path. Nothing changes on a CPU without
+    AVX512-BF16, or for layers on a GPU.
+
+    Returns:
+        the names of the layers switched to the generic path (empty when none needed it).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"keep_bnb_cpu_packing_safe expects a torch.nn.Module, got {type(model).__name__}.")
+    switched = []
+    for name, module in model.named_modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            continue  # already packed, so it fitted
+        blocksize = getattr(state, "blocksize", None) or BNB_BLOCKSIZE
+        if not bnb_cpu_packing_fits(module.out_features, module.in_features, blocksize):
+            module.support_avx512bf16_for_cpu = False
+            switched.append(name)
+    return switched
+
+
+def _modules_kept_in_float(path, on_cpu: bool) -> tuple[list[str], list[str]]:
+    """(modules transformers keeps unquantised by default, Linear layers bitsandbytes' CPU kernels de-quantise
+    wrongly): read from the model's config on the meta device, without loading any weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    defaults = get_keys_to_not_convert(skeleton)
+    misfits = [name for name, module in skeleton.named_modules()
+               if on_cpu and isinstance(module, nn.Linear) and name not in defaults
+               and not bnb_cpu_dequantize_fits(module.in_features)]
+    return defaults, misfits
+
+
+def load_4bit_model(path: str | os.PathLike, *, compute_dtype: torch.dtype | None = None, quant_type: str = "nf4",
+                    double_quant: bool = True, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device | None = None, cpu_packing: bool = False) -> nn.Module:
+    """A causal LM saved in ``path`` (``save_pretrained``), loaded with 4-bit weights by bitsandbytes (QLoRA).
+
+    Every ``nn.Linear`` but the output layer becomes a ``bitsandbytes.nn.Linear4bit`` that stores NF4 (or
+    FP4) codes with one absmax per block of 64 weights (double-quantised to 8 bits when ``double_quant``)
+    and de-quantises on the fly to compute in ``compute_dtype``. Works on a GPU and, with
+    bitsandbytes >= 0.50, on any CPU, with or without AVX512-BF16:
+
+    - bitsandbytes' packed CPU path (CPUs with AVX512-BF16 only, see :func:`bnb_cpu_packed_path_available`)
+      is off unless ``cpu_packing=True``, so every CPU computes the same numbers the same way. With
+      ``cpu_packing=True``, layers it cannot take stay on the generic path
+      (:func:`keep_bnb_cpu_packing_safe`) instead of failing at their first inference call;
+    - on a CPU, layers whose input size is not a multiple of 64 stay in ``dtype``, unquantised, because
+      bitsandbytes' CPU kernel de-quantises them wrongly (:func:`bnb_cpu_dequantize_fits`). Real models
+      have none; the ``tiny`` profile's ``down_proj`` layers are such (a line says so). Their names are in
+      the model's attribute ``kept_unquantized``.
+
+    Args:
+        path: a folder written by ``model.save_pretrained(path)``.
+        compute_dtype: the dtype the matrix products run in. Default: the course's precision policy
+            (:func:`utils.precision.precision_policy`), for the model's type: float32 on a CPU, bfloat16 on
+            GPUs that have it natively, float16 on a T4.
+        quant_type: ``"nf4"`` (QLoRA) or ``"fp4"``.
+        double_quant: also quantise the absmax constants (QLoRA's double quantisation).
+        dtype: the dtype of the modules that stay unquantised (embeddings, norms, ``lm_head``); float32
+            keeps them stable in training, as the QLoRA recipe does.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``... Default: CUDA when available.
+        cpu_packing: let bitsandbytes repack layers for its faster bfloat16 CPU kernel at their first
+            inference call. For inference only: in bitsandbytes 0.50 a packed layer passes no gradient
+            back, so a model evaluated (``eval()``, ``no_grad``) and then trained would silently stop
+            training every adapter below its last packed layer. Ignored on a GPU and on CPUs without
+            AVX512-BF16.
+
+    Raises:
+        ImportError: bitsandbytes is not installed (the message says how to install it).
+    """
+    from .precision import default_device, precision_policy
+
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4' (bitsandbytes' 4-bit formats), got {quant_type!r}.")
+    if not os.path.isdir(os.fspath(path)):
+        raise ValueError(f"{os.fspath(path)!r} is not a folder: save the model first with "
+                         "model.save_pretrained(folder).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ImportError("load_4bit_model needs bitsandbytes: `pip install 'bitsandbytes>=0.50'` (it runs on CPU "
+                          "as well as on a GPU).") from exc
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    target = torch.device(device or default_device())
+    if compute_dtype is None:
+        compute_dtype = precision_policy().compute_dtype(AutoConfig.from_pretrained(path).model_type)
+    defaults, misfits = _modules_kept_in_float(path, on_cpu=target.type == "cpu")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                                llm_int8_skip_modules=[*defaults, *map(re.escape, misfits)])
+    place = (target.index or 0) if target.type == "cuda" else str(target)  # device_map takes a GPU's index
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=dtype,
+                                                 device_map={"": place})
+    if cpu_packing:
+        keep_bnb_cpu_packing_safe(model)
+    else:
+        for module in model.modules():
+            if getattr(module, "support_avx512bf16_for_cpu", False):
+                module.support_avx512bf16_for_cpu = False
+    if misfits:
+        print(f"load_4bit_model: {len(misfits)} linear layers have an input size that is not a multiple of "
+              f"{BNB_BLOCKSIZE} ({misfits[0]}, ...): they stay in {str(dtype).replace('torch.', '')}, because "
+              "bitsandbytes' CPU kernel de-quantises such layers wrongly. Real models have none.")
+    model.kept_unquantized = misfits
+    return model
