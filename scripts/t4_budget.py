@@ -75,7 +75,7 @@ from utils.models import _resolve_dtype  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_BUDGET_GB = 15.0
-TINY_VOCAB = 512
+TINY_VOCAB = 1024  # the tiny tokenizer's (data/): steps that tokenize text need every id to exist
 OPTIMIZER_STEPS = 2  # the first creates AdamW's state; the second is the steady state
 GB = 1e9
 
@@ -293,10 +293,11 @@ class Context:
     def params(self, notebook: str) -> dict:
         return notebook_parameters(notebook, self.profile)
 
-    def build(self, model_id: str):
-        """``model_id``'s architecture at real size (tiny width with ``--tiny``), random weights, T4 dtype."""
+    def build(self, model_id: str, dtype: torch.dtype | None = None):
+        """``model_id``'s architecture at real size (tiny width with ``--tiny``), random weights, T4 dtype (or
+        ``dtype`` where the notebook asks ``utils.load_model`` for one)."""
         config = utils.tiny_config(model_id, TINY_VOCAB) if self.tiny else utils.real_config(model_id)
-        dtype = t4_dtype(config.model_type)
+        dtype = dtype or t4_dtype(config.model_type)
         torch.manual_seed(self.seed)
         with torch.device(self.device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -634,6 +635,490 @@ def ch06_nb02_width(ctx: Context) -> None:
                         f"width ratio {ratio:.2f}")
 
 
+# --- CH07-CH12 and the appendices ----------------------------------------------------------------
+
+def _tokenizer():
+    """The tiny profile's tokenizer (from data/): steps that need text (generation, prompts, bias pairs) use it on
+    the real-size model. Its ids are a subset of every vocabulary here; prompts are shorter than the real
+    tokenizer's, which the settings say where it matters."""
+    tokenizer = utils.models._tiny_tokenizer()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _profile(name: str) -> Iterator[None]:
+    """Run a data loader of ``utils`` as in profile ``name`` (its sample files in data/: no Hub here)."""
+    previous = os.environ.get(utils.profiles.ENV_VAR)
+    os.environ[utils.profiles.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(utils.profiles.ENV_VAR, None)
+        else:
+            os.environ[utils.profiles.ENV_VAR] = previous
+
+
+def _copies(model, n: int) -> list:
+    return [copy.deepcopy(model) for _ in range(n)]
+
+
+def _alive_copies(ctx: Context, notebook: str, names: list[str], before: str, model) -> list:
+    """Deep copies of ``model`` for the model names the notebook still holds when ``before`` runs (read from its
+    code, like :meth:`Context.held`); said in the settings."""
+    alive = alive_names(notebook, names, before)
+    if alive:
+        ctx.settings.append(f"notebook still holds {', '.join(alive)} (a model each)")
+    return _copies(model, len(alive))
+
+
+def _train_batches(ctx: Context, model, batch_size: int, length: int, steps: int = OPTIMIZER_STEPS) -> list[dict]:
+    return ctx.batches(model, steps, batch_size, length)
+
+
+def _train_last_blocks(model, n: int | None) -> None:
+    """Freeze every parameter but those of the last ``n`` decoder blocks (``None``: leave them all trainable)."""
+    if not n:
+        return
+    model.requires_grad_(False)
+    for block in utils.depth.decoder_blocks(model)[-n:]:
+        block.requires_grad_(True)
+
+
+def ch07_nb01_quantization(ctx: Context) -> None:
+    """CH07_NB01: the float32 model (the notebook loads it with dtype=torch.float32), our LoRA/DoRA copy and
+    peft's resident (cell 11), then a fake-quantised NF4 + double-quant copy and its perplexity (cell 21)."""
+    from peft import LoraConfig, get_peft_model
+
+    p = ctx.params("CH07_NB01")
+    with ctx.meter.phase("load (float32)"):
+        model = ctx.build(p["MODEL_ID"], dtype=torch.float32)
+    eval_dl = ctx.batches(model, ctx.n_batches(p["EVAL_TEXTS"], 8), 8, p["MAX_LENGTH"])
+    with ctx.meter.phase("ours + peft DoRA copies"):
+        ours = copy.deepcopy(model)
+        utils.apply_lora(ours, p["TARGET_MODULES"], r=p["RANK"], alpha=p["ALPHA"], dora=True)
+        theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=p["RANK"], lora_alpha=p["ALPHA"], lora_dropout=0.0,
+                                                                 target_modules=p["TARGET_MODULES"], use_dora=True))
+        with torch.no_grad():
+            batch = {k: v[:2, :64].to(ctx.device) for k, v in eval_dl[0].items()}
+            ours(**batch), theirs(**batch)
+    del ours, theirs
+    with ctx.meter.phase("fake-quantised copy + perplexity"):
+        quantised = utils.fake_quantize_model(model, "nf4", 4, p["BLOCK_SIZE"], double_quant=True)
+        utils.perplexity(model, eval_dl, progress=False)
+        utils.perplexity(quantised, eval_dl, progress=False)
+    ctx.settings.append(f"eval {len(eval_dl)} batch(es) of 8x{p['MAX_LENGTH']}, float32 as the notebook asks")
+
+
+def _generate(ctx: Context, model, batch_size: int, prompt_tokens: int, new_tokens: int) -> None:
+    """Greedy generation of ``new_tokens`` for ``batch_size`` random prompts (min_new_tokens: no early stop)."""
+    ids = torch.randint(1, model.config.vocab_size, (batch_size, prompt_tokens), generator=torch.Generator()
+                        .manual_seed(ctx.seed)).to(ctx.device)
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def ch07_nb02_lora(ctx: Context) -> None:
+    """CH07_NB02: LoRA on every Linear of a copy (peft) trained with ``utils.train`` at the notebook's batch and
+    length, then GEN_BATCH notes generated together (MAX_NEW_TOKENS each) with the base model resident."""
+    from peft import LoraConfig, get_peft_model
+
+    p = ctx.params("CH07_NB02")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    with ctx.meter.phase("peft LoRA copy + utils.train"):
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+            r=p["RANK"], lora_alpha=p["ALPHA"], lora_dropout=0.0, target_modules=p["TARGET_MODULES"],
+            task_type="CAUSAL_LM"))
+        utils.train(peft_model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
+                    max_steps=OPTIMIZER_STEPS, lr=p["LR"], progress=False)
+    peft_model.eval()
+    with ctx.meter.phase("generate GEN_BATCH answers"):
+        _generate(ctx, peft_model, p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps; "
+                        f"generation {p['GEN_BATCH']} prompts of {p['MAX_LENGTH']} tokens (an upper bound of a note) "
+                        f"+ {p['MAX_NEW_TOKENS']} new")
+
+
+def ch07_nb03_full_ft(ctx: Context) -> None:
+    """CH07_NB03 §3: full fine-tuning (every weight, float32 masters + AdamW) of a copy, beside the base and the
+    trained LoRA and DoRA models the notebook keeps; then GEN_BATCH answers generated. QLoRA/QDoRA (4-bit
+    bitsandbytes base) train less and hold a 4-bit base: not the peak, not measured here."""
+    from peft import LoraConfig, get_peft_model
+
+    p = ctx.params("CH07_NB03")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    batches = _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    kept = {}
+    with ctx.meter.phase("LoRA and DoRA trained and kept"):
+        for dora in (False, True):
+            m = get_peft_model(copy.deepcopy(model), LoraConfig(
+                r=p["RANK"], lora_alpha=p["ALPHA_PER_RANK"] * p["RANK"], lora_dropout=0.0,
+                target_modules=p["TARGET_MODULES"], use_dora=dora, task_type="CAUSAL_LM"))
+            utils.train(m, batches, max_steps=OPTIMIZER_STEPS, lr=p["LR"], progress=False)
+            kept[dora] = m.eval()
+    with ctx.meter.phase("full fine-tuning"):
+        full = copy.deepcopy(model)
+        history = utils.train(full, batches, max_steps=OPTIMIZER_STEPS, lr=p["FULL_FT_LR"], progress=False)
+    full.eval()
+    with ctx.meter.phase("generate GEN_BATCH answers"):
+        _generate(ctx, full, p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps, "
+                        f"{history['settings']['trainable_parameters']:,} trained parameters "
+                        f"(masters: {history['settings']['float32_master_copies']}); QLoRA not measured")
+
+
+def ch08_nb01_kv(ctx: Context) -> None:
+    """CH08_NB01: perplexity of the evaluation batches (4 x MAX_LENGTH) and generation through the cache: a
+    PREFIX_TOKENS prompt and STATIC_CACHE_LEN new tokens, dynamic and static cache (the quantised caches hold less)."""
+    p = ctx.params("CH08_NB01")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    eval_dl = ctx.batches(model, ctx.n_batches(p["N_TEXTS"], 4), 4, p["MAX_LENGTH"])
+    with ctx.meter.phase("perplexity + generation through the cache"):
+        utils.perplexity(model, eval_dl, progress=False)
+        _generate(ctx, model, 1, p["PREFIX_TOKENS"], p["STATIC_CACHE_LEN"])
+        ids = torch.randint(1, model.config.vocab_size, (1, p["PREFIX_TOKENS"])).to(ctx.device)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=p["STATIC_CACHE_LEN"],
+                           min_new_tokens=p["STATIC_CACHE_LEN"], do_sample=False, cache_implementation="static",
+                           pad_token_id=0)
+    ctx.settings.append(f"eval {len(eval_dl)} batch(es) of 4x{p['MAX_LENGTH']}; the memory plot's 65k-token contexts "
+                        "are a formula, not allocated; vLLM (GPU only) not measured")
+
+
+def ch08_nb02_distill(ctx: Context) -> None:
+    """CH08_NB02 §6: ``utils.distill`` of a copy of the attention-cut model with held-out evaluation, while the
+    base and the cut / reloaded copies the notebook still holds are resident."""
+    p = ctx.params("CH08_NB02")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], p["BATCH_SIZE"]), p["BATCH_SIZE"], p["MAX_LENGTH"])
+    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"], p["BATCH_SIZE"]), p["BATCH_SIZE"], p["MAX_LENGTH"])
+    with ctx.meter.phase("choose attention, cut copies"):
+        chosen = utils.choose_attention_to_remove(model, calib, max(1, p["N_BLOCKS_CUT"] * 2))
+        attention_cut = utils.remove_attention(copy.deepcopy(model), chosen)
+        others = _alive_copies(ctx, "CH08_NB02", ["block_cut", "zeroed", "with_block0", "loaded"], "utils.distill(",
+                               model)
+    with ctx.meter.phase("utils.distill + eval"):
+        student = copy.deepcopy(attention_cut)
+        utils.distill(student, model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
+                      max_steps=OPTIMIZER_STEPS, eval_dataloader=eval_dl, progress=False)
+    ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['DISTILL_STEPS']} "
+                           f"steps, eval {len(eval_dl)} batch(es)")
+    del others
+
+
+def ch08_nb03_bypass(ctx: Context) -> None:
+    """CH08_NB03: the base and the two attention-removed copies of §1 resident; perplexity of each at batch 8, then
+    perplexity through the cache (one text at a time) with a fixed attention bypass."""
+    from utils.attention import perplexity_through_cache
+
+    p = ctx.params("CH08_NB03")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"], 8), 8, p["MAX_LENGTH"])
+    blocks = list(range(1, 1 + p["MEAN_SKIPPED"]))
+    with ctx.meter.phase("two removal copies + perplexity"):
+        wrong, right = copy.deepcopy(model), utils.remove_attention(copy.deepcopy(model), blocks)
+        for m in (model, wrong, right):
+            utils.perplexity(m, eval_dl, progress=False)
+    with ctx.meter.phase("bypass, perplexity through the cache"):
+        with utils.attention_bypass(model, rule=lambda scores, n: blocks):
+            perplexity_through_cache(model, eval_dl, prefix_tokens=p["PROMPT_SHARE"], batch_size=1, per_text=True,
+                                     progress=False)
+    ctx.settings.append(f"eval {len(eval_dl)} batch(es) of 8x{p['MAX_LENGTH']}")
+
+
+def ch08_nb04_decode(ctx: Context) -> None:
+    """CH08_NB04: base, attention-cut and depth-cut models resident; ``utils.measure_decode`` at the largest batch
+    (dynamic cache) and with a static cache. The compiled run (COMPILE, full only) is not measured here."""
+    p = ctx.params("CH08_NB04")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    n_blocks = model.config.num_hidden_layers
+    calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], 8), 8, p["MAX_LENGTH"])
+    with ctx.meter.phase("choose + two cut copies"):
+        attention = utils.choose_attention_to_remove(model, calib, p["N_ATTENTION"])
+        depth = utils.choose_blocks_to_remove(model, calib, max(1, round(p["DEPTH_FRACTION"] * n_blocks)),
+                                              progress=False)
+        models = {"base": model, "attention cut": utils.remove_attention(copy.deepcopy(model), attention),
+                  "depth cut": utils.remove_blocks(copy.deepcopy(model), depth)}
+    tokenizer = _tokenizer()
+    prompts = p["PROMPTS"][:max(p["BATCH_SIZES"])]
+    with ctx.meter.phase("measure_decode, batch 8 dynamic + static cache"):
+        utils.measure_decode(models, tokenizer, prompts, new_tokens=p["NEW_TOKENS"], runs=1, warmup=0)
+        utils.measure_decode(models, tokenizer, prompts[:1], new_tokens=p["NEW_TOKENS"], runs=1, warmup=0,
+                             cache="static")
+    ctx.settings.append(f"{len(prompts)} prompts (tiny tokenizer), {p['NEW_TOKENS']} new tokens, 1 run of "
+                        f"{p['RUNS']}; compile=True (full) not measured")
+
+
+def ch09_nb01_moe(ctx: Context) -> None:
+    """CH09_NB01 (after the T4 redesign): dense model, MoE copy (E experts, k = E/2) and the width-pruned model
+    at the same active neurons resident; ``utils.distill`` of the MoE and of the pruned model on their last
+    RECOVERY_LAST_BLOCKS blocks; then the dense and pruned models freed, the export saved, reloaded with
+    ``utils.load_model`` and compared on EXPORT_CHECK_BATCHES batches. The co-activation Gram matrices live in
+    host memory (CPU tensors) on a GPU: the MoE is split at random here (same shapes, no Gram pass)."""
+    from utils import moe
+
+    p = ctx.params("CH09_NB01")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    dtype = next(model.parameters()).dtype
+    calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], p["BATCH_SIZE"]), p["BATCH_SIZE"], p["MAX_LENGTH"])
+    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"]["wikitext"], p["BATCH_SIZE"]), p["BATCH_SIZE"],
+                          p["MAX_LENGTH"])
+    k = p["K_HALF"]
+    with ctx.meter.phase("MoE copy + perplexity"):
+        moe_model = copy.deepcopy(model)
+        moe.moefy(moe_model, p["NUM_EXPERTS"], k, method="random", router="zeros", progress=False)
+        utils.perplexity(moe_model, eval_dl, progress=False)
+    with ctx.meter.phase("width-pruned copies (prune_glu with repair)"):
+        pruned = utils.prune_glu(copy.deepcopy(model), 1 - k / p["NUM_EXPERTS"], dataloader=calib, progress=False)
+        utils.perplexity(pruned, eval_dl, progress=False)
+    train_dl = _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    trained = {}
+    for name, student in (("MoE", moe_model), ("pruned", pruned)):
+        with ctx.meter.phase(f"utils.distill ({name}, last blocks)"):
+            _train_last_blocks(student, p.get("RECOVERY_LAST_BLOCKS"))
+            history = utils.distill(student, model, train_dl, max_steps=OPTIMIZER_STEPS, progress=False)
+            student.requires_grad_(True)
+            trained[name] = history["settings"]["trainable_parameters"]
+    del model, pruned
+    with ctx.meter.phase("export: save, utils.load_model, compare"), tempfile.TemporaryDirectory() as folder:
+        moe.set_routing(moe_model, combine="softmax", temperature=100.0)
+        moe.save_moe(moe_model, _tokenizer(), folder)
+        reloaded, _ = utils.load_model(folder, dtype=dtype, device=ctx.device)
+        check_dl = eval_dl[:p["EXPORT_CHECK_BATCHES"]] if p.get("EXPORT_CHECK_BATCHES") else eval_dl
+        moe.compare_logits(moe_model, reloaded, check_dl)
+        reloaded.set_experts_implementation("eager")
+        moe.compare_logits(moe_model, reloaded, check_dl)
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['RECOVERY_STEPS']} "
+                        f"steps, last {p.get('RECOVERY_LAST_BLOCKS')} blocks trained "
+                        f"({', '.join(f'{n} {v / 1e6:.1f}M' for n, v in trained.items())} parameters); "
+                        f"{len(calib)} calibration batch(es); random split (Gram matrices stay in host memory)")
+
+
+def ch09_nb02_upcycle(ctx: Context) -> None:
+    """CH09_NB02: a copy whose last UPCYCLE_LAST blocks' MLPs train (``utils.train``), the upcycled model built from
+    both, the specialist freed, router-only training with the load-balancing loss, then the export reloaded with
+    ``utils.load_model`` and compared on EXPORT_CHECK_BATCHES batches."""
+    from utils import moe
+
+    p = ctx.params("CH09_NB02")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    dtype = next(model.parameters()).dtype
+    n = model.config.num_hidden_layers
+    layers = list(range(n - p["UPCYCLE_LAST"], n))
+    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"]["sms_spam"], p["BATCH_SIZE"]), p["BATCH_SIZE"],
+                          p["MAX_LENGTH"])
+    train_dl = _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    with ctx.meter.phase("specialist: utils.train of the last MLPs"):
+        specialist = copy.deepcopy(model)
+        mlp_params = [q for i in layers for q in utils.glu_mlps(specialist)[i].parameters()]
+        utils.train(specialist, train_dl, max_steps=OPTIMIZER_STEPS, lr=p["SPECIALIST_LR"], params=mlp_params,
+                    progress=False)
+    with ctx.meter.phase("upcycle + router training"):
+        upcycled = moe.upcycle(copy.deepcopy(model), layers, [model, specialist], top_k=2, seed=ctx.seed)
+        del specialist
+        moe.set_routing(upcycled, top_k=2, noise_std=p["NOISE_STD"])
+
+        def router_loss(m, b):
+            with moe.keep_router_logits(m) as kept:
+                lm = utils.causal_lm_loss(m, b)
+                balance = moe.load_balancing_loss([layer.last_router_logits for layer in kept], 1,
+                                                  b["attention_mask"])
+            return lm + p["BALANCE_WEIGHT"] * balance
+
+        utils.train(upcycled, train_dl, router_loss, max_steps=OPTIMIZER_STEPS, lr=p["ROUTER_LR"],
+                    params=moe.router_parameters(upcycled), progress=False)
+        moe.set_routing(upcycled, noise_std=0.0)
+        upcycled.eval()
+    with ctx.meter.phase("export: save, utils.load_model, compare"), tempfile.TemporaryDirectory() as folder:
+        moe.save_moe(upcycled, _tokenizer(), folder)
+        reloaded, _ = utils.load_model(folder, dtype=dtype, device=ctx.device)
+        check_dl = eval_dl[:p["EXPORT_CHECK_BATCHES"]] if p.get("EXPORT_CHECK_BATCHES") else eval_dl
+        moe.compare_logits(upcycled, reloaded, check_dl)
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['SPECIALIST_STEPS']} "
+                        f"specialist and {p['ROUTER_STEPS']} router steps; blocks {layers[0]}-{layers[-1]} upcycled")
+
+
+def ch10_nb01_glu(ctx: Context) -> None:
+    """CH10_NB01: ``utils.glu_statistics`` over the notebook's loader (every block's gate and up activations of a
+    batch of BATCH_SIZE x MAX_LENGTH), and ``utils.capture_activations`` of every capture point on the prompts."""
+    p = ctx.params("CH10_NB01")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    loader = ctx.batches(model, ctx.n_batches(p["N_TEXTS"], p["BATCH_SIZE"]), p["BATCH_SIZE"], p["MAX_LENGTH"])
+    with ctx.meter.phase("glu_statistics + capture_activations"):
+        utils.glu_statistics(model, loader, eps=p["EPS"], progress=False)
+        utils.capture_activations(model, _tokenizer(), p["PROMPTS"], list(utils.CAPTURE_POINTS),
+                                  batch_size=len(p["PROMPTS"]))
+    ctx.settings.append(f"{len(loader)} batch(es) of {p['BATCH_SIZE']}x{p['MAX_LENGTH']}")
+
+
+def ch10_nb02_ablations(ctx: Context) -> None:
+    """CH10_NB02: neuron importance (data-driven hybrid) and block importance on the held-out batches, then a copy
+    without one block and its perplexity beside the base (cell 29)."""
+    p = ctx.params("CH10_NB02")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    held_out = ctx.batches(model, ctx.n_batches(p["N_TEXTS"], p["BATCH_SIZE"]), p["BATCH_SIZE"], p["MAX_LENGTH"])
+    with ctx.meter.phase("neuron_importance (hybrid) + block_importance"):
+        utils.neuron_importance(model, method="hybrid", dataloader=held_out, progress=False)
+        utils.block_importance(model, held_out, progress=False)
+    with ctx.meter.phase("one-block cut copy + perplexity"):
+        cut = utils.remove_blocks(copy.deepcopy(model), [model.config.num_hidden_layers // 2])
+        utils.perplexity(model, held_out, progress=False)
+        utils.perplexity(cut, held_out, progress=False)
+    ctx.settings.append(f"{len(held_out)} batch(es) of {p['BATCH_SIZE']}x{p['MAX_LENGTH']}")
+
+
+def _bias_pairs():
+    with _profile("tiny"):
+        return utils.load_bias_pairs("calibration", tokenizer=_tokenizer())
+
+
+def ch11_nb01_scale(ctx: Context) -> None:
+    """CH11_NB01: bias scores on the calibration pairs, then the downstream measures of cell 21 with neurons
+    scaled in place: perplexity at batch 8 x MAX_LENGTH (the heaviest of them)."""
+    p = ctx.params("CH11_NB01")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    ppl_dl = ctx.batches(model, ctx.n_batches(p["N_PPL"], 8), 8, p["MAX_LENGTH"])
+    tokenizer = _tokenizer()
+    with ctx.meter.phase("bias scores + scaled neurons + perplexity"):
+        relative = utils.relative_bias_scores(model, tokenizer, _bias_pairs())
+        chosen = utils.top_neurons(relative, p["TOP_K"], protect_layers=p["PROTECT_LAYERS"])
+        with utils.scale_neurons(model, chosen, p["SCALE"]):
+            utils.perplexity(model, ppl_dl, progress=False)
+    ctx.settings.append(f"{len(ppl_dl)} batch(es) of 8x{p['MAX_LENGTH']}; bias pairs from data/ (tiny tokenizer)")
+
+
+def ch11_nb02_copies(ctx: Context) -> None:
+    """CH11_NB02 §6 (cell 19): the base, the fair-pruned model, a plain pruned copy and a zeroed copy resident, two
+    batches of logits compared; then perplexity of the fair-pruned model on both domains."""
+    p = ctx.params("CH11_NB02")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    n_layers, width = model.config.num_hidden_layers, model.config.intermediate_size
+    evals = ctx.batches(model, ctx.n_batches(p["N_EVAL"], 8), 8, p["MAX_LENGTH"])
+    scores = torch.rand(n_layers, width, generator=torch.Generator().manual_seed(ctx.seed))
+    with ctx.meter.phase("fair, plain and zeroed copies + logits"):
+        fair = copy.deepcopy(model)
+        removed = utils.fair_prune(fair, scores, p["FAIR_RATIO"], protect_layers=p["PROTECT_LAYERS"])
+        plain = copy.deepcopy(fair)
+        zeroed = copy.deepcopy(model)
+        utils.zero_neurons(zeroed, removed)
+        batch = {k: v.to(ctx.device) for k, v in evals[0].items()}
+        with torch.no_grad():
+            pruned_logits = plain(**batch).logits
+            float((pruned_logits - zeroed(**batch).logits).abs()[batch["attention_mask"].bool()].max())
+    del plain, zeroed, pruned_logits
+    with ctx.meter.phase("perplexity"):
+        utils.perplexity(fair, evals, progress=False)
+    ctx.settings.append(f"{len(evals)} batch(es) of 8x{p['MAX_LENGTH']}; random scores (the same shapes)")
+
+
+def ch11_nb03_benchmark(ctx: Context) -> None:
+    """CH11_NB03: the base, the intervened and the fair-pruned models resident; ``utils.score_choices`` at the
+    notebook's BATCH_SIZE on benchmark items (data/ sample, tiny tokenizer: shorter than real prompts)."""
+    p = ctx.params("CH11_NB03")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    n_layers, width = model.config.num_hidden_layers, model.config.intermediate_size
+    scores = torch.rand(n_layers, width, generator=torch.Generator().manual_seed(ctx.seed))
+    with ctx.meter.phase("intervened + fair-pruned copies"):
+        intervened = copy.deepcopy(model)
+        utils.scale_neurons(intervened, utils.top_neurons(scores, p["TOP_K"], protect_layers=p["PROTECT_LAYERS"]),
+                            p["SCALE"])
+        fair = copy.deepcopy(model)
+        utils.fair_prune(fair, scores, p["FAIR_RATIO"], protect_layers=p["PROTECT_LAYERS"])
+    with _profile("tiny"):
+        items = utils.load_bias_benchmark(n=2 * p["BATCH_SIZE"], seed=p["SEED"])
+    with ctx.meter.phase("score_choices, 3 models"):
+        for m in (model, intervened, fair):
+            utils.score_choices(m, _tokenizer(), items, batch_size=p["BATCH_SIZE"], progress=False)
+    ctx.settings.append(f"{len(items)} items at batch {p['BATCH_SIZE']}")
+
+
+def ch12_nb01_capstone(ctx: Context) -> None:
+    """CH12_NB01: the student (``utils.prune_depth`` + ``utils.prune_glu`` with calibration data), the alternative
+    student the notebook keeps, ``utils.distill`` at 8 x 128; then LoRA (``utils.train_lora_adapter``) on the
+    student and on a copy of the base, and GEN_BATCH answers generated by a merged model."""
+    p = ctx.params("CH12_NB01")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], 8), 8, 320)
+    with ctx.meter.phase("prune_depth + prune_glu (student, alternative)"):
+        student = utils.prune_depth(copy.deepcopy(model), p["CUT_BLOCKS"], calib, progress=False)
+        utils.prune_glu(student, ratio=p["WIDTH_RATIO"], dataloader=calib, progress=False)
+        alt = _alive_copies(ctx, "CH12_NB01", ["alt"], "utils.distill(", student)
+    with ctx.meter.phase("utils.distill"):
+        utils.distill(student, model, _train_batches(ctx, model, 8, 128), max_steps=OPTIMIZER_STEPS, progress=False)
+    student.eval()
+    sft = _train_batches(ctx, model, p["LORA_BATCH"], 320)
+    merged = {}
+    with ctx.meter.phase("LoRA on the student and a base copy + generation"):
+        for name, start in (("specialist", student), ("baseline", copy.deepcopy(model))):
+            peft_model, _ = utils.train_lora_adapter(start, sft, steps=OPTIMIZER_STEPS, rank=p["RANK"],
+                                                     alpha=p["ALPHA"], lr=p["LORA_LR"], progress=False)
+            merged[name] = peft_model.merge_and_unload().eval()
+            _generate(ctx, merged[name], p["GEN_BATCH"], 320, p["MAX_NEW_TOKENS"])
+    ctx.settings.append(f"distill {OPTIMIZER_STEPS} of {p['DISTILL_STEPS']} steps at 8x128; LoRA batch "
+                        f"{p['LORA_BATCH']}x320 (the notebook's SFT length), {OPTIMIZER_STEPS} of {p['LORA_STEPS']} "
+                        f"steps; {p['GEN_BATCH']} prompts of 320 tokens + {p['MAX_NEW_TOKENS']} new")
+    del alt
+
+
+def appb_nb01_recovery(ctx: Context) -> None:
+    """APPB_NB01: the base, the depth-pruned copy and its recovered copy trained by ``utils.distill`` (batch 8);
+    lm-eval's scoring then runs these models one at a time (batch BATCH_SIZE of short items: lighter, not
+    measured; the standard tasks need the Hub)."""
+    p = ctx.params("APPB_NB01")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], 8), 8, p["MAX_LENGTH"])
+    held_out = ctx.batches(model, ctx.n_batches(p["N_EVAL"], 8), 8, p["MAX_LENGTH"])
+    n_remove = max(1, round(p["N_REMOVE_FRACTION"] * model.config.num_hidden_layers))
+    with ctx.meter.phase("choose blocks + pruned copy"):
+        pruned = utils.remove_blocks(copy.deepcopy(model),
+                                     utils.choose_blocks_to_remove(model, calib, n_remove, progress=False))
+    with ctx.meter.phase("utils.distill + perplexity"):
+        recovered = copy.deepcopy(pruned)
+        utils.distill(recovered, model, _train_batches(ctx, model, 8, p["MAX_LENGTH"]), max_steps=OPTIMIZER_STEPS,
+                      progress=False)
+        for m in (model, pruned, recovered):
+            utils.perplexity(m, held_out, progress=False)
+    ctx.settings.append(f"batch 8x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['DISTILL_STEPS']} steps; lm-eval not "
+                        "measured")
+
+
+def appc_nb01_costs(ctx: Context) -> None:
+    """APPC_NB01: the base, width- and depth-pruned copies resident; ``utils.token_costs`` generation of
+    NEW_TOKENS for N_PROMPTS prompts of about PROMPT_WORDS words each."""
+    p = ctx.params("APPC_NB01")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], 8), 8, 96)
+    n_remove = max(1, round(p["DEPTH_FRACTION"] * model.config.num_hidden_layers))
+    with ctx.meter.phase("width + depth copies"):
+        models = {"base": model, "width": utils.prune_glu(copy.deepcopy(model), p["WIDTH_RATIO"], progress=False),
+                  "depth": utils.remove_blocks(copy.deepcopy(model),
+                                               utils.choose_blocks_to_remove(model, calib, n_remove, progress=False))}
+    words = " ".join(["the history of the city begins with a small harbour"] * (p["PROMPT_WORDS"] // 10 + 1))
+    prompts = [" ".join(words.split()[:p["PROMPT_WORDS"]])] * p["N_PROMPTS"]
+    with ctx.meter.phase("token_costs (generation)"):
+        utils.token_costs(models, _tokenizer(), prompts, new_tokens=p["NEW_TOKENS"], runs=1, warmup=0, idle_s=0.1)
+    ctx.settings.append(f"{p['N_PROMPTS']} prompts of {p['PROMPT_WORDS']} words, {p['NEW_TOKENS']} new tokens, 1 run")
+
+
 STEPS: list[Step] = [
     Step("CH02_NB01:copies", "4 models + logits + perplexity", ch02_nb01_copies),
     Step("CH02_NB02:scratch", "from-scratch KD loop (notebook code)", ch02_nb02_scratch),
@@ -646,6 +1131,24 @@ STEPS: list[Step] = [
     Step("CH06_NB01:features", "utils.distill logits + features", ch06_nb01_features),
     Step("CH06_NB01:optipfair", "optipfair.distill_model", ch06_nb01_optipfair),
     Step("CH06_NB02:width", "prune_glu student + utils.distill", ch06_nb02_width),
+    Step("CH07_NB01:quantization", "LoRA/DoRA vs peft copies, fake-quantised copy + perplexity (float32)",
+         ch07_nb01_quantization),
+    Step("CH07_NB02:lora", "peft LoRA + utils.train, batched generation", ch07_nb02_lora),
+    Step("CH07_NB03:full-ft", "full fine-tuning beside LoRA and DoRA models", ch07_nb03_full_ft),
+    Step("CH08_NB01:kv", "perplexity + generation through the cache", ch08_nb01_kv),
+    Step("CH08_NB02:distill", "attention-cut student + utils.distill + eval", ch08_nb02_distill),
+    Step("CH08_NB03:bypass", "3 models + perplexity, bypass through the cache", ch08_nb03_bypass),
+    Step("CH08_NB04:decode", "3 models, measure_decode batch 8 + static cache", ch08_nb04_decode),
+    Step("CH09_NB01:moe", "dense + MoE + pruned, utils.distill (last blocks), export", ch09_nb01_moe),
+    Step("CH09_NB02:upcycle", "specialist training, upcycle + router training, export", ch09_nb02_upcycle),
+    Step("CH10_NB01:glu", "glu_statistics + capture_activations", ch10_nb01_glu),
+    Step("CH10_NB02:ablations", "neuron/block importance, cut copy + perplexity", ch10_nb02_ablations),
+    Step("CH11_NB01:scale", "bias scores, scaled neurons + perplexity", ch11_nb01_scale),
+    Step("CH11_NB02:copies", "4 models + logits, perplexity", ch11_nb02_copies),
+    Step("CH11_NB03:benchmark", "3 models + score_choices", ch11_nb03_benchmark),
+    Step("CH12_NB01:capstone", "pruned student + utils.distill, 2 LoRA + generation", ch12_nb01_capstone),
+    Step("APPB_NB01:recovery", "3 models, utils.distill + perplexity", appb_nb01_recovery),
+    Step("APPC_NB01:costs", "3 models + token_costs generation", appc_nb01_costs),
 ]
 
 
