@@ -298,3 +298,19 @@ def test_other_loading_errors_pass_through_unchanged(monkeypatch, error):
     with pytest.raises(type(error)) as info:
         load_model("nobody/nothing")
     assert info.value is error
+
+
+@pytest.mark.parametrize("model_id", ["meta-llama/Llama-3.2-1B", "Qwen/Qwen3-0.6B"])
+def test_a_half_precision_model_matches_a_reload_of_its_checkpoint(tiny, tmp_path, model_id):
+    """In float16 (a T4), a loaded model equals its own saved-and-reloaded copy, bit for bit: the rotary
+    embedding's float32 inv_freq (computed, never saved) is not cast down on the way (as model.to would)."""
+    model, tokenizer = load_model(model_id, dtype=torch.float16)
+    rotary = [m for m in model.modules() if hasattr(m, "inv_freq")]
+    assert rotary and all(m.inv_freq.dtype == torch.float32 for m in rotary)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, _ = load_model(tmp_path, dtype=torch.float16)
+    ids = tokenizer(["The river flows through the old town"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)

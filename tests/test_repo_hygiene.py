@@ -1,5 +1,6 @@
 """Habits that keep the repository tidy: clean notebooks that follow the template, and lint."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,36 @@ def test_readme_lists_every_notebook_and_only_existing_ones():
     existing = {p.relative_to(ROOT / "notebooks").as_posix() for p in NOTEBOOKS}
     assert linked == existing, "README chapter table must link every notebook, and only those"
     assert badged == existing, "one Colab badge per existing notebook"
+
+
+# Device discipline (a Colab T4 runs the model on the GPU): batches move with utils.to_device, and a model a
+# notebook builds or reloads itself names its dtype (or lives on the meta device, or is a 4-bit GPU load).
+_HAND_MOVED_BATCH = re.compile(r"\{\s*\w+\s*:\s*\w+\.to\(")
+_BARE_LOAD = re.compile(r"AutoModelForCausalLM\.from_(?:pretrained|config)\(")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_batches_and_reloads_follow_the_device_policy(path):
+    nb = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        assert not _HAND_MOVED_BATCH.search(cell.source), (
+            f"{path.name} cell {index}: move a batch with utils.to_device(batch, model), not a dict comprehension")
+        for match in _BARE_LOAD.finditer(cell.source):
+            call = cell.source[match.start():match.start() + 400]
+            call = call[:_closing_paren(call)]
+            context = cell.source[max(0, match.start() - 200):match.start()]
+            assert "dtype=" in call or 'torch.device("meta")' in context or "quantization_config=" in call, (
+                f"{path.name} cell {index}: {call[:80]}... loads a model in the default dtype on the CPU; use "
+                "utils.load_model(folder), or pass dtype= and move it to the model's device")
+
+
+def _closing_paren(text: str) -> int:
+    depth = 0
+    for position, char in enumerate(text):
+        depth += char == "("
+        depth -= char == ")"
+        if char == ")" and depth == 0:
+            return position + 1
+    return len(text)

@@ -330,3 +330,45 @@ def test_repair_bad_inputs(tiny, calib):
     with pytest.raises(ValueError, match="damping must be"):
         utils.compensate_down_proj(weight, gram, [0, 1], damping=0.0)
     assert model.config.intermediate_size == 256
+
+
+# --- comparing two pruners' selections (CH05_NB01: ours vs optipfair, on a GPU in float16) ---------
+
+def test_kept_neurons_are_read_back_from_the_weights(tiny):
+    model, _ = tiny(FAMILIES[0])
+    scores = utils.neuron_importance(model, method="maw")
+    pruned = utils.prune_glu(copy.deepcopy(model), 0.25, method="maw")
+    expected = utils.width.kept_indices(scores, pruned.config.intermediate_size)
+    found = utils.width.kept_neurons(model, pruned)
+    assert len(found) == len(expected) and all(torch.equal(a, b) for a, b in zip(found, expected))
+    assert pruned.config.intermediate_size < model.config.intermediate_size
+    with pytest.raises(ValueError, match="not a neuron of the original"):
+        utils.width.kept_neurons(_shifted(model), pruned)
+    with pytest.raises(ValueError, match="GLU MLPs"):
+        short = copy.deepcopy(pruned)
+        short.model.layers = short.model.layers[:1]
+        utils.width.kept_neurons(model, short)
+
+
+def _shifted(model):
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in utils.glu_mlps(other):
+            m.gate_proj.weight.add_(1.0)
+    return other
+
+
+def test_selections_may_differ_only_in_ties():
+    scores = [torch.tensor([5.0, 1.0, 3.0, 3.0005, 0.5])]
+    a, b = [torch.tensor([0, 2, 3])], [torch.tensor([0, 2, 3])]
+    assert utils.width.same_selection_up_to_ties(scores, a, b, rtol=1e-3) == []
+    tie = [torch.tensor([0, 1, 3])]  # neuron 1 (1.0) for 2 (3.0): not a tie
+    with pytest.raises(ValueError, match="Block 0: neurons \\[1\\] are kept by one selection only"):
+        utils.width.same_selection_up_to_ties(scores, a, tie, rtol=1e-3)
+    scores = [torch.tensor([5.0, 3.0001, 3.0, 3.0005, 0.5])]  # 1 and 2 tie at the cut-off
+    assert utils.width.same_selection_up_to_ties(scores, [torch.tensor([0, 2, 3])], [torch.tensor([0, 1, 3])],
+                                                 rtol=1e-3) == [0]
+    with pytest.raises(ValueError, match="keep 3 and 2"):
+        utils.width.same_selection_up_to_ties(scores, a, [torch.tensor([0, 2])], rtol=1e-3)
+    with pytest.raises(ValueError, match="One score vector"):
+        utils.width.same_selection_up_to_ties(scores, a, [], rtol=1e-3)

@@ -458,6 +458,68 @@ def kept_indices(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
     return [torch.topk(s.float().cpu(), keep).indices.sort().values for s in scores]
 
 
+def kept_neurons(original: nn.Module, pruned: nn.Module) -> list[torch.Tensor]:
+    """Which neurons of each GLU MLP of ``original`` the width-pruned ``pruned`` kept (sorted indices).
+
+    Found from the weights alone, exactly: a kept neuron's ``gate_proj`` and ``up_proj`` rows are copies
+    of the original's, so each of ``pruned``'s rows is matched to the identical row of ``original``. Works
+    for any pruner (ours, optipfair's) without knowing how it chose.
+
+    Raises:
+        ValueError: different numbers of MLPs, or a pruned row that is in no original row.
+    """
+    before, after = glu_mlps(original), glu_mlps(pruned)
+    if len(before) != len(after):
+        raise ValueError(f"original has {len(before)} GLU MLPs and pruned {len(after)}: pass the model that "
+                         "was pruned and its width-pruned copy (depth pruning removes whole blocks).")
+    kept = []
+    for i, (a, b) in enumerate(zip(before, after)):
+        rows_a = torch.cat([a.gate_proj.weight.detach(), a.up_proj.weight.detach()], dim=1).float().cpu()
+        rows_b = torch.cat([b.gate_proj.weight.detach(), b.up_proj.weight.detach()], dim=1).float().cpu()
+        _, inverse = torch.unique(torch.cat([rows_a, rows_b]), dim=0, return_inverse=True)
+        position = {int(key): j for j, key in enumerate(inverse[:len(rows_a)].tolist())}
+        index = [position.get(int(key), -1) for key in inverse[len(rows_a):].tolist()]
+        if -1 in index:
+            raise ValueError(f"Block {i}: a neuron of the pruned model is not a neuron of the original. Were both "
+                             "made from the same model, and is the pruned one width-pruned (not repaired)?")
+        kept.append(torch.tensor(sorted(index), dtype=torch.long))
+    return kept
+
+
+def same_selection_up_to_ties(scores: list[torch.Tensor], kept_a: list[torch.Tensor], kept_b: list[torch.Tensor],
+                              *, rtol: float) -> list[int]:
+    """Check that two selections of neurons differ only where the scores tie; return the blocks that differ.
+
+    Two pruners that rank the same scores keep the same neurons, except at the cut-off: when neurons score
+    the same up to rounding (a GPU computing in float16 and a CPU in float32 round differently), either
+    may be kept. Every neuron kept by one selection and not by the other must score within ``rtol``
+    (relative) of the block's cut-off score (the lowest score ``kept_a`` keeps).
+
+    Raises:
+        ValueError: the selections differ by more than ties (the message names the block and the scores),
+            or the lists have different lengths or sizes.
+    """
+    if not len(scores) == len(kept_a) == len(kept_b):
+        raise ValueError(f"One score vector and one selection per block: got {len(scores)} scores, "
+                         f"{len(kept_a)} and {len(kept_b)} selections.")
+    differ = []
+    for i, (s, a, b) in enumerate(zip(scores, kept_a, kept_b)):
+        s = s.detach().double().cpu()
+        if len(a) != len(b):
+            raise ValueError(f"Block {i}: the selections keep {len(a)} and {len(b)} neurons, not a tie.")
+        swapped = sorted(set(a.tolist()) ^ set(b.tolist()))
+        if not swapped:
+            continue
+        cut = s[a].min()
+        far = [j for j in swapped if abs(s[j] - cut) > rtol * abs(cut)]
+        if far:
+            raise ValueError(f"Block {i}: neurons {far[:5]} are kept by one selection only, with scores "
+                             f"{[round(float(s[j]), 6) for j in far[:5]]} against a cut-off of {float(cut):.6g}: "
+                             f"more than a tie (rtol {rtol}). The two rankings are not the same.")
+        differ.append(i)
+    return differ
+
+
 # --- removing chosen neurons, layer by layer (CH11) ------------------------------------------
 
 #: Config field listing each block's MLP width after :func:`remove_neurons` (when the widths differ).
