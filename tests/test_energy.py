@@ -145,12 +145,14 @@ def test_measure_energy_drops_warmup_and_subtracts_idle(tmp_path, monkeypatch):
         state["uj"] += uj
         _set(root, 0, state["uj"])
 
-    monkeypatch.setattr(energy.time, "sleep", lambda s: advance(int(s * 2e6)))  # idle: 2 W, instantly
+    real_sleep = time.sleep
+    monkeypatch.setattr(energy.time, "sleep", lambda s: (advance(int(s * 2e6)), real_sleep(s)))  # idle: 2 W
     calls = []
     out = energy.measure_energy({"work": lambda: (calls.append(1), advance(3_000_000))}, runs=3, warmup=2,
-                                idle_s=0.5, powercap_root=root)
+                                idle_s=0.05, min_window_s=0, min_joules=0, powercap_root=root)  # no repetition
     assert len(calls) == 5 and len(out["jobs"]["work"]["runs"]) == 3
-    assert out["energy_measured"] is True and out["idle"]["joules"] == pytest.approx(1.0)
+    assert out["energy_measured"] is True and out["idle"]["joules"] == pytest.approx(0.1)
+    assert out["idle"]["watts"] == pytest.approx(2.0, rel=0.5) and out["notes"] == []
     job = out["jobs"]["work"]
     assert job["joules"] == pytest.approx(3.0)
     assert job["dynamic_joules"] == pytest.approx(3.0 - out["idle"]["watts"] * job["wall_s"])
@@ -173,9 +175,118 @@ def test_token_costs_without_counters_report_cpu_seconds(models, tmp_path, monke
         base, cut = out["models"]["base"][phase], out["models"]["pruned"][phase]
         assert base["joules_per_token"] is None and base["dynamic_joules_per_token"] is None
         assert base["cpu_seconds_per_1k_tokens"] > 0 or phase == "decode"
-        assert cut["ideal_speedup"] > 1 and isinstance(cut["cost_ratio"], float)
-        assert cut["verdict"] in utils.SPEED_VERDICTS
+        assert cut["ideal_speedup"] > 1
+        if cut["cost_ratio"] is None:  # a decode difference of CPU times at or below zero: rejected, never a ratio
+            assert "no cost ratio" in cut["rejected"] and cut["verdict"] is None
+        else:
+            assert isinstance(cut["cost_ratio"], float) and cut["cost_ratio"] > 0 and cut["rejected"] is None
+            assert cut["verdict"] in utils.SPEED_VERDICTS
         assert "cost_ratio" not in base
     assert out["models"]["pruned"]["prefill"]["ideal_speedup"] == pytest.approx(utils.ideal_speedup(model, pruned))
     with pytest.raises(ValueError, match="new_tokens must be an integer >= 2"):
         energy.token_costs({"base": model}, tok, ["x"], new_tokens=1)
+
+
+# --- a counter coarser than the work: repeat until the window is long enough, reject readings <= 0 ----------------
+
+class _CoarseNVML(_FakeNVML):
+    """One GPU whose counter moves in steps of ``step_mj`` (its resolution); the work adds ``energy_mj`` exactly."""
+
+    def __init__(self, step_mj: int = 100):
+        super().__init__()
+        self.true_mj, self.step_mj = 0.0, step_mj
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle):
+        return int(self.true_mj // self.step_mj) * self.step_mj
+
+
+def test_short_jobs_are_repeated_until_the_counter_resolves_them(tmp_path, monkeypatch):
+    nvml = _CoarseNVML(step_mj=100)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    calls = []
+
+    def prefill():  # 30 mJ: a third of the counter's step
+        calls.append(1)
+        nvml.true_mj += 30
+
+    out = energy.measure_energy({"prefill": prefill}, runs=3, warmup=1, idle_s=0, min_window_s=0, min_joules=1.0,
+                                powercap_root=tmp_path / "absent")
+    job = out["jobs"]["prefill"]
+    assert job["repeats"] >= 34  # > 1 J of work in every window: 34 calls of 30 mJ
+    assert all(r["repeats"] == job["repeats"] and r["window_joules"] > 1.0 for r in job["runs"])
+    assert job["joules"] == pytest.approx(0.030, abs=0.1 / job["repeats"])  # within one step per window
+    assert job["note"] is None and out["notes"] == [] and out["energy_measured"] is True
+    # the calibration doubled the repeats (1, 2, 4, ...) until the window held > 1 J, then 1 + 3 metered windows
+    assert len(calls) == sum(2 ** k for k in range(job["repeats"].bit_length())) + 4 * job["repeats"]
+
+
+def test_window_long_enough_in_time_too(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _CoarseNVML(step_mj=1))
+    out = energy.measure_energy({"nap": lambda: time.sleep(0.002)}, runs=2, warmup=0, idle_s=0, min_window_s=0.05,
+                                min_joules=0, powercap_root=tmp_path / "absent")
+    job = out["jobs"]["nap"]
+    assert job["repeats"] > 1 and all(r["window_s"] >= 0.04 for r in job["runs"])
+    assert job["wall_s"] == pytest.approx(0.002, rel=2.0)  # per call, not per window
+
+
+def test_zero_readings_are_rejected_with_a_message(tmp_path, monkeypatch, capsys):
+    nvml = _CoarseNVML(step_mj=100)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    state = {"n": 0}
+
+    def prefill():
+        nvml.true_mj += 30
+        state["n"] += 1
+
+    out = energy.measure_energy({"prefill": prefill}, runs=6, warmup=0, idle_s=0, min_window_s=0, min_joules=0,
+                                powercap_root=tmp_path / "absent")  # one call per window: most read 0 J
+    job = out["jobs"]["prefill"]
+    rejected = [r for r in job["runs"] if r.get("rejected")]
+    assert rejected and all(r["joules"] is None for r in rejected)
+    assert all(r["joules"] > 0 for r in job["runs"] if not r.get("rejected"))
+    assert job["joules"] is None and job["dynamic_joules"] is None  # no median over a partial, biased set
+    assert "zero or less" in job["note"] and "min_window_s" in job["note"] and out["notes"] == [job["note"]]
+    assert job["note"] in capsys.readouterr().out
+
+
+def test_energy_below_idle_is_rejected(tmp_path, monkeypatch):
+    nvml = _CoarseNVML(step_mj=1)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+    def idle_sleep(seconds):  # a busy idle: 1000 W while "idle", instantly
+        nvml.true_mj += seconds * 1e6
+
+    monkeypatch.setattr(energy.time, "sleep", idle_sleep)
+    out = energy.measure_energy({"work": lambda: setattr(nvml, "true_mj", nvml.true_mj + 5)}, runs=2, warmup=0,
+                                idle_s=0.5, min_window_s=0, min_joules=0, powercap_root=tmp_path / "absent")
+    job = out["jobs"]["work"]
+    assert job["joules"] == pytest.approx(0.005) and job["dynamic_joules"] is None
+    assert all(r["rejected"] == "non-positive energy after subtracting idle power" for r in job["runs"])
+    assert "after subtracting idle power" in job["note"]
+
+
+def test_token_costs_give_no_ratio_from_non_positive_energy(models, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pynvml", _CoarseNVML(step_mj=100))  # nothing moves it: every reading is 0 J
+    model, tok = models()
+    pruned = models()[0]
+    utils.prune_glu(pruned, 0.5)
+    out = energy.token_costs({"base": model, "pruned": pruned}, tok, ["The river flows"], new_tokens=2, runs=2,
+                             warmup=0, idle_s=0, min_window_s=0, min_joules=0, powercap_root=tmp_path / "absent")
+    assert out["energy_measured"] is True and out["cost_unit"] == "joules"
+    printed = capsys.readouterr().out
+    for phase in ("prefill", "decode"):
+        cut = out["models"]["pruned"][phase]
+        assert cut["cost_ratio"] is None and cut["cost_ratio_min"] is None and cut["verdict"] is None
+        assert "no cost ratio" in cut["rejected"] and cut["rejected"] in printed and cut["rejected"] in out["notes"]
+        assert out["models"]["base"][phase]["joules_per_token"] is None
+
+
+def test_bad_window_settings_are_clear_errors(tmp_path, monkeypatch):
+    _no_nvml(monkeypatch)
+    with pytest.raises(ValueError, match="min_window_s must be a number >= 0"):
+        energy.measure_energy({"x": lambda: None}, min_window_s=-1, powercap_root=tmp_path)
+    with pytest.raises(ValueError, match="max_repeats must be an integer >= 1"):
+        energy.measure_energy({"x": lambda: None}, max_repeats=0, powercap_root=tmp_path)

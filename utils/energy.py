@@ -12,10 +12,18 @@ code; a counter that is missing reads ``None`` — never an estimate. :func:`mea
 alternately through :func:`utils.time_alternately` (the course's one timing loop) with a meter around each call,
 and subtracts an idle baseline where energy is measured. :func:`token_costs` turns that into cost per token for
 prefill and decode, per model, next to the FLOPs ideal.
+
+A counter has a resolution: NVML's total moves in steps, some GPUs refresh it only every few tens of milliseconds,
+and a prefill takes milliseconds. Metered alone, such a call reads 0 J, or less than the idle power times its
+duration: a ratio of two such readings means nothing. So where a counter exists, :func:`measure_energy` repeats each
+job inside one meter window until the window lasts ``min_window_s`` and the counter moved by more than
+``min_joules``, and reports the readings per call; a reading that is still zero or negative (after subtracting
+idle power) is rejected, with a message, and gives no ratio.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import time
@@ -28,6 +36,11 @@ from .evaluation import _generation_inputs, _speedup, _sync_all, ideal_speedup, 
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
 NVML_INSTALL = "pip install nvidia-ml-py"
+#: Where an energy counter exists: the shortest metered window (seconds) and the smallest counter change (joules)
+#: that :func:`measure_energy` accepts before it stops adding repetitions of a job to the window.
+MIN_WINDOW_S = 1.0
+MIN_JOULES = 1.0
+MAX_REPEATS = 10_000
 
 
 # --- the counters -------------------------------------------------------------------------
@@ -127,6 +140,10 @@ class EnergyMeter:
         self._start: dict | None = None
         self._result: dict | None = None
 
+    def counters(self) -> dict[str, int]:
+        """How many counters this meter reads: ``{"rapl": packages, "nvml": GPUs}``."""
+        return {"rapl": len(self._domains), "nvml": len(self._gpus)}
+
     def _read(self) -> dict:
         _sync_all()
         reading = {"wall": time.perf_counter(), "cpu": time.process_time(),
@@ -184,42 +201,121 @@ def idle_baseline(seconds: float = 2.0, **meter_kwargs) -> dict[str, float | Non
     return reading
 
 
+def _repeats_for(job: Callable[[], object], min_window_s: float, min_joules: float, max_repeats: int,
+                 meter_kwargs: dict) -> tuple[int, list[dict]]:
+    """How many calls of ``job`` one meter window needs: double (or scale) until the window lasts ``min_window_s``
+    and the energy counter moved by more than ``min_joules`` (0: no energy criterion); never more than
+    ``max_repeats`` calls, and no more tries once a window lasted ``max(10 * min_window_s, 10)`` seconds (a counter
+    that has not moved by then is broken, or the work draws nothing). Returns the count and the calibration
+    readings."""
+    repeats, tried = 1, []
+    give_up_s = max(10 * min_window_s, 10.0)  # a counter that has not moved by then never will (or barely)
+    while True:
+        with EnergyMeter(**meter_kwargs) as meter:
+            for _ in range(repeats):
+                job()
+        reading = meter.result()
+        tried.append({**reading, "repeats": repeats})
+        long_enough = reading["wall_s"] >= min_window_s
+        moved = reading["joules"] is None or min_joules <= 0 or reading["joules"] > min_joules
+        if (long_enough and moved) or repeats >= max_repeats or reading["wall_s"] >= give_up_s:
+            return repeats, tried
+        by_time = math.ceil(repeats * min_window_s / max(reading["wall_s"], 1e-9)) if not long_enough else repeats
+        repeats = min(max_repeats, max(2 * repeats, by_time))
+
+
+def _reject_non_positive(name: str, runs: list[dict]) -> str | None:
+    """Mark readings of zero or less (raw, or after subtracting idle power) as rejected; the message, or None."""
+    raw = dynamic = 0
+    for r in runs:
+        if r["joules"] is not None and r["joules"] <= 0:
+            raw += 1
+            r["joules"] = r["dynamic_joules"] = None
+            r["rejected"] = "non-positive energy reading"
+        elif r["dynamic_joules"] is not None and r["dynamic_joules"] <= 0:
+            dynamic += 1
+            r["dynamic_joules"] = None
+            r["rejected"] = "non-positive energy after subtracting idle power"
+    if not (raw or dynamic):
+        return None
+    return (f"{name}: {raw + dynamic} of {len(runs)} energy readings were zero or less"
+            + (f" ({dynamic} only after subtracting idle power)" if dynamic else "")
+            + ": the window was too short for the counter's resolution, or the idle baseline drifted (another "
+            "process?). They are rejected and give no energy value or ratio; raise min_window_s / min_joules, or "
+            "measure longer work.")
+
+
 def measure_energy(jobs: Mapping[str, Callable[[], object]], *, runs: int = 3, warmup: int = 1, idle_s: float = 1.0,
+                   min_window_s: float | None = None, min_joules: float | None = None, max_repeats: int = MAX_REPEATS,
                    **meter_kwargs) -> dict:
     """Run ``jobs`` alternately (:func:`utils.time_alternately`) with an :class:`EnergyMeter` around every call.
 
+    Where an energy counter exists, each job is first calibrated: it is repeated inside one meter window until
+    the window lasts ``min_window_s`` (default :data:`MIN_WINDOW_S`) and the counter moved by more than
+    ``min_joules`` (default :data:`MIN_JOULES`), at most ``max_repeats`` times; every metered call then runs the
+    job that many times, and its readings are divided by that count (per call). Without a counter nothing is
+    repeated (CPU time has a fine resolution) unless ``min_window_s`` is given.
+
     Returns ``{"energy_measured": bool, "sources": energy_sources(), "idle": idle_baseline(idle_s) or None,
-    "jobs": {name: {"runs": [meter readings of the timed calls], "wall_s", "cpu_s", "joules",
-    "dynamic_joules": medians}}}``. ``dynamic_joules`` subtracts the idle power times the call's duration;
-    every energy number is None when no counter exists (then ``cpu_s`` is the cost to report).
+    "notes": [messages about rejected readings], "jobs": {name: {"runs": [per-call readings of the timed calls,
+    each with "repeats" and "window_s"], "repeats", "wall_s", "cpu_s", "joules", "dynamic_joules": medians,
+    "note": message or None}}}``. ``dynamic_joules`` subtracts the idle power times the call's duration. A reading
+    of zero or less (raw, or after subtracting idle power) is rejected: it reads None, the run gets a
+    ``"rejected"`` reason, the job's median of that key is None and its ``note`` (also printed) says why. Every
+    energy number is None when no counter exists (then ``cpu_s`` is the cost to report).
     """
-    readings: dict[str, list[dict]] = {name: [] for name in jobs}
-
-    def metered(name, job):
-        def call():
-            with EnergyMeter(**meter_kwargs) as meter:
-                job()
-            readings[name].append(meter.result())
-        return call
-
     for name, job in jobs.items():
         if not callable(job):
             raise TypeError(f"jobs[{name!r}] is a {type(job).__name__}, not a function: wrap the work in a lambda.")
-    idle = idle_baseline(idle_s, **meter_kwargs) if idle_s else None
-    time_alternately({name: metered(name, job) for name, job in jobs.items()}, runs=runs, warmup=warmup)
+    for label, value in (("min_window_s", min_window_s), ("min_joules", min_joules)):
+        if value is not None and (not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"{label} must be a number >= 0 (or None for the default), got {value!r}.")
+    if not isinstance(max_repeats, int) or max_repeats < 1:
+        raise ValueError(f"max_repeats must be an integer >= 1, got {max_repeats!r}.")
     sources = energy_sources(**({"powercap_root": meter_kwargs["powercap_root"]} if "powercap_root" in meter_kwargs
                                 else {}))
-    out = {"energy_measured": False, "sources": sources, "idle": idle, "jobs": {}}
+    counter = any(EnergyMeter(**meter_kwargs).counters().values())
+    if min_window_s is None:
+        min_window_s = MIN_WINDOW_S if counter else 0.0
+    if min_joules is None:
+        min_joules = MIN_JOULES if counter else 0.0
+    readings: dict[str, list[dict]] = {name: [] for name in jobs}
+    repeats = {name: 1 for name in jobs}
+    if min_window_s > 0 or (counter and min_joules > 0):  # else one call per window, no calibration
+        for name, job in jobs.items():
+            repeats[name], _ = _repeats_for(job, min_window_s, min_joules, max_repeats, meter_kwargs)
+
+    def metered(name, job):
+        n = repeats[name]
+
+        def call():
+            with EnergyMeter(**meter_kwargs) as meter:
+                for _ in range(n):
+                    job()
+            window = meter.result()
+            per_call = {k: (None if v is None else v / n) for k, v in window.items()}
+            readings[name].append({**per_call, "repeats": n, "window_s": window["wall_s"],
+                                   "window_joules": window["joules"]})
+        return call
+
+    idle = idle_baseline(idle_s, **meter_kwargs) if idle_s else None
+    time_alternately({name: metered(name, job) for name, job in jobs.items()}, runs=runs, warmup=warmup)
+    out = {"energy_measured": False, "sources": sources, "idle": idle, "notes": [], "jobs": {}}
+    watts = idle["watts"] if idle and idle["watts"] is not None else None
     for name, all_runs in readings.items():
         timed = all_runs[warmup:]  # the warm-up calls were metered too; drop them
         for r in timed:
-            watts = idle["watts"] if idle and idle["watts"] is not None else None
             r["dynamic_joules"] = None if r["joules"] is None or watts is None else r["joules"] - watts * r["wall_s"]
-        entry = {"runs": timed}
+        energy_read = any(r["joules"] is not None for r in timed)
+        note = _reject_non_positive(name, timed)
+        entry = {"runs": timed, "repeats": repeats[name], "note": note}
         for key in ("wall_s", "cpu_s", "joules", "dynamic_joules"):
             values = [r[key] for r in timed]
             entry[key] = None if any(v is None for v in values) else statistics.median(values)
-        out["energy_measured"] = out["energy_measured"] or entry["joules"] is not None
+        if note:
+            out["notes"].append(note)
+            print(note)
+        out["energy_measured"] = out["energy_measured"] or energy_read
         out["jobs"][name] = entry
     return out
 
@@ -227,7 +323,8 @@ def measure_energy(jobs: Mapping[str, Callable[[], object]], *, runs: int = 3, w
 @torch.no_grad()
 def token_costs(models: Mapping[str, torch.nn.Module], tokenizer, prompts: Sequence[str], *, new_tokens: int = 16,
                 runs: int = 3, warmup: int = 1, idle_s: float = 1.0, base: str | None = None,
-                tolerance: float = 0.05, **meter_kwargs) -> dict:
+                tolerance: float = 0.05, min_window_s: float | None = None, min_joules: float | None = None,
+                max_repeats: int = MAX_REPEATS, **meter_kwargs) -> dict:
     """Cost per token of prefill and decode for several models, measured alternately; ratios next to the ideal.
 
     Per round and model: ``generate`` of 1 token (the prefill, plus one step) and of ``new_tokens`` tokens
@@ -236,12 +333,19 @@ def token_costs(models: Mapping[str, torch.nn.Module], tokenizer, prompts: Seque
     :func:`utils.compare_speed`). All prompts form one left-padded batch.
 
     Returns ``energy_measured``, ``sources``, ``idle``, ``cost_unit`` (``"joules"`` with a counter, else
-    ``"cpu_seconds"``), ``prompt_tokens``, ``decode_tokens``, and ``models[name]`` with, per phase
-    (``"prefill"``, ``"decode"``): ``cpu_seconds_per_1k_tokens``, ``wall_seconds_per_1k_tokens``,
+    ``"cpu_seconds"``), ``prompt_tokens``, ``decode_tokens``, ``calls_per_window`` (``{"model|first" or
+    "model|all": generate calls per meter window}``), ``notes`` (rejected readings), and ``models[name]`` with,
+    per phase (``"prefill"``, ``"decode"``): ``cpu_seconds_per_1k_tokens``, ``wall_seconds_per_1k_tokens``,
     ``joules_per_token`` and ``dynamic_joules_per_token`` (None without a counter), and for every model but the
     base ``cost_ratio`` (base cost / model cost, > 1 = cheaper, median of the paired rounds), its ``min``/``max``,
     ``ideal_speedup`` (FLOPs: :func:`utils.ideal_speedup` for prefill, :func:`utils.attention.ideal_decode_speedup`
     for decode) and the ``verdict`` of :func:`utils.compare_speed`'s rules.
+
+    Where a counter exists, each ``generate`` call is repeated inside its meter window until the window is long
+    enough for the counter (``min_window_s``, ``min_joules``: see :func:`measure_energy`). A cost reading of zero or
+    less (an energy reading rejected by :func:`measure_energy`, or a decode cost that came out non-positive after
+    the subtraction) gives **no ratio**: ``cost_ratio``, its ``min``/``max`` and ``verdict`` are None and
+    ``rejected`` says why (also printed, and listed in ``notes`` with :func:`measure_energy`'s messages).
     """
     from .attention import ideal_decode_speedup
     from .evaluation import _as_prompt_list, _check_models
@@ -262,7 +366,8 @@ def token_costs(models: Mapping[str, torch.nn.Module], tokenizer, prompts: Seque
             jobs[(name, phase)] = (lambda model=model, on_device=on_device, n=n:
                                    model.generate(**on_device, max_new_tokens=n, min_new_tokens=n, **common))
     measured = measure_energy({f"{name}|{phase}": job for (name, phase), job in jobs.items()}, runs=runs,
-                              warmup=warmup, idle_s=idle_s, **meter_kwargs)
+                              warmup=warmup, idle_s=idle_s, min_window_s=min_window_s, min_joules=min_joules,
+                              max_repeats=max_repeats, **meter_kwargs)
     energy = measured["energy_measured"]
     unit_key = "dynamic_joules" if energy and measured["idle"] is not None else "joules" if energy else "cpu_s"
 
@@ -277,24 +382,45 @@ def token_costs(models: Mapping[str, torch.nn.Module], tokenizer, prompts: Seque
     def median(values):
         return None if any(v is None for v in values) else statistics.median(values)
 
+    def positive_median(values):  # energy per token: a value of zero or less is no measurement
+        return None if any(v is None or v <= 0 for v in values) else statistics.median(values)
+
+    unit = {"dynamic_joules": "energy (idle subtracted)", "joules": "energy", "cpu_s": "CPU time"}[unit_key]
+
     context = width + new_tokens / 2
     out = {"energy_measured": energy, "sources": measured["sources"], "idle": measured["idle"],
            "cost_unit": "joules" if energy else "cpu_seconds", "prompt_tokens": prompt_tokens,
            "decode_tokens": decode_tokens, "batch_size": batch, "new_tokens": new_tokens, "runs": runs,
-           "base": base, "models": {}}
+           "base": base, "notes": list(measured["notes"]),
+           "calls_per_window": {job: entry["repeats"] for job, entry in measured["jobs"].items()}, "models": {}}
     for name in names:
         entry = {}
         for phase in ("prefill", "decode"):
             cpu, wall = median(per_run(name, phase, "cpu_s")), median(per_run(name, phase, "wall_s"))
-            joules, dynamic = median(per_run(name, phase, "joules")), median(per_run(name, phase, "dynamic_joules"))
+            joules = positive_median(per_run(name, phase, "joules"))
+            dynamic = positive_median(per_run(name, phase, "dynamic_joules"))
             entry[phase] = {"cpu_seconds_per_1k_tokens": 1000 * cpu, "wall_seconds_per_1k_tokens": 1000 * wall,
                             "joules_per_token": joules, "dynamic_joules_per_token": dynamic,
                             "cost_runs": per_run(name, phase, unit_key)}
             if name != base:
                 ideal = (ideal_speedup(models[base], models[name]) if phase == "prefill"
                          else ideal_decode_speedup(models[base], models[name], context))
-                ratio = _speedup(per_run(base, phase, unit_key), per_run(name, phase, unit_key), ideal, tolerance)
+                base_runs, model_runs = per_run(base, phase, unit_key), per_run(name, phase, unit_key)
+                bad = sum(1 for v in base_runs + model_runs if v is None or v <= 0)
+                if bad:
+                    message = (f"{name}, {phase}: no cost ratio. {bad} of the {len(base_runs) + len(model_runs)} "
+                               f"readings of {unit} per token (this model's and {base}'s) were zero or less, or "
+                               "rejected: the measured windows were too short for the counter, or the difference "
+                               "of two calls was smaller than the noise. Measure more tokens (new_tokens, a larger "
+                               "batch), or longer windows (min_window_s).")
+                    print(message)
+                    out["notes"].append(message)
+                    entry[phase].update(cost_ratio=None, cost_ratio_min=None, cost_ratio_max=None,
+                                        ideal_speedup=ideal, verdict=None, rejected=message)
+                    continue
+                ratio = _speedup(base_runs, model_runs, ideal, tolerance)
                 entry[phase].update(cost_ratio=ratio["ratio"], cost_ratio_min=ratio["min"],
-                                    cost_ratio_max=ratio["max"], ideal_speedup=ideal, verdict=ratio["verdict"])
+                                    cost_ratio_max=ratio["max"], ideal_speedup=ideal, verdict=ratio["verdict"],
+                                    rejected=None)
         out["models"][name] = entry
     return out
