@@ -20,7 +20,7 @@ def test_simulated_t4_loads_half_precision_except_gemma(t4):
     gemma, _ = utils.load_model("google/gemma-3-270m")
     assert utils.precision.dtype_of(llama) == torch.float16
     assert utils.precision.dtype_of(gemma) == torch.float32
-    assert utils.device_of(llama).type == "cpu"  # simulated: the tensors stay here
+    assert utils.device_of(llama).type == utils.precision.default_device()  # a CPU keeps them; a GPU takes them
 
 
 def test_simulated_t4_trains_with_masters_and_loss_scaling(t4):
@@ -47,3 +47,15 @@ def test_the_rehearsal_runs_as_a_t4():
     assert precision.precision_policy().hardware == precision.SIMULATED_T4
     model, _ = utils.load_model("meta-llama/Llama-3.2-1B")
     assert utils.precision.dtype_of(model) == torch.float16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the script would run the whole rehearsal")
+def test_the_cuda_rehearsal_script_says_what_to_do_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "rehearse_cuda.sh"
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode != 0 and "make rehearse" in done.stderr

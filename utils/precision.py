@@ -48,7 +48,8 @@ class Hardware:
         name: for printing, e.g. ``"Tesla T4"``.
         cuda: decisions are made as for a CUDA GPU.
         native_bf16: the GPU computes in bfloat16 natively (Ampere and later; not a T4).
-        simulated: the decisions are a CUDA GPU's but the tensors stay on this machine's CPU.
+        simulated: the decisions are a T4's whatever the machine: the tensors stay on a CPU, or go to
+            another GPU (a rehearsal of Colab on, say, an H100).
     """
 
     name: str
@@ -59,8 +60,9 @@ class Hardware:
 
 #: A CPU with no GPU.
 CPU = Hardware("CPU", cuda=False, native_bf16=False)
-#: A free Colab T4, simulated on the CPU (``RLLM_HARDWARE=t4``).
-SIMULATED_T4 = Hardware("Tesla T4 (simulated on the CPU)", cuda=True, native_bf16=False, simulated=True)
+#: A free Colab T4's decisions (``RLLM_HARDWARE=t4``): on a CPU the tensors stay there; on another GPU
+#: (``scripts/rehearse_cuda.sh``) they go to it, with the T4's dtypes.
+SIMULATED_T4 = Hardware("Tesla T4 (simulated)", cuda=True, native_bf16=False, simulated=True)
 _NAMED = {"cpu": CPU, "t4": SIMULATED_T4}
 
 
