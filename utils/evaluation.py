@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import batch_tensors
+from .precision import device_of as _device_of  # the one device helper (utils.precision)
 
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
@@ -22,10 +23,6 @@ def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) ->
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"count_parameters expects a torch.nn.Module, got {type(model).__name__}.")
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class StopForward(Exception):
