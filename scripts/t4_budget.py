@@ -71,7 +71,6 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import utils  # noqa: E402
-from utils.models import _resolve_dtype  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_BUDGET_GB = 15.0
@@ -181,9 +180,8 @@ def notebook_functions(name: str, names: list[str], namespace: dict) -> dict:
 # --- the T4's dtype and the models ------------------------------------------------------------
 
 def t4_dtype(model_type: str) -> torch.dtype:
-    """The dtype ``utils.load_model`` picks on a T4 (a CUDA GPU without bfloat16)."""
-    with mock.patch("torch.cuda.is_bf16_supported", return_value=False):
-        return _resolve_dtype(None, "cuda", model_type)
+    """The dtype ``utils.load_model`` picks on a T4 (a CUDA GPU without bfloat16): the precision policy's."""
+    return utils.precision.precision_policy(utils.precision.SIMULATED_T4).load_dtype(model_type)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
