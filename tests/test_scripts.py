@@ -278,6 +278,37 @@ def test_t4_budget_tiny_end_to_end(tmp_path, capsys):
         t4_budget.main(["--from-json", str(tmp_path / "missing.json")])
 
 
+NEW_STEPS = ["CH07_NB01:quantization", "CH07_NB02:lora", "CH07_NB03:full-ft", "CH08_NB01:kv", "CH08_NB02:distill",
+             "CH08_NB03:bypass", "CH08_NB04:decode", "CH09_NB01:moe", "CH09_NB02:upcycle", "CH10_NB01:glu",
+             "CH10_NB02:ablations", "CH11_NB01:scale", "CH11_NB02:copies", "CH11_NB03:benchmark",
+             "CH12_NB01:capstone", "APPB_NB01:recovery", "APPC_NB01:costs"]
+
+
+def test_t4_budget_every_notebook_has_a_step():
+    import t4_budget
+
+    covered = {s.notebook for s in t4_budget.STEPS}
+    notebooks = {p.name[:9] for p in t4_budget.NOTEBOOKS.glob("*/*.ipynb")}
+    assert notebooks <= covered, f"no t4_budget step for {sorted(notebooks - covered)}"
+    assert [s.id for s in t4_budget.STEPS if s.id in NEW_STEPS] == NEW_STEPS
+
+
+def test_t4_budget_new_steps_run_in_tiny_mode(tmp_path):
+    import t4_budget
+
+    out = tmp_path / "new.json"
+    status = t4_budget.main(["--tiny", "--in-process", "--max-batches", "1", "--json", str(out), "--only", *NEW_STEPS])
+    rows = {r["step"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == NEW_STEPS
+    failed = {step: r["error"] for step, r in rows.items() if "error" in r}
+    assert not failed and status == 0
+    assert rows["CH07_NB01:quantization"]["dtype"] == "float32"  # the notebook loads it in float32 on purpose
+    moe = rows["CH09_NB01:moe"]
+    assert "last 8 blocks trained" in moe["settings"]  # the tiny profile's RECOVERY_LAST_BLOCKS
+    assert [name for name, _ in moe["phases"]][-1] == "export: save, utils.load_model, compare"
+    assert "notebook still holds alt" in rows["CH12_NB01:capstone"]["settings"]
+
+
 def test_t4_budget_fresh_process_and_exit_status_over_budget(capsys):
     import t4_budget
 
