@@ -174,3 +174,10 @@ def test_gated_model_error_and_the_check_share_one_text_and_show_no_stack_trace(
     assert lines[0] == f"GatedModelError: {LLAMA} is gated." and "Traceback" not in "\n".join(lines)
     assert "\n".join(lines[1:]) == models.access_steps(LLAMA)
     assert "RLLM_PROFILE=cpu" in models.unreachable_help()
+
+
+def test_unknown_gating_asks_auth_check_and_does_not_claim_gated(full, monkeypatch, capsys):
+    api = _hub(monkeypatch, _FakeApi(gated=None), token="hf_secret")  # an old Hub answer without the field
+    assert utils.check_model_access("Qwen/Qwen3-0.6B") == "granted"
+    assert capsys.readouterr().out == "Qwen/Qwen3-0.6B: this session's token has access.\n"
+    assert [call[0] for call in api.calls] == ["model_info", "auth_check"]

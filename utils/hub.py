@@ -88,7 +88,7 @@ def check_model_access(model_id: str | os.PathLike) -> str:
 
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    token = None
+    token, gated = None, None
     try:
         token = _token()
         api = _api()
@@ -127,5 +127,5 @@ def check_model_access(model_id: str | os.PathLike) -> str:
         print(f"Could not check access to {model_id} ({type(error).__name__}: {first_line}); load_model will try "
               "anyway and say what went wrong.")
         return "unknown"
-    print(f"{model_id}: gated, and this session's token has access.")
+    print(f"{model_id}: {'gated, and ' if gated else ''}this session's token has access.")
     return "granted"
