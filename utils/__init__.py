@@ -23,6 +23,7 @@ Appendices: :mod:`~utils.benchmarks` (multiple-choice scoring, standard errors, 
 tasks, lm-evaluation-harness; APPB) and :mod:`~utils.energy` (energy counters, CPU time per token; APPC).
 """
 
+from . import precision
 from .anatomy import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
 from .attention import (
@@ -89,7 +90,6 @@ from .models import (
     register_config_surgery,
 )
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
-from . import precision
 from .precision import device_of, precision_policy, to_device
 from .profiles import budget, describe_profile, get_profile, runs_dir
 from .results import load_results, save_results
