@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 CH      ?=
 NB      ?=
 
-.PHONY: help setup plan run test rehearse results bench lint tokenizer figures clean
+.PHONY: help setup plan run test rehearse results bench lint tokenizer figures clean lab
 
 help:
 	@echo "make run [CH=CH04] [NB=CH04_NB01] [PROFILE=cpu|tiny|full]  execute notebooks into runs/<profile>/"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench                                               utils vs optipfair benchmark (part of a full make run)"
 	@echo "make results                                              rebuild RESULTS.md from runs/cpu/"
 	@echo "make setup                                                only create .venv and install"
+	@echo "make lab [PROFILE=cpu|tiny|full]                          JupyterLab in .venv, opened on notebooks/"
 
 setup: $(VENV)/.installed
 
@@ -52,6 +53,13 @@ test: setup
 # on a real GPU.
 rehearse: setup
 	RLLM_REHEARSAL=1 RLLM_PROFILE=tiny RLLM_HARDWARE=t4 HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile notebooks tests/test_rehearsal.py
+
+# JupyterLab in the course's .venv, in the $(PROFILE) profile (cpu unless PROFILE= says otherwise), serving the
+# repository (so the notebooks' setup cell finds utils/) and opening notebooks/. LAB_ARGS adds options, e.g.
+# LAB_ARGS="--no-browser --port=8899" (as root, in a container: LAB_ARGS=--allow-root).
+LAB_ARGS ?=
+lab: setup
+	RLLM_PROFILE=$(PROFILE) $(PY) -m jupyterlab --ServerApp.root_dir=. --ServerApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 bench: setup
 	RLLM_PROFILE=$(PROFILE) $(PY) scripts/benchmark.py
