@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import batch_tensors
-from .depth import decoder_blocks
-from .evaluation import _device_of, perplexity
+from .evaluation import perplexity
+from .precision import device_of as _device_of
+from .structure import decoder_blocks
 from .training import train
 
 IGNORE_INDEX = -100
