@@ -23,23 +23,19 @@ Appendices: :mod:`~utils.benchmarks` (multiple-choice scoring, standard errors, 
 tasks, lm-evaluation-harness; APPB) and :mod:`~utils.energy` (energy counters, CPU time per token; APPC).
 """
 
-from . import precision
+from . import kv_cache, precision, speed, structure
 from .anatomy import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
 from .attention import (
     apply_recorded_surgery,
     attention_bypass,
     attention_importance,
-    cache_bytes,
     calibrate_threshold,
     choose_attention_to_remove,
     decode_flops_per_token,
     ideal_decode_speedup,
-    kv_bytes_per_token,
-    make_cache,
     measure_decode,
     mlp_importance,
-    perplexity_through_cache,
     prompt_attention_scores,
     realised_share,
     remove_attention,
@@ -57,20 +53,7 @@ from .depth import (
     remove_blocks,
 )
 from .distillation import distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
-from .evaluation import (
-    SPEED_VERDICTS,
-    compare_forward,
-    compare_speed,
-    count_parameters,
-    ideal_speedup,
-    matmul_parameters,
-    measure_forward,
-    measure_generation,
-    perplexity,
-    speed_conclusion,
-    speed_ratios,
-    time_alternately,
-)
+from .evaluation import count_parameters, perplexity
 from .extraction import (
     check_schema,
     generate_answers,
@@ -79,6 +62,7 @@ from .extraction import (
     score_extraction,
 )
 from .hub import check_model_access  # before a gated model's first load (full profile)
+from .kv_cache import cache_bytes, kv_bytes_per_token, make_cache, perplexity_through_cache
 from .models import (
     CPU_MODEL_ID,
     GatedModelError,
@@ -93,6 +77,18 @@ from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .precision import device_of, precision_policy, to_device
 from .profiles import budget, describe_profile, get_profile, runs_dir
 from .results import load_results, save_results
+from .speed import (
+    SPEED_VERDICTS,
+    compare_forward,
+    compare_speed,
+    ideal_speedup,
+    matmul_parameters,
+    measure_forward,
+    measure_generation,
+    speed_conclusion,
+    speed_ratios,
+    time_alternately,
+)
 from .training import causal_lm_loss, train
 from .width import (
     activation_grams,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import _generation_inputs, _speedup, _sync_all, ideal_speedup, time_alternately
+from .speed import as_prompt_list, check_models, generation_inputs, ideal_speedup, speedup, sync_all, time_alternately
 
 POWERCAP_ROOT = Path("/sys/class/powercap")
 NVML_INSTALL = "pip install nvidia-ml-py"
@@ -145,7 +145,7 @@ class EnergyMeter:
         return {"rapl": len(self._domains), "nvml": len(self._gpus)}
 
     def _read(self) -> dict:
-        _sync_all()
+        sync_all()
         reading = {"wall": time.perf_counter(), "cpu": time.process_time(),
                    "rapl": [int((d / "energy_uj").read_text()) for d in self._domains], "gpu": []}
         if self._gpus:
@@ -320,6 +320,80 @@ def measure_energy(jobs: Mapping[str, Callable[[], object]], *, runs: int = 3, w
     return out
 
 
+# --- token_costs, step by step --------------------------------------------------------------
+
+#: What a cost per token of :func:`token_costs` is measured in, by the reading it comes from.
+_COST_UNITS = {"dynamic_joules": "energy (idle subtracted)", "joules": "energy", "cpu_s": "CPU time"}
+
+
+def _generate_jobs(models: Mapping[str, torch.nn.Module], tokenizer, inputs: dict[str, torch.Tensor],
+                   new_tokens: int) -> dict[str, Callable[[], object]]:
+    """Two greedy ``generate`` jobs per model, ``"name|first"`` (1 token) and ``"name|all"`` (``new_tokens``,
+    end-of-sequence ignored), on the model's device."""
+    common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    jobs = {}
+    for name, model in models.items():
+        on_device = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
+        for phase, n in (("first", 1), ("all", new_tokens)):
+            jobs[f"{name}|{phase}"] = (lambda model=model, on_device=on_device, n=n:
+                                       model.generate(**on_device, max_new_tokens=n, min_new_tokens=n, **common))
+    return jobs
+
+
+def _per_token_runs(measured: dict, name: str, phase: str, key: str, prompt_tokens: int,
+                    decode_tokens: int) -> list[float | None]:
+    """One model's cost per token of ``phase`` in every timed round, from :func:`measure_energy`'s readings ``key``:
+    prefill = the 1-token call / the prompt tokens; decode = (the ``new_tokens`` call - the 1-token call of the same
+    round) / the decoded tokens. None where a reading is None."""
+    first = measured["jobs"][f"{name}|first"]["runs"]
+    if phase == "prefill":
+        return [None if r[key] is None else r[key] / prompt_tokens for r in first]
+    rest = measured["jobs"][f"{name}|all"]["runs"]
+    return [None if a[key] is None or b[key] is None else (b[key] - a[key]) / decode_tokens
+            for a, b in zip(first, rest)]
+
+
+def _median(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _positive_median(values: list[float | None]) -> float | None:
+    """Median of energies per token; None if one is missing or zero or less (no measurement)."""
+    return None if any(v is None or v <= 0 for v in values) else statistics.median(values)
+
+
+def _phase_costs(per_run: Callable[[str, str, str], list], name: str, phase: str, unit_key: str) -> dict:
+    """``token_costs(...)["models"][name][phase]`` before the ratio: costs per 1k tokens / per token, and the
+    per-run costs in the reported unit."""
+    cpu, wall = _median(per_run(name, phase, "cpu_s")), _median(per_run(name, phase, "wall_s"))
+    joules = _positive_median(per_run(name, phase, "joules"))
+    dynamic = _positive_median(per_run(name, phase, "dynamic_joules"))
+    return {"cpu_seconds_per_1k_tokens": 1000 * cpu, "wall_seconds_per_1k_tokens": 1000 * wall,
+            "joules_per_token": joules, "dynamic_joules_per_token": dynamic,
+            "cost_runs": per_run(name, phase, unit_key)}
+
+
+def _cost_ratio(per_run: Callable[[str, str, str], list], name: str, base: str, phase: str, unit_key: str,
+                ideal: float, tolerance: float) -> tuple[dict, str | None]:
+    """The cost ratio of ``name`` over ``base`` for ``phase`` (:func:`utils.speed.speedup`'s rules), and None; or,
+    when a reading is zero or less (or rejected), no ratio and the message (printed) that says why."""
+    base_runs, model_runs = per_run(base, phase, unit_key), per_run(name, phase, unit_key)
+    bad = sum(1 for v in base_runs + model_runs if v is None or v <= 0)
+    if bad:
+        message = (f"{name}, {phase}: no cost ratio. {bad} of the {len(base_runs) + len(model_runs)} "
+                   f"readings of {_COST_UNITS[unit_key]} per token (this model's and {base}'s) were zero or less, or "
+                   "rejected: the measured windows were too short for the counter, or the difference "
+                   "of two calls was smaller than the noise. Measure more tokens (new_tokens, a larger "
+                   "batch), or longer windows (min_window_s).")
+        print(message)
+        return dict(cost_ratio=None, cost_ratio_min=None, cost_ratio_max=None, ideal_speedup=ideal, verdict=None,
+                    rejected=message), message
+    ratio = speedup(base_runs, model_runs, ideal, tolerance)
+    return dict(cost_ratio=ratio["ratio"], cost_ratio_min=ratio["min"], cost_ratio_max=ratio["max"],
+                ideal_speedup=ideal, verdict=ratio["verdict"], rejected=None), None
+
+
+
 @torch.no_grad()
 def token_costs(models: Mapping[str, torch.nn.Module], tokenizer, prompts: Sequence[str], *, new_tokens: int = 16,
                 runs: int = 3, warmup: int = 1, idle_s: float = 1.0, base: str | None = None,
@@ -348,44 +422,23 @@ def token_costs(models: Mapping[str, torch.nn.Module], tokenizer, prompts: Seque
     ``rejected`` says why (also printed, and listed in ``notes`` with :func:`measure_energy`'s messages).
     """
     from .attention import ideal_decode_speedup
-    from .evaluation import _as_prompt_list, _check_models
 
-    names, base = _check_models(models, base)
-    prompts = _as_prompt_list(prompts)
+    names, base = check_models(models, base)
+    prompts = as_prompt_list(prompts)
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an integer >= 2 (one first token, then decoding), got {new_tokens!r}.")
-    inputs = _generation_inputs(tokenizer, prompts)
+    inputs = generation_inputs(tokenizer, prompts)
     batch, width = inputs["input_ids"].shape
     prompt_tokens = int(inputs["attention_mask"].sum())
     decode_tokens = batch * (new_tokens - 1)
-    common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-    jobs = {}
-    for name, model in models.items():
-        on_device = {k: v.to(next(model.parameters()).device) for k, v in inputs.items()}
-        for phase, n in (("first", 1), ("all", new_tokens)):
-            jobs[(name, phase)] = (lambda model=model, on_device=on_device, n=n:
-                                   model.generate(**on_device, max_new_tokens=n, min_new_tokens=n, **common))
-    measured = measure_energy({f"{name}|{phase}": job for (name, phase), job in jobs.items()}, runs=runs,
-                              warmup=warmup, idle_s=idle_s, min_window_s=min_window_s, min_joules=min_joules,
+    measured = measure_energy(_generate_jobs(models, tokenizer, inputs, new_tokens), runs=runs, warmup=warmup,
+                              idle_s=idle_s, min_window_s=min_window_s, min_joules=min_joules,
                               max_repeats=max_repeats, **meter_kwargs)
     energy = measured["energy_measured"]
     unit_key = "dynamic_joules" if energy and measured["idle"] is not None else "joules" if energy else "cpu_s"
 
     def per_run(name: str, phase: str, key: str) -> list[float | None]:
-        first = measured["jobs"][f"{name}|first"]["runs"]
-        if phase == "prefill":
-            return [None if r[key] is None else r[key] / prompt_tokens for r in first]
-        rest = measured["jobs"][f"{name}|all"]["runs"]
-        return [None if a[key] is None or b[key] is None else (b[key] - a[key]) / decode_tokens
-                for a, b in zip(first, rest)]
-
-    def median(values):
-        return None if any(v is None for v in values) else statistics.median(values)
-
-    def positive_median(values):  # energy per token: a value of zero or less is no measurement
-        return None if any(v is None or v <= 0 for v in values) else statistics.median(values)
-
-    unit = {"dynamic_joules": "energy (idle subtracted)", "joules": "energy", "cpu_s": "CPU time"}[unit_key]
+        return _per_token_runs(measured, name, phase, key, prompt_tokens, decode_tokens)
 
     context = width + new_tokens / 2
     out = {"energy_measured": energy, "sources": measured["sources"], "idle": measured["idle"],
@@ -396,31 +449,13 @@ def token_costs(models: Mapping[str, torch.nn.Module], tokenizer, prompts: Seque
     for name in names:
         entry = {}
         for phase in ("prefill", "decode"):
-            cpu, wall = median(per_run(name, phase, "cpu_s")), median(per_run(name, phase, "wall_s"))
-            joules = positive_median(per_run(name, phase, "joules"))
-            dynamic = positive_median(per_run(name, phase, "dynamic_joules"))
-            entry[phase] = {"cpu_seconds_per_1k_tokens": 1000 * cpu, "wall_seconds_per_1k_tokens": 1000 * wall,
-                            "joules_per_token": joules, "dynamic_joules_per_token": dynamic,
-                            "cost_runs": per_run(name, phase, unit_key)}
+            entry[phase] = _phase_costs(per_run, name, phase, unit_key)
             if name != base:
                 ideal = (ideal_speedup(models[base], models[name]) if phase == "prefill"
                          else ideal_decode_speedup(models[base], models[name], context))
-                base_runs, model_runs = per_run(base, phase, unit_key), per_run(name, phase, unit_key)
-                bad = sum(1 for v in base_runs + model_runs if v is None or v <= 0)
-                if bad:
-                    message = (f"{name}, {phase}: no cost ratio. {bad} of the {len(base_runs) + len(model_runs)} "
-                               f"readings of {unit} per token (this model's and {base}'s) were zero or less, or "
-                               "rejected: the measured windows were too short for the counter, or the difference "
-                               "of two calls was smaller than the noise. Measure more tokens (new_tokens, a larger "
-                               "batch), or longer windows (min_window_s).")
-                    print(message)
+                ratio, message = _cost_ratio(per_run, name, base, phase, unit_key, ideal, tolerance)
+                entry[phase].update(ratio)
+                if message:
                     out["notes"].append(message)
-                    entry[phase].update(cost_ratio=None, cost_ratio_min=None, cost_ratio_max=None,
-                                        ideal_speedup=ideal, verdict=None, rejected=message)
-                    continue
-                ratio = _speedup(base_runs, model_runs, ideal, tolerance)
-                entry[phase].update(cost_ratio=ratio["ratio"], cost_ratio_min=ratio["min"],
-                                    cost_ratio_max=ratio["max"], ideal_speedup=ideal, verdict=ratio["verdict"],
-                                    rejected=None)
         out["models"][name] = entry
     return out
