@@ -113,6 +113,32 @@ def test_train_rejects_bad_settings(kwargs, match):
         train(_model(), _batches(1), progress=False, **kwargs)
 
 
+def _options(**changes) -> utils.training.TrainOptions:
+    settings = dict(max_steps=None, epochs=1, lr=5e-4, warmup_steps=3, grad_accum=1, micro_batch_size=None,
+                    weight_decay=0.0, max_grad_norm=1.0, eval_every=None, eval_after_epoch=True, progress=False,
+                    desc="train")
+    return utils.training.TrainOptions(**{**settings, **changes})
+
+
+def test_train_options_count_the_steps_and_reject_bad_values():
+    assert _options(epochs=2, grad_accum=2).total_steps(5) == 6  # ceil(5 / 2) per epoch
+    assert _options(epochs=2, max_steps=4).total_steps(5) == 4
+    assert _options(max_steps=50).total_steps(5) == 5  # the epochs end first
+    for changes, match in [({"epochs": True}, "epochs"), ({"eval_every": 0}, "eval_every"),
+                           ({"lr": math.inf}, "lr"), ({"lr": "1e-3"}, "lr"), ({"warmup_steps": 1.0}, "warmup")]:
+        with pytest.raises(ValueError, match=match):
+            _options(**changes)
+    with pytest.raises(AttributeError):
+        _options().lr = 1.0  # frozen: a run's settings do not change under it
+
+
+def test_the_forwarded_options_are_options_of_train():
+    import inspect
+
+    names = set(inspect.signature(train).parameters)
+    assert set(utils.training.FORWARDED_OPTIONS) <= names
+    assert set(utils.training.FORWARDED_OPTIONS) <= {f for f in utils.training.TrainOptions.__dataclass_fields__}
+
 def test_train_rejects_empty_data_and_non_dict_batches():
     with pytest.raises(ValueError, match="empty"):
         train(_model(), [], progress=False)

@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,255 @@ def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
 
 
+# --- the settings of a run -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """The settings of one :func:`train` run, checked when built (see :func:`train` for each one).
+
+    ``train`` builds it from its keyword arguments; :func:`utils.distill` forwards the ones named in
+    :data:`FORWARDED_OPTIONS` to ``train``.
+
+    Raises:
+        ValueError: a count that is not a positive integer (``epochs``, ``grad_accum``; ``max_steps``,
+            ``micro_batch_size`` and ``eval_every`` may also be None), ``lr`` not a positive finite
+            number, ``warmup_steps`` not an integer >= 0.
+    """
+
+    max_steps: int | None
+    epochs: int
+    lr: float
+    warmup_steps: int
+    grad_accum: int
+    micro_batch_size: int | None
+    weight_decay: float
+    max_grad_norm: float | None
+    eval_every: int | None
+    eval_after_epoch: bool
+    progress: bool
+    desc: str
+
+    def __post_init__(self) -> None:
+        _check_positive_int("epochs", self.epochs)
+        _check_positive_int("grad_accum", self.grad_accum)
+        _check_positive_int("max_steps", self.max_steps, allow_none=True)
+        _check_positive_int("micro_batch_size", self.micro_batch_size, allow_none=True)
+        _check_positive_int("eval_every", self.eval_every, allow_none=True)
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0 or math.isinf(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}.")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}.")
+
+    def total_steps(self, n_batches: int) -> int:
+        """Optimizer steps of the run over ``n_batches`` batches per epoch: ``epochs`` passes of
+        ``ceil(n_batches / grad_accum)`` steps, or ``max_steps`` if that comes first."""
+        all_epochs = math.ceil(n_batches / self.grad_accum) * self.epochs
+        return all_epochs if self.max_steps is None else min(self.max_steps, all_epochs)
+
+
+#: The options of :func:`train` that :func:`utils.distill` takes and passes on unchanged.
+FORWARDED_OPTIONS = ("max_steps", "epochs", "lr", "warmup_steps", "grad_accum", "micro_batch_size",
+                     "weight_decay", "max_grad_norm", "progress")
+
+
+def _sized(dataloader: Iterable[dict]) -> tuple[Iterable[dict], int]:
+    """``dataloader`` and its number of batches (an iterable without ``len`` is read into a list)."""
+    try:
+        n_batches = len(dataloader)
+    except TypeError:
+        dataloader = list(dataloader)
+        n_batches = len(dataloader)
+    if n_batches == 0:
+        raise ValueError("The training dataloader is empty: build it from at least one text "
+                         "(utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)).")
+    return dataloader, n_batches
+
+
+# --- which parameters train ------------------------------------------------------------------
+
+def _chosen_params(model: torch.nn.Module,
+                   params: Iterable[torch.nn.Parameter] | None) -> list[torch.nn.Parameter]:
+    """``params`` as a list, or the model's parameters with ``requires_grad=True``; never nothing."""
+    chosen = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    if not chosen or not any(p.is_floating_point() for p in chosen):
+        raise ValueError("Nothing to train: the model has no parameter with requires_grad=True "
+                         "(or params is empty). Unfreeze what should learn, or pass params=[...].")
+    return chosen
+
+
+@contextmanager
+def _only_these_train(model: torch.nn.Module, chosen: list[torch.nn.Parameter]):
+    """Freeze every parameter of ``model`` not in ``chosen`` (no gradient at all: memory and time).
+
+    On the way out, whatever happened: no gradient left on ``chosen``, every ``requires_grad`` as it
+    was, and the model back in the mode (train or eval) it was in.
+    """
+    all_params = list(model.parameters())
+    chosen_ids = {id(p) for p in chosen}
+    grad_flags = [p.requires_grad for p in all_params]
+    for p in all_params:
+        p.requires_grad_(id(p) in chosen_ids)
+    was_training = model.training
+    try:
+        yield
+    finally:
+        for p in chosen:
+            p.grad = None
+        for p, flag in zip(all_params, grad_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+# --- the optimizer, in the precision the policy chooses -----------------------------------------
+
+@dataclass
+class _Optimizer:
+    """AdamW over float32 master weights, with a GradScaler where the policy needs one."""
+
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    masters: MasterWeights
+    adamw: torch.optim.AdamW
+
+
+def _optimizer_for(model: torch.nn.Module, chosen: list[torch.nn.Parameter], options: TrainOptions) -> _Optimizer:
+    """The autocast dtype (:func:`autocast_dtype`), a GradScaler for float16, float32 masters of
+    ``chosen`` (:class:`MasterWeights`) and AdamW over those masters."""
+    amp_dtype = autocast_dtype(model)
+    needs_scaler = precision_policy().needs_grad_scaler(amp_dtype)
+    scaler = torch.amp.GradScaler(device_of(model).type) if needs_scaler else None
+    masters = MasterWeights(chosen)
+    adamw = torch.optim.AdamW(masters.params, lr=options.lr, weight_decay=options.weight_decay)
+    return _Optimizer(amp_dtype, scaler, masters, adamw)
+
+
+def _optimizer_step(opt: _Optimizer, lr: float, max_grad_norm: float | None) -> None:
+    """One update at learning rate ``lr``: gradients to the masters, unscale, clip, AdamW (skipped by
+    the scaler when a gradient overflowed), masters back into the model, gradients cleared."""
+    for group in opt.adamw.param_groups:
+        group["lr"] = lr
+    opt.masters.grads_to_masters()
+    if opt.scaler:
+        opt.scaler.unscale_(opt.adamw)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(opt.masters.params, max_grad_norm)
+    if opt.scaler:
+        opt.scaler.step(opt.adamw)  # skipped when a gradient overflowed; the scale then shrinks
+        opt.scaler.update()
+    else:
+        opt.adamw.step()
+    opt.masters.masters_to_model()
+    opt.adamw.zero_grad(set_to_none=True)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+class _Loop:
+    """One run of :func:`train`: the model, its optimizer, the step count and the history."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, eval_fn, options: TrainOptions,
+                 opt: _Optimizer, total_steps: int):
+        self.model, self.loss_fn, self.eval_fn, self.options = model, loss_fn, eval_fn, options
+        self.opt, self.total_steps, self.device = opt, total_steps, device_of(model)
+        self.step = 0
+        self.part_names: list[str] = []
+        self.history: dict = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_epoch": [], "eval": []}
+
+    def autocast(self):
+        dtype = self.opt.amp_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def evaluate(self, epoch: int) -> None:
+        """Call ``eval_fn`` in eval mode without gradients, once per step, and log what it returns."""
+        history = self.history
+        if self.eval_fn is None or (history["eval_step"] and history["eval_step"][-1] == self.step):
+            return
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            value = self.eval_fn(self.model)
+        history["eval_step"].append(self.step)
+        history["eval_epoch"].append(epoch)
+        history["eval"].append(value)
+        self.model.train()
+
+    def backward(self, batch: dict, sums: dict[str, float]) -> None:
+        """Forward and backward pass of one batch (micro-batch by micro-batch), its loss parts added
+        to ``sums`` weighted by each micro-batch's share of the rows."""
+        options = self.options
+        for part, share in _split(batch, options.micro_batch_size):
+            with self.autocast():
+                out = self.loss_fn(self.model, part)
+            loss, parts = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"The loss became {loss.item()} at step {self.step}: lower lr "
+                                         f"(now {options.lr}) or train in float32.")
+            scaled = loss * (share / options.grad_accum)
+            (self.opt.scaler.scale(scaled) if self.opt.scaler else scaled).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * share
+                if key not in self.part_names:
+                    self.part_names.append(key)
+
+    def update(self, sums: dict[str, float], count: int, epoch: int, bar) -> None:
+        """One optimizer step on the accumulated gradients of ``count`` batches; log it."""
+        options = self.options
+        _optimizer_step(self.opt, options.lr * lr_factor(self.step, self.total_steps, options.warmup_steps),
+                        options.max_grad_norm)
+        self.step += 1
+        self.history["step"].append(self.step)
+        self.history["lr"].append(self.opt.adamw.param_groups[0]["lr"])
+        for key in ["loss", *self.part_names]:
+            self.history.setdefault(key, []).append(sums.get(key, 0.0) / count)
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", epoch=epoch)
+        if options.eval_every and self.step % options.eval_every == 0 and self.step < self.total_steps:
+            self.evaluate(epoch)
+
+    def epoch(self, dataloader: Iterable[dict], n_batches: int, epoch: int, bar) -> None:
+        """One pass over ``dataloader`` (or less, when the last step comes first), ``grad_accum``
+        batches per optimizer step (the last step of an epoch takes what is left)."""
+        self.opt.adamw.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        count = 0
+        for index, batch in enumerate(dataloader):
+            self.backward(_to_device(batch, self.device), sums)
+            count += 1
+            if count < self.options.grad_accum and index < n_batches - 1:
+                continue
+            self.update(sums, count, epoch, bar)
+            sums, count = {}, 0
+            if self.step >= self.total_steps:
+                break
+        if self.options.eval_after_epoch or self.step >= self.total_steps:
+            self.evaluate(epoch)
+
+    def run(self, dataloader: Iterable[dict], n_batches: int) -> None:
+        """Evaluate, then train epoch after epoch until the last step."""
+        options = self.options
+        try:
+            self.evaluate(0)
+            self.model.train()
+            bar = tqdm(total=self.total_steps, desc=options.desc, disable=not options.progress)
+            for epoch in range(1, options.epochs + 1):
+                self.epoch(dataloader, n_batches, epoch, bar)
+                if self.step >= self.total_steps:
+                    break
+            bar.close()
+        finally:
+            self.opt.adamw.zero_grad(set_to_none=True)
+
+
+def _settings(options: TrainOptions, steps: int, chosen: list[torch.nn.Parameter], opt: _Optimizer) -> dict:
+    """The ``settings`` entry of the history: what the run was asked for, and what it did."""
+    return {"lr": options.lr, "warmup_steps": options.warmup_steps, "grad_accum": options.grad_accum,
+            "micro_batch_size": options.micro_batch_size, "epochs": options.epochs,
+            "max_steps": options.max_steps, "steps": steps, "weight_decay": options.weight_decay,
+            "max_grad_norm": options.max_grad_norm, "trainable_parameters": sum(p.numel() for p in chosen),
+            "mixed_precision": str(opt.amp_dtype) if opt.amp_dtype else None,
+            "float32_master_copies": opt.masters.copies, "loss_scaling": opt.scaler is not None}
+
+
 def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | None = None, *,
           max_steps: int | None = None, epochs: int = 1, lr: float = 5e-4, warmup_steps: int = 3,
           grad_accum: int = 1, micro_batch_size: int | None = None, weight_decay: float = 0.0,
@@ -185,130 +436,18 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"train expects a torch.nn.Module, got {type(model).__name__}.")
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("grad_accum", grad_accum)
-    _check_positive_int("max_steps", max_steps, allow_none=True)
-    _check_positive_int("micro_batch_size", micro_batch_size, allow_none=True)
-    _check_positive_int("eval_every", eval_every, allow_none=True)
-    if not isinstance(lr, (int, float)) or not lr > 0 or math.isinf(lr):
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}.")
-    try:
-        n_batches = len(dataloader)
-    except TypeError:
-        dataloader, n_batches = list(dataloader), None
-        n_batches = len(dataloader)
-    if n_batches == 0:
-        raise ValueError("The training dataloader is empty: build it from at least one text "
-                         "(utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)).")
-    loss_fn = loss_fn or causal_lm_loss
-
-    all_params = list(model.parameters())
-    chosen = [p for p in all_params if p.requires_grad] if params is None else list(params)
-    chosen_ids = {id(p) for p in chosen}
-    if not chosen or not any(p.is_floating_point() for p in chosen):
-        raise ValueError("Nothing to train: the model has no parameter with requires_grad=True "
-                         "(or params is empty). Unfreeze what should learn, or pass params=[...].")
-    grad_flags = [p.requires_grad for p in all_params]
-    for p in all_params:  # frozen parameters get no gradient at all (memory and time)
-        p.requires_grad_(id(p) in chosen_ids)
-
-    device = device_of(model)
-    amp_dtype = autocast_dtype(model)
-    scaler = torch.amp.GradScaler(device.type) if precision_policy().needs_grad_scaler(amp_dtype) else None
-    masters = MasterWeights(chosen)
-    optimizer = torch.optim.AdamW(masters.params, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(n_batches / grad_accum)
-    total_steps = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-
-    history: dict = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_epoch": [], "eval": []}
-    part_names: list[str] = []
-    was_training = model.training
-
-    def evaluate(step: int, epoch: int) -> None:
-        if eval_fn is None or (history["eval_step"] and history["eval_step"][-1] == step):
-            return
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            value = eval_fn(model)
-        history["eval_step"].append(step)
-        history["eval_epoch"].append(epoch)
-        history["eval"].append(value)
-        model.train()
-
-    start = time.perf_counter()
-    step = 0
-    try:
-        evaluate(0, 0)
-        model.train()
-        bar = tqdm(total=total_steps, desc=desc, disable=not progress)
-        for epoch in range(1, epochs + 1):
-            optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            count = 0
-            for index, batch in enumerate(dataloader):
-                batch = _to_device(batch, device)
-                for part, share in _split(batch, micro_batch_size):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = loss_fn(model, part)
-                    loss, parts = out if isinstance(out, tuple) else (out, {})
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"The loss became {loss.item()} at step {step}: lower lr "
-                                                 f"(now {lr}) or train in float32.")
-                    scaled = loss * (share / grad_accum)
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * share
-                    for key, value in parts.items():
-                        sums[key] = sums.get(key, 0.0) + float(value) * share
-                        if key not in part_names:
-                            part_names.append(key)
-                count += 1
-                if count < grad_accum and index < n_batches - 1:
-                    continue
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * lr_factor(step, total_steps, warmup_steps)
-                masters.grads_to_masters()
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(masters.params, max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
-                    scaler.update()
-                else:
-                    optimizer.step()
-                masters.masters_to_model()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                history["step"].append(step)
-                history["lr"].append(optimizer.param_groups[0]["lr"])
-                for key in ["loss", *part_names]:
-                    history.setdefault(key, []).append(sums.get(key, 0.0) / count)
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", epoch=epoch)
-                sums, count = {}, 0
-                if eval_every and step % eval_every == 0 and step < total_steps:
-                    evaluate(step, epoch)
-                if step >= total_steps:
-                    break
-            if eval_after_epoch or step >= total_steps:
-                evaluate(step, epoch)
-            if step >= total_steps:
-                break
-        bar.close()
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        for p in chosen:
-            p.grad = None
-        for p, flag in zip(all_params, grad_flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
+    options = TrainOptions(max_steps=max_steps, epochs=epochs, lr=lr, warmup_steps=warmup_steps,
+                           grad_accum=grad_accum, micro_batch_size=micro_batch_size, weight_decay=weight_decay,
+                           max_grad_norm=max_grad_norm, eval_every=eval_every,
+                           eval_after_epoch=eval_after_epoch, progress=progress, desc=desc)
+    dataloader, n_batches = _sized(dataloader)
+    chosen = _chosen_params(model, params)
+    with _only_these_train(model, chosen):
+        opt = _optimizer_for(model, chosen, options)
+        loop = _Loop(model, loss_fn or causal_lm_loss, eval_fn, options, opt, options.total_steps(n_batches))
+        start = time.perf_counter()
+        loop.run(dataloader, n_batches)
+    history = loop.history
     history["seconds"] = time.perf_counter() - start
-    history["settings"] = {"lr": lr, "warmup_steps": warmup_steps, "grad_accum": grad_accum,
-                           "micro_batch_size": micro_batch_size, "epochs": epochs, "max_steps": max_steps,
-                           "steps": step, "weight_decay": weight_decay, "max_grad_norm": max_grad_norm,
-                           "trainable_parameters": sum(p.numel() for p in chosen),
-                           "mixed_precision": str(amp_dtype) if amp_dtype else None,
-                           "float32_master_copies": masters.copies, "loss_scaling": scaler is not None}
+    history["settings"] = _settings(options, loop.step, chosen, opt)
     return history
