@@ -1,4 +1,6 @@
-"""Tests of utils.attention: sublayer importance, attention removal, KV cache, Adaptive Attention Bypass (CH08)."""
+"""Tests of utils.attention: sublayer importance, attention removal, Adaptive Attention Bypass, decode speed (CH08).
+
+The KV-cache helpers (utils.kv_cache) are tested in test_kv_cache.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import block_importance, load_model, load_texts, make_dataloader, remove_blocks
 from utils.architectures import tiny_config
@@ -18,22 +20,18 @@ from utils.attention import (
     apply_recorded_surgery,
     attention_bypass,
     attention_importance,
-    cache_bytes,
     calibrate_threshold,
     choose_attention_to_remove,
     default_protected,
-    fit_cache,
-    kv_bytes_per_token,
-    make_cache,
     mlp_importance,
-    perplexity_through_cache,
     prompt_attention_scores,
     remove_attention,
     removed_attention,
     sublayer_importance,
 )
-from utils.depth import decoder_blocks
+from utils.kv_cache import cache_bytes, kv_bytes_per_token, make_cache, perplexity_through_cache
 from utils.models import _tiny_tokenizer
+from utils.structure import decoder_blocks
 
 FAMILIES = {
     "llama": "meta-llama/Llama-3.2-1B",
@@ -193,19 +191,6 @@ def test_removed_attention_equals_zeroed_o_proj_and_cache_is_exact(family, indic
         assert cache_bytes(cache) * len(blocks) == cache_bytes(full) * len(kept)
 
 
-def test_cache_built_from_config_is_fitted(tokenizer, prompt):
-    model = remove_attention(_tiny("gemma3", tokenizer), [0, 5])
-    cache = DynamicCache(config=model.config)  # one entry per block, typed by block
-    assert len(cache.layers) == 18
-    fit_cache(model, cache)
-    assert len(cache.layers) == 16
-    assert [layer.is_sliding for layer in cache.layers] == [
-        t == "sliding_attention" for i, t in enumerate(model.config.layer_types) if i not in (0, 5)]
-    with torch.no_grad():
-        out = model(**prompt, use_cache=True)  # the decoder's pre-hook builds and fits the cache
-    assert len(out.cache.layers) == 16
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_save_reload_round_trip(family, tokenizer, loader, tmp_path):
     base = _tiny(family, tokenizer)
@@ -303,72 +288,6 @@ def test_remove_attention_bad_inputs(tokenizer):
 
 def _tiny_portable(tokenizer):
     return remove_attention(_tiny("llama", tokenizer), [1], portable=True)
-
-
-# --- the KV cache -----------------------------------------------------------------------------
-
-def test_cache_bytes_of_every_kind(tokenizer, prompt):
-    model = _tiny("llama", tokenizer)
-    n = prompt["input_ids"].shape[1]
-    per_token = kv_bytes_per_token(model)
-    dims = model.config
-    assert per_token == 2 * dims.num_hidden_layers * dims.num_key_value_heads * dims.head_dim * 4
-    sizes = {}
-    for kind, kwargs in [("dynamic", {}), ("static", {"max_cache_len": 50}), ("quantized", {"backend": "fp8"})]:
-        cache = make_cache(model, kind, **kwargs)
-        with torch.no_grad():
-            model(**prompt, cache=cache, use_cache=True)
-        sizes[kind] = cache_bytes(cache)
-    assert sizes["dynamic"] == per_token * n
-    # allocated up front for 50 tokens (plus a position counter of a few bytes per entry)
-    assert per_token * 50 <= sizes["static"] <= per_token * 50 + 16 * dims.num_hidden_layers
-    # fp8: one byte per value plus one float32 scale per tensor
-    assert sizes["quantized"] == per_token * n // 4 + 2 * 4 * dims.num_hidden_layers
-    with pytest.raises(ValueError, match="max_cache_len"):
-        make_cache(model, "static")
-    with pytest.raises(ValueError, match="cache kind"):
-        make_cache(model, "paged")
-    with pytest.raises(TypeError, match="Cache"):
-        cache_bytes([torch.zeros(3)])
-
-
-def test_perplexity_through_cache(tokenizer, loader):
-    model = _tiny("qwen3", tokenizer)
-    # Through an exact cache, token by token == one forward pass scored on the same tokens.
-    prefix = 8
-    through = perplexity_through_cache(model, loader, prefix_tokens=prefix, progress=False)
-    static = perplexity_through_cache(model, loader, prefix_tokens=prefix, cache="static", progress=False)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for batch in loader:
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
-                seq = ids[mask.bool()][None]
-                logits = model(input_ids=seq, use_cache=False).logits[0, prefix - 1:-1]
-                nll += torch.nn.functional.cross_entropy(logits, seq[0, prefix:], reduction="sum").item()
-                count += seq.shape[1] - prefix
-    assert through == pytest.approx(math.exp(nll / count), rel=1e-4)
-    assert static == pytest.approx(through, rel=1e-4)
-    one_by_one = perplexity_through_cache(model, loader, prefix_tokens=prefix, batch_size=1, per_text=True,
-                                          progress=False)
-    assert one_by_one["perplexity"] == pytest.approx(through, rel=1e-4)
-    assert sum(one_by_one["tokens"]) == count and sum(one_by_one["nll"]) == pytest.approx(nll, rel=1e-4)
-    # a share of each text as the prompt: the prompts differ in length
-    half = perplexity_through_cache(model, loader, prefix_tokens=0.5, per_text=True, progress=False)
-    lengths = [int(m.sum()) for b in loader for m in b["attention_mask"]]
-    assert half["tokens"] == [n - round(0.5 * n) for n in lengths]
-    fp8 = perplexity_through_cache(model, loader, prefix_tokens=prefix, cache="quantized", backend="fp8",
-                                   progress=False)
-    assert fp8 != through and fp8 == pytest.approx(through, rel=0.05)
-    with pytest.raises(ValueError, match="prefix_tokens"):
-        perplexity_through_cache(model, loader, prefix_tokens=0)
-    with pytest.raises(ValueError, match="longer than"):
-        perplexity_through_cache(model, loader, prefix_tokens=10_000)
-    with pytest.raises(ValueError, match="cache="):
-        perplexity_through_cache(model, loader, prefix_tokens=4, cache="paged")
-    with pytest.raises(ValueError, match="share"):
-        perplexity_through_cache(model, loader, prefix_tokens=1.5)
-    with pytest.raises(ValueError, match="batch_size"):
-        perplexity_through_cache(model, loader, prefix_tokens=4, batch_size=0)
 
 
 # --- Adaptive Attention Bypass ----------------------------------------------------------------

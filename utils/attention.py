@@ -1,4 +1,4 @@
-"""The attention half of a decoder block: score it, remove it, bypass it, and count what the KV cache costs (CH08).
+"""The attention half of a decoder block: score it, remove it, bypass it, and time the decode (CH08).
 
 * :func:`sublayer_importance` (and :func:`attention_importance`, :func:`mlp_importance`) —
   ``1 - cos`` between the residual stream before and after each attention and each MLP sublayer,
@@ -9,9 +9,9 @@
   surgery. A removed attention adds exactly zero to the residual stream and holds no KV cache: the
   remaining attentions are renumbered so the cache has one entry per attention that is left.
   :func:`apply_recorded_surgery` re-applies a removal recorded in a saved config.
-* :func:`make_cache`, :func:`cache_bytes`, :func:`kv_bytes_per_token`,
-  :func:`perplexity_through_cache` — what the KV cache holds, measured, and what a lossy
-  (quantised) cache costs in quality when every continuation token is read back through it.
+* The KV cache (:func:`~utils.kv_cache.make_cache`, :func:`~utils.kv_cache.cache_bytes`,
+  :func:`~utils.kv_cache.kv_bytes_per_token`, :func:`~utils.kv_cache.perplexity_through_cache`) lives in
+  :mod:`utils.kv_cache`; those names can still be imported from here.
 * :func:`attention_bypass`, :func:`prompt_attention_scores`, :func:`calibrate_threshold` — our
   Adaptive Attention Bypass: during prefill every attention runs and hooks measure how much each one
   changes the residual stream for *this* prompt; the ones under a threshold are skipped for the
@@ -28,7 +28,6 @@ Gemma 3 blocks (which also normalise the attention output with ``post_attention_
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import statistics
 import types
@@ -38,11 +37,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .anatomy import kv_bytes
-from .data import batch_tensors
-from .depth import _hidden_of, _output_of, decoder_blocks, mean_cosines, renumber_layer_idx
-from .evaluation import _device_of
+from .depth import mean_cosines, renumber_layer_idx
+from .kv_cache import (  # cache_bytes, fit_cache, kv_bytes_per_token: their old utils.attention paths still work
+    cache_arg,
+    cache_bytes,  # noqa: F401
+    cached_blocks,
+    fit_cache,  # noqa: F401
+    holds_cache,
+    install_cache_fitting,
+    kv_bytes_per_token,  # noqa: F401
+    make_cache,
+    perplexity_through_cache,  # noqa: F401
+    prompt_splits,
+)
 from .models import register_config_surgery
+from .precision import device_of
+from .speed import as_prompt_list, check_models, compare_speed, generation_inputs, matmul_parameters
+from .structure import decoder, decoder_blocks, hidden_of, mlp_input_norm, output_of, text_config
 
 #: The name transformers' ``per_layer_config`` uses for an attention sublayer in a ``skip`` list.
 SKIP_NAME = "attention"
@@ -50,6 +61,8 @@ SKIP_NAME = "attention"
 CONFIG_FIELD = "removed_attention"
 #: Config field set to True when the removal was saved as zeroed ``o_proj`` weights (``portable=True``).
 PORTABLE_FIELD = "removed_attention_portable"
+#: A bypass decision: ``(scores of one prompt, its real tokens) -> indices of the blocks whose attention to skip``.
+Decision = Callable[[list[float], int], Iterable[int]]
 
 
 # --- the structure of a block ---------------------------------------------------------------
@@ -83,35 +96,6 @@ def _attention_branch(block) -> list[str]:
     return names
 
 
-def _mlp_input_norm(block) -> torch.nn.Module:
-    """The norm in front of the MLP: its input is the residual stream after the attention."""
-    return block.pre_feedforward_layernorm if hasattr(block, "pre_feedforward_layernorm") \
-        else block.post_attention_layernorm
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _decoder(model) -> torch.nn.Module:
-    """The module that owns the decoder blocks and creates the KV cache (``model.model`` for Llama)."""
-    blocks = decoder_blocks(model)
-    for module in model.modules():
-        if any(child is blocks for child in module.children()):
-            return module
-    raise ValueError(f"Cannot find the module that holds the decoder blocks of {type(model).__name__}.")
-
-
-def _is_removed(block) -> bool:
-    return getattr(getattr(block, "self_attn", None), "holds_no_cache", False)
-
-
-def _attention_blocks(model) -> list[int]:
-    """Indices of the blocks whose attention still computes keys and values (one cache entry each)."""
-    return [i for i, block in enumerate(decoder_blocks(model)) if not _is_removed(block)]
-
-
 # --- importance -----------------------------------------------------------------------------
 
 def sublayer_importance(model, dataloader: Iterable[dict], *, average: str = "tokens",
@@ -139,12 +123,12 @@ def sublayer_importance(model, dataloader: Iterable[dict], *, average: str = "to
         handles = []
         for i, block in enumerate(blocks):
             handles.append(block.register_forward_pre_hook(
-                lambda mod, args, kwargs, i=i: store.__setitem__(("in", i), _hidden_of(args, kwargs)),
+                lambda mod, args, kwargs, i=i: store.__setitem__(("in", i), hidden_of(args, kwargs)),
                 with_kwargs=True))
-            handles.append(_mlp_input_norm(block).register_forward_pre_hook(
+            handles.append(mlp_input_norm(block).register_forward_pre_hook(
                 lambda mod, args, i=i: store.__setitem__(("mid", i), args[0])))
             handles.append(block.register_forward_hook(
-                lambda mod, args, output, i=i: store.__setitem__(("out", i), _output_of(output))))
+                lambda mod, args, output, i=i: store.__setitem__(("out", i), output_of(output))))
         return handles
 
     n = len(blocks)
@@ -188,10 +172,10 @@ def choose_attention_to_remove(model, dataloader: Iterable[dict] | None, n: int,
     """
     blocks = decoder_blocks(model)
     total = len(blocks)
-    available = [i for i in _attention_blocks(model) if i not in set(_block_list(protect, total, "protect holds"))]
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < len(_attention_blocks(model)):
-        raise ValueError(f"n must be an integer between 1 and {len(_attention_blocks(model)) - 1} (the model has "
-                         f"{len(_attention_blocks(model))} attention sublayers and at least one must stay), got {n!r}.")
+    available = [i for i in cached_blocks(model) if i not in set(_block_list(protect, total, "protect holds"))]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < len(cached_blocks(model)):
+        raise ValueError(f"n must be an integer between 1 and {len(cached_blocks(model)) - 1} (the model has "
+                         f"{len(cached_blocks(model))} attention sublayers and at least one must stay), got {n!r}.")
     if n > len(available):
         raise ValueError(f"Only {len(available)} attention sublayers are neither removed nor protected: lower n.")
     if scores is None:
@@ -212,10 +196,10 @@ def removed_attention(model) -> list[int]:
     A portable removal (zeroed ``o_proj``, see :func:`remove_attention`) keeps the modules, so it is
     read from the config's record instead.
     """
-    config = _text_config(model)
+    config = text_config(model)
     if getattr(config, PORTABLE_FIELD, False):
         return sorted(getattr(config, CONFIG_FIELD, None) or [])
-    return [i for i, block in enumerate(decoder_blocks(model)) if _is_removed(block)]
+    return [i for i, block in enumerate(decoder_blocks(model)) if not holds_cache(block)]
 
 
 def _record(config, indices: list[int], portable: bool) -> None:
@@ -272,7 +256,7 @@ def remove_attention(model, indices: int | Iterable[int], *, portable: bool = Fa
                          "(without any attention a token never sees the tokens before it).")
     for index in indices:
         _check_block(blocks[index], index)
-    config = _text_config(model)
+    config = text_config(model)
     if portable:
         for index in indices:
             o_proj = getattr(blocks[index].self_attn, "o_proj", None)
@@ -293,10 +277,7 @@ def remove_attention(model, indices: int | Iterable[int], *, portable: bool = Fa
             setattr(block, name, RemovedAttention() if name == "self_attn" else torch.nn.Identity())
     renumber_layer_idx(model)
     _record(config, indices, portable=False)
-    decoder = _decoder(model)
-    if not getattr(decoder, "_fits_cache_to_attention", False):
-        decoder.register_forward_pre_hook(_fit_cache_hook, with_kwargs=True)
-        decoder._fits_cache_to_attention = True
+    install_cache_fitting(model)
     return model
 
 
@@ -315,246 +296,14 @@ def apply_recorded_surgery(model):
     model it loads from a folder. A portable record (zeroed ``o_proj``) needs nothing: the weights
     already carry it. Returns the model.
     """
-    config = _text_config(model)
+    config = text_config(model)
     recorded = sorted(getattr(config, CONFIG_FIELD, None) or [])
     if not recorded or getattr(config, PORTABLE_FIELD, False):
         return model
-    missing = [i for i in recorded if not _is_removed(decoder_blocks(model)[i])]
+    missing = [i for i in recorded if holds_cache(decoder_blocks(model)[i])]
     if missing:
         remove_attention(model, missing)
     return model
-
-
-# --- the KV cache ---------------------------------------------------------------------------
-
-def _cache_arg(model) -> str:
-    """Name of the forward argument that carries the KV cache (``cache`` since transformers 5.x)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def fit_cache(model, cache):
-    """Keep only the entries of ``cache`` that belong to attentions still in ``model`` (in place).
-
-    transformers builds a cache from the config: one entry per block, typed by block (full or
-    sliding window). After :func:`remove_attention` the attention with ``layer_idx`` ``j`` is the one
-    of the ``j``-th block that still has attention, so entry ``j`` must be that block's entry. A cache
-    that already has one entry per remaining attention is left alone. Returns ``cache``.
-    """
-    keep = _attention_blocks(model)
-    layers = getattr(cache, "layers", None)
-    if layers is not None and len(keep) < len(decoder_blocks(model)) == len(layers):
-        cache.layers = [layers[i] for i in keep]
-    return cache
-
-
-def _fit_cache_hook(decoder, args, kwargs):
-    """Forward pre-hook of the decoder (registered by :func:`remove_attention`)."""
-    keep = [i for i, block in enumerate(decoder.layers) if not _is_removed(block)]
-    if len(keep) == len(decoder.layers):
-        return None
-    name = "cache" if "cache" in kwargs else "past_key_values"
-    cache = kwargs.get(name)
-    use_cache = kwargs.get("use_cache")
-    if use_cache is None:
-        use_cache = getattr(decoder.config, "use_cache", False)
-    if cache is None and use_cache and not (decoder.training and getattr(decoder, "gradient_checkpointing", False)):
-        from transformers import DynamicCache
-
-        kwargs[name] = cache = DynamicCache(config=decoder.config)
-    layers = getattr(cache, "layers", None)
-    if layers is not None and len(layers) == len(decoder.layers):
-        cache.layers = [layers[i] for i in keep]
-    return args, kwargs
-
-
-def make_cache(model, kind: str = "dynamic", *, max_cache_len: int | None = None, backend: str = "fp8",
-               **quantization):
-    """A fresh KV cache for ``model`` with one entry per attention that is left.
-
-    Args:
-        kind: ``"dynamic"`` (grows with the text), ``"static"`` (allocated up front for
-            ``max_cache_len`` tokens; what ``torch.compile`` wants) or ``"quantized"`` (stored in
-            ``backend``: ``"fp8"`` built into transformers; ``"hqq"`` or ``"quanto"`` with
-            ``nbits=4`` or ``2`` when those packages are installed).
-        quantization: passed to ``transformers.QuantizedCache`` (``nbits``, ``q_group_size``,
-            ``residual_length``, ...).
-    """
-    from transformers import DynamicCache, QuantizedCache, StaticCache
-
-    config = _text_config(model)
-    if kind == "dynamic":
-        cache = DynamicCache(config=config)
-    elif kind == "static":
-        if not isinstance(max_cache_len, int) or max_cache_len < 1:
-            raise ValueError("A static cache needs max_cache_len (prompt + new tokens), e.g. max_cache_len=256.")
-        cache = StaticCache(config=config, max_cache_len=max_cache_len)
-    elif kind == "quantized":
-        try:
-            cache = QuantizedCache(backend=backend, config=config, **quantization)
-        except ImportError as error:
-            raise ImportError(f"The {backend!r} KV-cache backend is not installed ({error}). The 'fp8' backend needs "
-                              "nothing extra; 'hqq' needs `pip install hqq`, 'quanto' `pip install optimum-quanto`.") \
-                from error
-    else:
-        raise ValueError(f"kind={kind!r} is not a cache kind: use 'dynamic', 'static' or 'quantized'.")
-    return fit_cache(model, cache)
-
-
-def _tensor_storages(obj, found: dict[int, int], depth: int = 0) -> None:
-    if depth > 6 or obj is None:
-        return
-    if isinstance(obj, torch.Tensor):
-        flatten = getattr(obj, "__tensor_flatten__", None)
-        if type(obj) not in (torch.Tensor, torch.nn.Parameter) and flatten is not None:
-            names, _ = flatten()
-            for name in names:  # a quantised tensor subclass: count the tensors it is made of
-                _tensor_storages(getattr(obj, name), found, depth + 1)
-            return
-        storage = obj.untyped_storage()
-        found[storage.data_ptr()] = storage.nbytes()
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _tensor_storages(item, found, depth + 1)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            _tensor_storages(item, found, depth + 1)
-
-
-def cache_bytes(cache) -> int:
-    """Bytes of memory the KV cache holds, measured on its tensors (not computed from a formula).
-
-    Works for every cache of transformers 5: dynamic and sliding-window layers, static layers
-    (allocated up front), quantised layers (the packed values plus their scales and zero points,
-    plus the full-precision residual window of the HQQ/quanto backends). Tensors that share memory
-    are counted once; an entry that was never written holds nothing.
-    """
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"Expected a transformers Cache (with .layers), got {type(cache).__name__}.")
-    found: dict[int, int] = {}
-    for layer in layers:
-        for value in vars(layer).values():
-            _tensor_storages(value, found)
-    found.pop(0, None)  # empty tensors have no storage
-    return sum(found.values())
-
-
-def kv_bytes_per_token(model, *, bytes_per_value: float | None = None) -> float:
-    """KV-cache bytes one token costs in ``model`` by the formula
-    ``2 (K and V) x attentions holding a cache x kv_heads x head_dim x bytes per value``.
-
-    Counts only the attentions that are left after :func:`remove_attention`. ``bytes_per_value``
-    defaults to the size of the model's dtype (4 for float32).
-    """
-    config = _text_config(model)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if bytes_per_value is None:
-        bytes_per_value = next(model.parameters()).element_size()
-    return kv_bytes(len(_attention_blocks(model)), kv_heads, head_dim, bytes_per_value)
-
-
-def _prompt_splits(dataloader: Iterable[dict], prefix_tokens: int | float, device) -> list[tuple[torch.Tensor, int]]:
-    """Each text's real tokens and its prompt length: ``prefix_tokens`` tokens, or that fraction of
-    the text when it is a float in (0, 1). Texts with nothing after the prompt are left out."""
-    fraction = isinstance(prefix_tokens, float)
-    if fraction and not 0 < prefix_tokens < 1:
-        raise ValueError(f"A float prefix_tokens is a share of each text and must lie in (0, 1), got {prefix_tokens}.")
-    if not fraction and (not isinstance(prefix_tokens, int) or isinstance(prefix_tokens, bool) or prefix_tokens < 1):
-        raise ValueError(f"prefix_tokens must be a positive integer (the prompt length) or a share in (0, 1), "
-                         f"got {prefix_tokens!r}.")
-    splits = []
-    for batch in dataloader:
-        input_ids, mask = batch_tensors(batch, device)
-        for ids, m in zip(input_ids, mask):
-            seq = ids[m.bool()]
-            n = max(1, round(prefix_tokens * seq.numel())) if fraction else prefix_tokens
-            if seq.numel() > n:
-                splits.append((seq, n))
-    if not splits:
-        raise ValueError(f"No text is longer than prefix_tokens={prefix_tokens}: lower prefix_tokens or raise "
-                         "max_length of the dataloader.")
-    return splits
-
-
-@torch.no_grad()
-def perplexity_through_cache(model, dataloader: Iterable[dict], *, prefix_tokens: int | float,
-                             cache: str | Callable[[], object] = "dynamic", max_cache_len: int | None = None,
-                             batch_size: int = 8, per_text: bool = False, progress: bool = True,
-                             desc: str = "perplexity through the cache", **cache_kwargs):
-    """Perplexity of every text's continuation, read token by token **through the KV cache**.
-
-    For each text (padding dropped): one forward pass over its prompt — the first ``prefix_tokens``
-    tokens, or that share of the text when ``prefix_tokens`` is a float in (0, 1) — fills a fresh
-    cache (prefill); then each continuation token goes in alone, so its prediction of the next
-    token attends to keys and values that were written to and read back from the cache — which is
-    what a quantised cache changes. A single forward pass over the whole text would never read the
-    cache. Texts with no token after the prompt are skipped.
-
-    Consecutive texts with prompts of the same length are processed ``batch_size`` at a time, in
-    input order (a prompt is all real tokens, so no padding enters the prefill; a text that has
-    ended is fed filler tokens that are not scored). Use ``batch_size=1`` inside
-    :func:`attention_bypass`, which decides once per forward pass. A quantised cache computes its
-    scales over the batch it holds.
-
-    Args:
-        cache: a cache kind for :func:`make_cache` (``"dynamic"``, ``"static"``, ``"quantized"``),
-            with ``cache_kwargs`` such as ``backend="fp8"``; or a function returning a new cache.
-        max_cache_len: for ``cache="static"``; default: the longest text.
-        per_text: also return each text's summed negative log-likelihood and token count, for
-            paired comparisons between models.
-
-    Returns:
-        ``exp(total negative log-likelihood / continuation tokens)``; with ``per_text=True`` a dict
-        with ``perplexity``, ``nll`` (one sum per text, in input order) and ``tokens``.
-    """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    if not callable(cache) and cache not in ("dynamic", "static", "quantized"):
-        raise ValueError(f"cache={cache!r}: use 'dynamic', 'static', 'quantized' or a function returning a cache.")
-    device = _device_of(model)
-    splits = _prompt_splits(dataloader, prefix_tokens, device)
-    longest = max(seq.numel() for seq, _ in splits)
-    groups: list[tuple[int, list[int]]] = []  # consecutive texts with prompts of the same length, in order
-    for index, (_, n) in enumerate(splits):
-        if groups and groups[-1][0] == n and len(groups[-1][1]) < batch_size:
-            groups[-1][1].append(index)
-        else:
-            groups.append((n, [index]))
-    arg = _cache_arg(model)
-    nll = [0.0] * len(splits)
-    counts = [0] * len(splits)
-    was_training = model.training
-    model.eval()
-    try:
-        for prompt, members in tqdm(groups, desc=desc, disable=not progress, leave=False):
-            group = [splits[i][0] for i in members]
-            lengths = torch.tensor([s.numel() for s in group], device=device)
-            ids = torch.stack([F.pad(s, (0, int(lengths.max()) - s.numel()), value=int(s[-1])) for s in group])
-            if callable(cache):
-                kv = cache()
-            elif cache == "static":
-                kv = make_cache(model, cache, max_cache_len=max_cache_len or longest, **cache_kwargs)
-            else:
-                kv = make_cache(model, cache, **cache_kwargs)
-            out = model(input_ids=ids[:, :prompt], use_cache=True, **{arg: kv})
-            logits = [out.logits[:, -1]]  # the cache object is updated in place
-            for t in range(prompt, ids.shape[1] - 1):
-                out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{arg: kv})
-                logits.append(out.logits[:, -1])
-            logits = torch.stack(logits, dim=1).float()  # [batch, positions, vocab]
-            targets = ids[:, prompt:].masked_fill(
-                torch.arange(prompt, ids.shape[1], device=device)[None] >= lengths[:, None], -100)
-            losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                     ignore_index=-100, reduction="none").view(targets.shape)
-            for row, index in enumerate(members):
-                nll[index] = float(losses[row].sum())
-                counts[index] = int((targets[row] != -100).sum())
-    finally:
-        model.train(was_training)
-    value = math.exp(sum(nll) / sum(counts))
-    return {"perplexity": value, "nll": nll, "tokens": counts} if per_text else value
 
 
 # --- Adaptive Attention Bypass --------------------------------------------------------------
@@ -566,7 +315,7 @@ def default_protected(model) -> list[int]:
     entry of its type (full or sliding window). A skipped attention writes nothing during decode,
     so its entry stays at the prompt's length: those entries must keep growing.
     """
-    config = _text_config(model)
+    config = text_config(model)
     types_ = getattr(config, "layer_types", None) or []
     first = {types_.index(t) for t in set(types_)}
     return sorted({0} | first)
@@ -612,6 +361,94 @@ def _first_tensor(kwargs: dict, args: tuple, name: str, position: int):
     return value
 
 
+def _bypass_decision(threshold: float | None, rule: Decision | None) -> Decision:
+    """The bypass's decision ``(scores, prompt_tokens) -> blocks to skip``: ``rule`` itself, or "every score
+    below ``threshold``". Exactly one of the two must be given."""
+    if (threshold is None) == (rule is None):
+        raise ValueError("Pass exactly one of threshold= (skip attentions scoring below it) or rule= "
+                         "(a function (scores, prompt_tokens) -> blocks to skip).")
+    if threshold is not None:
+        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise ValueError(f"threshold must be a number (scores lie in [0, 2]), got {threshold!r}.")
+        rule = (lambda scores, n_tokens, t=float(threshold): [i for i, s in enumerate(scores) if s < t])
+    return rule
+
+
+def _prefill_start(state: AttentionBypass) -> Callable:
+    """Forward pre-hook of the decoder: is this pass a prefill (empty cache) or a decoding step? A prefill
+    resets the sums and counts the prompt's real tokens."""
+    def start(module, args, kwargs):
+        hidden = _first_tensor(kwargs, args, "input_ids", 0)
+        if hidden is None:
+            hidden = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        state.decoding = past > 0
+        if not state.decoding:
+            mask = kwargs.get("attention_mask")
+            n = hidden.shape[1]
+            state._mask = mask[:, -n:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            state._sums = {}
+            state._tokens = int(state._mask.sum()) if state._mask is not None else hidden.shape[0] * n
+    return start
+
+
+def _prefill_finish(state: AttentionBypass, n_blocks: int, removed: set[int], protected: list[int]) -> Callable:
+    """Forward hook of the decoder: after a prefill, turn the sums into scores, ask the decision which
+    attentions to skip (never a removed or protected one) and record it in ``state.history``."""
+    def finish(module, args, kwargs, output):
+        if state.decoding:
+            return
+        scores = [state._sums.get(i, float("nan")) / max(state._tokens, 1) if i not in removed else float("nan")
+                  for i in range(n_blocks)]
+        scores = [1.0 - s if not math.isnan(s) else s for s in scores]
+        candidates = [s if (i not in removed and i not in protected) else float("inf") for i, s in enumerate(scores)]
+        chosen = sorted(set(int(i) for i in state.decide(candidates, state._tokens)) - set(protected) - removed)
+        state.skip = set(chosen)
+        state.history.append({"prompt_tokens": state._tokens, "scores": scores, "skipped": chosen})
+    return finish
+
+
+def _block_input(state: AttentionBypass, index: int) -> Callable:
+    """Forward pre-hook of block ``index``: during a prefill, keep the residual stream entering it."""
+    def hook(module, args, kwargs):
+        if not state.decoding:
+            state._inputs[index] = hidden_of(args, kwargs)
+    return hook
+
+
+def _mlp_input(state: AttentionBypass, index: int) -> Callable:
+    """Forward pre-hook of block ``index``'s MLP norm: during a prefill, add up the cosine between the stream
+    before and after the attention over the real tokens."""
+    def hook(module, args):
+        if not state.decoding and index in state._inputs:
+            cos = F.cosine_similarity(state._inputs.pop(index).float(), args[0].float(), dim=-1)
+            state._sums[index] = float(cos[state._mask].sum() if state._mask is not None else cos.sum())
+    return hook
+
+
+def _gated(state: AttentionBypass, index: int, original: Callable) -> Callable:
+    """The forward of block ``index``'s attention under the bypass: zero (nothing computed) while decoding a
+    prompt that skips it, else ``original``."""
+    def forward(self, hidden_states, *args, **kwargs):
+        if state.decoding and index in state.skip:
+            return torch.zeros_like(hidden_states), None
+        return original(hidden_states, *args, **kwargs)
+    return forward
+
+
+def _remove_bypass(state: AttentionBypass, handles: list, patched: list) -> None:
+    """Undo :func:`attention_bypass`: remove its hooks and give every attention back its previous forward."""
+    for handle in handles:
+        handle.remove()
+    for attention, previous in reversed(patched):
+        if previous is None:
+            del attention.forward  # back to the class's forward
+        else:
+            attention.forward = previous  # an enclosing bypass's
+    state._inputs.clear()
+
+
 @contextlib.contextmanager
 def attention_bypass(model, threshold: float | None = None, *,
                      rule: Callable[[list[float], int], Iterable[int]] | None = None,
@@ -633,88 +470,29 @@ def attention_bypass(model, threshold: float | None = None, *,
     Yields:
         An :class:`AttentionBypass` whose ``history`` records every prompt's scores and skips.
     """
-    if (threshold is None) == (rule is None):
-        raise ValueError("Pass exactly one of threshold= (skip attentions scoring below it) or rule= "
-                         "(a function (scores, prompt_tokens) -> blocks to skip).")
-    if threshold is not None:
-        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-            raise ValueError(f"threshold must be a number (scores lie in [0, 2]), got {threshold!r}.")
-        rule = (lambda scores, n_tokens, t=float(threshold): [i for i, s in enumerate(scores) if s < t])
+    decide = _bypass_decision(threshold, rule)
     blocks = decoder_blocks(model)
     for index, block in enumerate(blocks):
         _check_block(block, index)
     protected = default_protected(model) if protect == "auto" else _block_list(protect, len(blocks), "protect holds")
-    state = AttentionBypass(model, rule, protected)
-    decoder = _decoder(model)
+    state = AttentionBypass(model, decide, protected)
+    owner = decoder(model)
     removed = set(removed_attention(model))
-
-    def start(module, args, kwargs):
-        hidden = _first_tensor(kwargs, args, "input_ids", 0)
-        if hidden is None:
-            hidden = kwargs.get("inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        state.decoding = past > 0
-        if not state.decoding:
-            mask = kwargs.get("attention_mask")
-            n = hidden.shape[1]
-            state._mask = mask[:, -n:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-            state._sums = {}
-            state._tokens = int(state._mask.sum()) if state._mask is not None else hidden.shape[0] * n
-
-    def finish(module, args, kwargs, output):
-        if state.decoding:
-            return
-        scores = [state._sums.get(i, float("nan")) / max(state._tokens, 1) if i not in removed else float("nan")
-                  for i in range(len(blocks))]
-        scores = [1.0 - s if not math.isnan(s) else s for s in scores]
-        candidates = [s if (i not in removed and i not in protected) else float("inf") for i, s in enumerate(scores)]
-        chosen = sorted(set(int(i) for i in state.decide(candidates, state._tokens)) - set(protected) - removed)
-        state.skip = set(chosen)
-        state.history.append({"prompt_tokens": state._tokens, "scores": scores, "skipped": chosen})
-
-    def block_in(index):
-        def hook(module, args, kwargs):
-            if not state.decoding:
-                state._inputs[index] = _hidden_of(args, kwargs)
-        return hook
-
-    def mlp_in(index):
-        def hook(module, args):
-            if not state.decoding and index in state._inputs:
-                cos = F.cosine_similarity(state._inputs.pop(index).float(), args[0].float(), dim=-1)
-                state._sums[index] = float(cos[state._mask].sum() if state._mask is not None else cos.sum())
-        return hook
-
-    def gated(index, original):
-        def forward(self, hidden_states, *args, **kwargs):
-            if state.decoding and index in state.skip:
-                return torch.zeros_like(hidden_states), None
-            return original(hidden_states, *args, **kwargs)
-        return forward
-
-    handles = [decoder.register_forward_pre_hook(start, with_kwargs=True),
-               decoder.register_forward_hook(finish, with_kwargs=True)]
+    handles = [owner.register_forward_pre_hook(_prefill_start(state), with_kwargs=True),
+               owner.register_forward_hook(_prefill_finish(state, len(blocks), removed, protected), with_kwargs=True)]
     patched = []
     try:
         for i, block in enumerate(blocks):
             if i in removed:
                 continue
-            handles.append(block.register_forward_pre_hook(block_in(i), with_kwargs=True))
-            handles.append(_mlp_input_norm(block).register_forward_pre_hook(mlp_in(i)))
+            handles.append(block.register_forward_pre_hook(_block_input(state, i), with_kwargs=True))
+            handles.append(mlp_input_norm(block).register_forward_pre_hook(_mlp_input(state, i)))
             attention = block.self_attn
             patched.append((attention, vars(attention).get("forward")))
-            attention.forward = types.MethodType(gated(i, attention.forward), attention)
+            attention.forward = types.MethodType(_gated(state, i, attention.forward), attention)
         yield state
     finally:
-        for handle in handles:
-            handle.remove()
-        for attention, previous in reversed(patched):
-            if previous is None:
-                del attention.forward  # back to the class's forward
-            else:
-                attention.forward = previous  # an enclosing bypass's
-        state._inputs.clear()
+        _remove_bypass(state, handles, patched)
 
 
 @torch.no_grad()
@@ -726,8 +504,8 @@ def prompt_attention_scores(model, dataloader: Iterable[dict], *, prefix_tokens:
     order). Returns one dict per prompt: ``prompt_tokens`` and ``scores`` (``1 - cos`` of each
     block's attention, ``nan`` for removed ones).
     """
-    arg = _cache_arg(model)
-    splits = _prompt_splits(dataloader, prefix_tokens, _device_of(model))
+    arg = cache_arg(model)
+    splits = prompt_splits(dataloader, prefix_tokens, device_of(model))
     with attention_bypass(model, rule=lambda scores, n: [], protect=()) as probe:
         for seq, n in tqdm(splits, desc="prompt scores", disable=not progress, leave=False):
             model(input_ids=seq[None, :n], use_cache=True, **{arg: make_cache(model)})
@@ -766,23 +544,21 @@ def calibrate_threshold(scores: Sequence[Sequence[float]], mean_skipped: float, 
 def decode_flops_per_token(model, context: int | float) -> float:
     """FLOPs to produce one token by decoding, with ``context`` tokens already in the KV cache.
 
-    ``2 x`` every matmul weight (:func:`utils.evaluation.matmul_parameters`, the LM head included) plus
+    ``2 x`` every matmul weight (:func:`utils.speed.matmul_parameters`, the LM head included) plus
     attention's context-length term: each attention that still runs multiplies the new query with
     ``context`` keys and its weights with ``context`` values, ``4 x context x heads x head_dim`` FLOPs
     (a sliding-window layer sees at most its window). A removed attention costs neither; a *portable*
     removal (zeroed ``o_proj``) still computes everything and is counted in full.
     """
-    from .evaluation import matmul_parameters
-
     if not isinstance(context, (int, float)) or context < 0:
         raise ValueError(f"context must be a number of tokens >= 0, got {context!r}.")
-    config = _text_config(model)
+    config = text_config(model)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     attention = 0.0
-    for i in _attention_blocks(model):
+    for i in cached_blocks(model):
         sliding = layer_types is not None and i < len(layer_types) and "sliding" in str(layer_types[i])
         seen = min(context, window) if sliding and window else context
         attention += 4.0 * seen * heads * head_dim
@@ -839,8 +615,6 @@ def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new
     ``cpu_speedup``, ``realised_share`` and ``cpu_realised_share`` (:func:`realised_share`) and the
     ``verdict`` of :func:`utils.compare_speed`.
     """
-    from .evaluation import _as_prompt_list, _check_models, _generation_inputs, compare_speed
-
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}.")
     if compile and cache != "static":
@@ -850,9 +624,9 @@ def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new
         raise ValueError("compile=True needs warmup >= 1: the first call compiles and must not be timed.")
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an integer >= 2 (one first token, then decoding), got {new_tokens!r}.")
-    prompt_list = _as_prompt_list(prompts)
-    names, base = _check_models(models, base)
-    prompt_tokens = _generation_inputs(tokenizer, prompt_list)["input_ids"].shape[1]  # the batch generate will see
+    prompt_list = as_prompt_list(prompts)
+    names, base = check_models(models, base)
+    prompt_tokens = generation_inputs(tokenizer, prompt_list)["input_ids"].shape[1]  # the batch generate will see
     context = prompt_tokens + new_tokens / 2
     ideals = {name: ideal_decode_speedup(models[base], m, context) for name, m in models.items()}
     generate_kwargs: dict = {}
