@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .evaluation import _device_of
+from .data import load_bias_benchmark, load_records
+from .precision import device_of
 from .profiles import get_profile
 
 #: The standard lm-eval tasks of the ``full`` profile (all scored by log-likelihood, no generation).
@@ -103,7 +104,7 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_s
     items = _check_items(items)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    device = _device_of(model)
+    device = device_of(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     requests = []  # (item index, choice index, prompt ids, choice ids)
     for i, item in enumerate(items):
@@ -294,15 +295,11 @@ def _cloze_items(seed: int, n_choices: int = 4) -> list[dict]:
 
 
 def _spam_items() -> list[dict]:
-    from .data import load_records
-
     return [{"query": f"Message: {r['text']}\nQuestion: Is this message spam?\nAnswer:", "choices": ["no", "yes"],
              "label": int(r["label"] in ("spam", 1))} for r in load_records("sms_spam", split="test")]
 
 
 def _bias_items() -> list[dict]:
-    from .bias import load_bias_benchmark
-
     return [{"query": mc_prompt(r), "choices": list(r["choices"]), "label": int(r["label"])}
             for r in load_bias_benchmark()]
 

@@ -3,7 +3,8 @@ or remove them, and measure what that does to the model's behaviour.
 
 The data are pairs of prompts that differ only in one group word ("The woman ..." / "The man ..."),
 written for this course (``data/bias_pairs.jsonl``), and a BBQ-style multiple-choice benchmark
-(``data/bias_mc.jsonl``; the real BBQ, Parrish et al. 2022, in the ``full`` profile).
+(``data/bias_mc.jsonl``; the real BBQ, Parrish et al. 2022, in the ``full`` profile). :mod:`utils.data` reads
+them (:func:`utils.data.load_bias_pairs`, :func:`utils.data.load_bias_benchmark`, re-exported here).
 
 What a neuron "does" is its activation at the input of ``down_proj``, ``a = act(gate(x)) * up(x)``,
 averaged over the real tokens of a prompt. For a pair (target prompt, other prompt):
@@ -25,7 +26,6 @@ benchmark: :func:`score_choices`, :func:`bbq_scores`, :func:`bootstrap_ci`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 
@@ -36,18 +36,20 @@ from tqdm.auto import tqdm
 
 from .benchmarks import bootstrap_ci as _bootstrap_ci
 from .benchmarks import mc_prompt, run_lm_eval, score_choices  # noqa: F401  (utils.bias.score_choices still works)
-from .data import make_dataloader
-from .evaluation import _device_of
-from .profiles import DATA_DIR, get_profile
-from .width import _peak_to_peak, glu_mlps, remove_neurons
-
-AXES: tuple[str, ...] = ("gender", "age", "ses", "ethnicity")
-PAIR_SPLITS: tuple[str, ...] = ("calibration", "heldout")
-PAIRS_FILE = DATA_DIR / "bias_pairs.jsonl"
-MC_FILE = DATA_DIR / "bias_mc.jsonl"
-#: The real BBQ in the ``full`` profile (one configuration per axis, a single ``test`` split).
-BBQ_HUB_ID = "oskarvanderwal/bbq"
-BBQ_CONFIGS = {"gender": "Gender_identity", "age": "Age", "ses": "SES", "ethnicity": "Race_ethnicity"}
+from .data import (  # noqa: F401  (the bias data live in utils.data; utils.bias.load_bias_pairs etc. still work)
+    AXES,
+    BBQ_CONFIGS,
+    BBQ_HUB_ID,
+    MC_FILE,
+    PAIR_SPLITS,
+    PAIRS_FILE,
+    equal_length,
+    load_bias_benchmark,
+    load_bias_pairs,
+    make_dataloader,
+)
+from .precision import device_of
+from .width import check_neuron_selection, glu_mlps, peak_to_peak, remove_neurons
 
 # The course's defaults (CH11_NB01-NB03 use them; the evidence is in those notebooks and RESULTS.md).
 #: Fair Pruning removes this share of all MLP neurons, chosen by relative bias score over the whole model.
@@ -59,131 +61,6 @@ DEFAULT_PROTECTED_BLOCKS = 3
 #: NB01's intervention: how many neurons (top relative scores) and the factor on their up_proj rows.
 DEFAULT_INTERVENTION_K = 20
 DEFAULT_INTERVENTION_SCALE = 0.5
-
-
-# --- data ---------------------------------------------------------------------------------
-
-def _check_axis(axis: str | None) -> None:
-    if axis is not None and axis not in AXES:
-        raise ValueError(f"Unknown axis {axis!r}. Known axes: {', '.join(AXES)} (or None for all).")
-
-
-def _read_jsonl(path) -> list[dict]:
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; it ships with the repository. Rebuild it with "
-                                "`python scripts/build_bias_data.py` or restore it with `git checkout -- data/`.")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def equal_length(tokenizer, pair: dict) -> bool:
-    """Whether the two prompts of ``pair`` have the same number of tokens under ``tokenizer``."""
-    return len(tokenizer(pair["target_prompt"])["input_ids"]) == len(tokenizer(pair["other_prompt"])["input_ids"])
-
-
-def load_bias_pairs(split: str | None = None, *, axis: str | None = None, tokenizer=None) -> list[dict]:
-    """The prompt pairs of ``data/bias_pairs.jsonl`` (every profile: they are the course's own data).
-
-    Args:
-        split: ``"calibration"`` (to find neurons), ``"heldout"`` (to measure; other situations) or None for both.
-        axis: one of :data:`AXES`, or None for all.
-        tokenizer: if given, keep only the pairs whose two prompts have the same number of tokens under
-            it (the file guarantees it for SmolLM2's tokenizer; other tokenizers may split a group word
-            differently) and print how many were dropped.
-
-    Each record has ``axis``, ``split``, ``target``/``other`` (the group words), ``target_prompt`` and
-    ``other_prompt``.
-    """
-    if split is not None and split not in PAIR_SPLITS:
-        raise ValueError(f"Unknown split {split!r}. Known splits: {', '.join(PAIR_SPLITS)} (or None for both).")
-    _check_axis(axis)
-    pairs = [p for p in _read_jsonl(PAIRS_FILE)
-             if (split is None or p["split"] == split) and (axis is None or p["axis"] == axis)]
-    if tokenizer is not None:
-        kept = [p for p in pairs if equal_length(tokenizer, p)]
-        if len(kept) < len(pairs):
-            print(f"load_bias_pairs: kept {len(kept)} of {len(pairs)} pairs; {len(pairs) - len(kept)} split "
-                  "their group words into different numbers of tokens with this tokenizer.")
-        if not kept:
-            raise ValueError("No pair has prompts of equal token length under this tokenizer.")
-        pairs = kept
-    return pairs
-
-
-#: BBQ labels gender answers with words ("girl", "man") or letters ("F", "M") while its stereotyped groups use
-#: the letters: these words stand for each letter.
-_BBQ_ALIASES = {"f": {"f", "woman", "girl", "female", "women", "girls"},
-                "m": {"m", "man", "boy", "male", "men", "boys"}}
-
-
-def _bbq_norm(label) -> str:
-    return "".join(ch for ch in str(label).lower() if ch.isalnum())
-
-
-def _bbq_matches(group: str, stereotyped: set[str]) -> bool:
-    """Whether an answer's group label (e.g. "lowSES", "girl", "F-Black") names one of the stereotyped groups."""
-    names = {group} | {_bbq_norm(part) for part in str(group).replace("-", " ").replace("_", " ").split()}
-    names = {_bbq_norm(n) for n in names}
-    for target in stereotyped:
-        if target in names or names & _BBQ_ALIASES.get(target, set()):
-            return True
-    return False
-
-
-def _bbq_item(record: dict) -> dict | None:
-    """One BBQ record (Hub format) in the fields of ``bias_mc.jsonl``; None if its groups cannot be told apart."""
-    info = record["answer_info"]
-    groups = [str(info[f"ans{i}"][1]) for i in range(3)]
-    stereotyped = {_bbq_norm(g) for g in record["additional_metadata"]["stereotyped_groups"]}
-    unknown = [i for i, g in enumerate(groups) if _bbq_norm(g) == "unknown"]
-    target = [i for i, g in enumerate(groups) if i not in unknown and _bbq_matches(g, stereotyped)]
-    if len(unknown) != 1 or len(target) != 1:
-        return None
-    other = ({0, 1, 2} - {unknown[0], target[0]}).pop()
-    return {"id": f"bbq-{record['category']}-{record['example_id']}", "axis": record["category"],
-            "scenario": f"bbq-{record['category']}-{record['question_index']}",
-            "context_condition": record["context_condition"], "question_polarity": record["question_polarity"],
-            "context": record["context"], "question": record["question"],
-            "choices": [record["ans0"], record["ans1"], record["ans2"]], "label": int(record["label"]),
-            "target_index": target[0], "other_index": other, "unknown_index": unknown[0],
-            "group_order": "target_first" if record["context"].find(record[f"ans{target[0]}"].split()[-1])
-            <= record["context"].find(record[f"ans{other}"].split()[-1]) else "other_first"}
-
-
-def load_bias_benchmark(axis: str | None = None, *, n: int | None = None, seed: int = 0) -> list[dict]:
-    """The multiple-choice bias benchmark: ``data/bias_mc.jsonl`` (cpu, tiny) or BBQ from the Hub (full).
-
-    Every item has ``context``, ``question``, three ``choices``, the correct ``label`` and which choice is
-    the stereotyped group (``target_index``), the other group (``other_index``) and "unknown"
-    (``unknown_index``), plus ``context_condition`` (``"ambig"``/``"disambig"``) and ``question_polarity``
-    (``"neg"``/``"nonneg"``). ``n`` keeps a seeded random subset (BBQ has thousands of items per axis).
-    In ``full``, BBQ items whose answers do not name the stereotyped group unambiguously are skipped.
-    """
-    _check_axis(axis)
-    if n is not None and n < 1:
-        raise ValueError(f"n must be a positive number of items, got {n}.")
-    if get_profile() == "full":
-        from datasets import load_dataset  # only the full profile downloads
-
-        axes = [axis] if axis else list(AXES)
-        items = []
-        for name in axes:
-            records = load_dataset(BBQ_HUB_ID, BBQ_CONFIGS[name], split="test")
-            converted = [item for item in map(_bbq_item, records) if item is not None]
-            if len(converted) < len(records):
-                print(f"BBQ {BBQ_CONFIGS[name]}: kept {len(converted)} of {len(records)} items (the others do not "
-                      "name the stereotyped group in their answers unambiguously)")
-            items.extend({**item, "axis": name} for item in converted)
-        if not items:
-            raise ValueError(f"No usable BBQ item for axis {axis!r}: the dataset's answer_info / stereotyped_groups "
-                             "fields did not match. Check the dataset version, or use the offline benchmark "
-                             "(RLLM_PROFILE=cpu).")
-    else:
-        items = [r for r in _read_jsonl(MC_FILE) if axis is None or r["axis"] == axis]
-    if n is not None and n < len(items):
-        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n]
-        items = [items[i] for i in sorted(order.tolist())]
-    return items
 
 
 # --- activations --------------------------------------------------------------------------
@@ -215,7 +92,7 @@ def mlp_activations(model: nn.Module, tokenizer, prompts: Sequence[str], *, pool
     prompts = _prompt_list(prompts)
     mlps = glu_mlps(model)
     width = max(m.down_proj.in_features for m in mlps)
-    device = _device_of(model)
+    device = device_of(model)
     out = torch.zeros(len(prompts), len(mlps), width)
     current: dict = {}
 
@@ -275,7 +152,7 @@ def _pair_prompts(pairs: Sequence[dict]) -> list[str]:
 
 def _pair_batches(model: nn.Module, tokenizer, pairs: list[dict], batch_size: int):
     """Yield ``(n, input_ids, attention_mask)`` per chunk of ``n`` pairs: rows ``:n`` target, ``n:`` other prompts."""
-    device = _device_of(model)
+    device = device_of(model)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start: start + batch_size]
         prompts = _pair_prompts(chunk)
@@ -388,10 +265,8 @@ class WeightEdit:
 
 
 def _edit(model: nn.Module, neurons, factor: float, parts: tuple[str, ...]) -> WeightEdit:
-    from .width import _check_neuron_selection
-
     mlps = glu_mlps(model)
-    selection = _check_neuron_selection(mlps, neurons, allow_all=True)
+    selection = check_neuron_selection(mlps, neurons, allow_all=True)
     saved = []
     with torch.no_grad():
         for layer, index in selection.items():
@@ -462,7 +337,7 @@ def fairness_scores(model: nn.Module, bias: torch.Tensor | dict, *, bias_weight:
     out = []
     for mlp, row in zip(mlps, bias.float()):
         gate, up = mlp.gate_proj.weight.detach().float().cpu(), mlp.up_proj.weight.detach().float().cpu()
-        importance = _peak_to_peak(gate, 1) + _peak_to_peak(up, 1)
+        importance = peak_to_peak(gate, 1) + peak_to_peak(up, 1)
         out.append(bias_weight * _minmax(row) + (1 - bias_weight) * (1 - _minmax(importance)))
     return torch.stack(out)
 

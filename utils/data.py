@@ -1,10 +1,16 @@
-"""Datasets for the three profiles, and the dataloader every chapter uses."""
+"""Datasets for the three profiles, and the dataloader every chapter uses.
+
+Every file the course reads lives here: the text datasets of :data:`DATASETS` (:func:`load_records`,
+:func:`load_texts`), each with an optional validator that a technique module registers
+(:func:`register_validator`), and CH11's bias data (:func:`load_bias_pairs`, :func:`load_bias_benchmark`).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -16,7 +22,11 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a course dataset lives in each profile."""
+    """Where a course dataset lives in each profile.
+
+    ``validate`` (None: no check) turns a label read from the Hub into the record's label, or returns None to
+    leave the row out; the module that defines the labels registers it with :func:`register_validator`.
+    """
 
     name: str
     sample_file: str  # offline stand-in in data/ (cpu and tiny profiles)
@@ -26,6 +36,7 @@ class DatasetSpec:
     label_field: str | None = None
     label_names: tuple[str, ...] | None = None
     description: str = ""
+    validate: Callable[[Any], Any | None] | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -65,6 +76,20 @@ def _spec(name: str) -> DatasetSpec:
             + ", ".join(f"{k} ({v.description})" for k, v in DATASETS.items())
         )
     return DATASETS[key]
+
+
+def register_validator(name: str, validate: Callable[[Any], Any | None]) -> DatasetSpec:
+    """Attach ``validate`` to the dataset ``name`` (an alias works) in :data:`DATASETS`; returns the new entry.
+
+    ``validate(label)`` gets a label read from the Hub (a dict) and returns the label to keep, or None to leave
+    the row out. :mod:`utils.extraction` registers the clinical notes' validator when it is imported (``import
+    utils`` imports it), so ``data`` imports no technique module. Registering again replaces the validator.
+    """
+    spec = _spec(name)
+    if not callable(validate):
+        raise TypeError(f"validate must be a function label -> label or None, got {type(validate).__name__}.")
+    DATASETS[spec.name] = replace(spec, validate=validate)
+    return DATASETS[spec.name]
 
 
 def _split_of(index: int) -> str:
@@ -121,12 +146,14 @@ def _clinical_hub_records(spec: DatasetSpec, split: str) -> list[dict]:
     written from the dataset's published layout (``train``/``test`` splits; ``note``, ``label`` as
     a JSON string or an object, ``category``) and is defensive about the rest. The validation
     split is carved from Hub ``train``: every tenth note of each category, a fixed choice.
-    Rows whose label cannot be read as the extraction schema are left out, with a printed count.
+    Rows whose label cannot be read as the extraction schema (the dataset's registered validator, see
+    :func:`register_validator`, returns None) are left out, with a printed count.
     """
     from datasets import load_dataset  # imported here: only the full profile needs it
 
-    from .extraction import check_schema, coerce_label
-
+    if spec.validate is None:
+        raise RuntimeError(f"No validator is registered for {spec.name}: import utils.extraction (``import utils`` "
+                           "does) before loading it from the Hub.")
     data = load_dataset(spec.hub_path, spec.hub_config, split="test" if split == "test" else "train")
     records, seen_per_category, skipped = [], {}, 0
     for i, row in enumerate(data):
@@ -143,8 +170,8 @@ def _clinical_hub_records(spec: DatasetSpec, split: str) -> list[dict]:
                 label = json.loads(label)
             except json.JSONDecodeError:
                 label = None
-        label = coerce_label(label) if isinstance(label, dict) else None
-        if not isinstance(text, str) or not text.strip() or label is None or check_schema(label):
+        label = spec.validate(label) if isinstance(label, dict) else None
+        if not isinstance(text, str) or not text.strip() or label is None:
             skipped += 1
             continue
         records.append({"id": f"hub-{split}-{i:04d}", "category": category, "split": split, "text": text,
@@ -237,3 +264,141 @@ def batch_tensors(batch, device: torch.device | str) -> tuple[torch.Tensor, torc
                         "attention_mask (utils.make_dataloader makes them).")
     mask = torch.ones_like(ids) if mask is None else mask
     return ids.to(device), mask.to(device)
+
+
+# --- CH11's bias data ---------------------------------------------------------------------
+# Prompt pairs that differ in one group word (data/bias_pairs.jsonl, every profile) and a BBQ-style multiple-choice
+# benchmark (data/bias_mc.jsonl in cpu and tiny; the real BBQ, Parrish et al. 2022, from the Hub in full).
+# utils.bias uses them (and re-exports the loaders).
+
+#: The bias axes of the pairs and the benchmark.
+AXES: tuple[str, ...] = ("gender", "age", "ses", "ethnicity")
+PAIR_SPLITS: tuple[str, ...] = ("calibration", "heldout")
+PAIRS_FILE = DATA_DIR / "bias_pairs.jsonl"
+MC_FILE = DATA_DIR / "bias_mc.jsonl"
+#: The real BBQ in the ``full`` profile (one configuration per axis, a single ``test`` split).
+BBQ_HUB_ID = "oskarvanderwal/bbq"
+BBQ_CONFIGS = {"gender": "Gender_identity", "age": "Age", "ses": "SES", "ethnicity": "Race_ethnicity"}
+
+
+def _check_axis(axis: str | None) -> None:
+    if axis is not None and axis not in AXES:
+        raise ValueError(f"Unknown axis {axis!r}. Known axes: {', '.join(AXES)} (or None for all).")
+
+
+def _read_jsonl(path) -> list[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; it ships with the repository. Rebuild it with "
+                                "`python scripts/build_bias_data.py` or restore it with `git checkout -- data/`.")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def equal_length(tokenizer, pair: dict) -> bool:
+    """Whether the two prompts of ``pair`` have the same number of tokens under ``tokenizer``."""
+    return len(tokenizer(pair["target_prompt"])["input_ids"]) == len(tokenizer(pair["other_prompt"])["input_ids"])
+
+
+def load_bias_pairs(split: str | None = None, *, axis: str | None = None, tokenizer=None) -> list[dict]:
+    """The prompt pairs of ``data/bias_pairs.jsonl`` (every profile: they are the course's own data).
+
+    Args:
+        split: ``"calibration"`` (to find neurons), ``"heldout"`` (to measure; other situations) or None for both.
+        axis: one of :data:`AXES`, or None for all.
+        tokenizer: if given, keep only the pairs whose two prompts have the same number of tokens under
+            it (the file guarantees it for SmolLM2's tokenizer; other tokenizers may split a group word
+            differently) and print how many were dropped.
+
+    Each record has ``axis``, ``split``, ``target``/``other`` (the group words), ``target_prompt`` and
+    ``other_prompt``.
+    """
+    if split is not None and split not in PAIR_SPLITS:
+        raise ValueError(f"Unknown split {split!r}. Known splits: {', '.join(PAIR_SPLITS)} (or None for both).")
+    _check_axis(axis)
+    pairs = [p for p in _read_jsonl(PAIRS_FILE)
+             if (split is None or p["split"] == split) and (axis is None or p["axis"] == axis)]
+    if tokenizer is not None:
+        kept = [p for p in pairs if equal_length(tokenizer, p)]
+        if len(kept) < len(pairs):
+            print(f"load_bias_pairs: kept {len(kept)} of {len(pairs)} pairs; {len(pairs) - len(kept)} split "
+                  "their group words into different numbers of tokens with this tokenizer.")
+        if not kept:
+            raise ValueError("No pair has prompts of equal token length under this tokenizer.")
+        pairs = kept
+    return pairs
+
+
+#: BBQ labels gender answers with words ("girl", "man") or letters ("F", "M") while its stereotyped groups use
+#: the letters: these words stand for each letter.
+_BBQ_ALIASES = {"f": {"f", "woman", "girl", "female", "women", "girls"},
+                "m": {"m", "man", "boy", "male", "men", "boys"}}
+
+
+def _bbq_norm(label) -> str:
+    return "".join(ch for ch in str(label).lower() if ch.isalnum())
+
+
+def _bbq_matches(group: str, stereotyped: set[str]) -> bool:
+    """Whether an answer's group label (e.g. "lowSES", "girl", "F-Black") names one of the stereotyped groups."""
+    names = {group} | {_bbq_norm(part) for part in str(group).replace("-", " ").replace("_", " ").split()}
+    names = {_bbq_norm(n) for n in names}
+    for target in stereotyped:
+        if target in names or names & _BBQ_ALIASES.get(target, set()):
+            return True
+    return False
+
+
+def _bbq_item(record: dict) -> dict | None:
+    """One BBQ record (Hub format) in the fields of ``bias_mc.jsonl``; None if its groups cannot be told apart."""
+    info = record["answer_info"]
+    groups = [str(info[f"ans{i}"][1]) for i in range(3)]
+    stereotyped = {_bbq_norm(g) for g in record["additional_metadata"]["stereotyped_groups"]}
+    unknown = [i for i, g in enumerate(groups) if _bbq_norm(g) == "unknown"]
+    target = [i for i, g in enumerate(groups) if i not in unknown and _bbq_matches(g, stereotyped)]
+    if len(unknown) != 1 or len(target) != 1:
+        return None
+    other = ({0, 1, 2} - {unknown[0], target[0]}).pop()
+    return {"id": f"bbq-{record['category']}-{record['example_id']}", "axis": record["category"],
+            "scenario": f"bbq-{record['category']}-{record['question_index']}",
+            "context_condition": record["context_condition"], "question_polarity": record["question_polarity"],
+            "context": record["context"], "question": record["question"],
+            "choices": [record["ans0"], record["ans1"], record["ans2"]], "label": int(record["label"]),
+            "target_index": target[0], "other_index": other, "unknown_index": unknown[0],
+            "group_order": "target_first" if record["context"].find(record[f"ans{target[0]}"].split()[-1])
+            <= record["context"].find(record[f"ans{other}"].split()[-1]) else "other_first"}
+
+
+def load_bias_benchmark(axis: str | None = None, *, n: int | None = None, seed: int = 0) -> list[dict]:
+    """The multiple-choice bias benchmark: ``data/bias_mc.jsonl`` (cpu, tiny) or BBQ from the Hub (full).
+
+    Every item has ``context``, ``question``, three ``choices``, the correct ``label`` and which choice is
+    the stereotyped group (``target_index``), the other group (``other_index``) and "unknown"
+    (``unknown_index``), plus ``context_condition`` (``"ambig"``/``"disambig"``) and ``question_polarity``
+    (``"neg"``/``"nonneg"``). ``n`` keeps a seeded random subset (BBQ has thousands of items per axis).
+    In ``full``, BBQ items whose answers do not name the stereotyped group unambiguously are skipped.
+    """
+    _check_axis(axis)
+    if n is not None and n < 1:
+        raise ValueError(f"n must be a positive number of items, got {n}.")
+    if get_profile() == "full":
+        from datasets import load_dataset  # only the full profile downloads
+
+        axes = [axis] if axis else list(AXES)
+        items = []
+        for name in axes:
+            records = load_dataset(BBQ_HUB_ID, BBQ_CONFIGS[name], split="test")
+            converted = [item for item in map(_bbq_item, records) if item is not None]
+            if len(converted) < len(records):
+                print(f"BBQ {BBQ_CONFIGS[name]}: kept {len(converted)} of {len(records)} items (the others do not "
+                      "name the stereotyped group in their answers unambiguously)")
+            items.extend({**item, "axis": name} for item in converted)
+        if not items:
+            raise ValueError(f"No usable BBQ item for axis {axis!r}: the dataset's answer_info / stereotyped_groups "
+                             "fields did not match. Check the dataset version, or use the offline benchmark "
+                             "(RLLM_PROFILE=cpu).")
+    else:
+        items = [r for r in _read_jsonl(MC_FILE) if axis is None or r["axis"] == axis]
+    if n is not None and n < len(items):
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:n]
+        items = [items[i] for i in sorted(order.tolist())]
+    return items

@@ -30,15 +30,6 @@ from .speed import (  # noqa: F401
     time_alternately,
 )
 
-# compatibility: attention.py still imports this; remove when it imports from utils.speed
-from .speed import as_prompt_list as _as_prompt_list  # noqa: F401
-
-# compatibility: attention.py still imports this; remove when it imports from utils.speed
-from .speed import check_models as _check_models  # noqa: F401
-
-# compatibility: attention.py still imports this; remove when it imports from utils.speed
-from .speed import generation_inputs as _generation_inputs  # noqa: F401
-
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters; shared (tied) tensors are counted once.

@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .data import register_validator
+
 TOP_LEVEL_KEYS: tuple[str, ...] = ("patient_age", "symptoms", "vital_signs", "medications", "duration_days")
 VITAL_KEYS: tuple[str, ...] = ("temperature", "heart_rate", "blood_pressure")
 MEDICATION_KEYS: tuple[str, ...] = ("name", "dose", "frequency")
@@ -239,6 +241,22 @@ def coerce_label(label: Mapping) -> dict:
             vitals["blood_pressure"] = f"{match.group(1)}/{match.group(2)}"
     out["vital_signs"] = vitals
     return out
+
+
+def checked_label(label: Any) -> dict | None:
+    """A label read from the Hub's clinical notes as a record's label: :func:`coerce_label`'s copy, or None when
+    it is not a dict or :func:`check_schema` finds a problem (the row is then left out).
+
+    The ``clinical_notes`` dataset's validator, registered in :data:`utils.data.DATASETS` when this module is
+    imported (:func:`utils.data.register_validator`).
+    """
+    if not isinstance(label, Mapping):
+        return None
+    label = coerce_label(label)
+    return None if check_schema(label) else label
+
+
+register_validator("clinical_notes", checked_label)
 
 
 def validate_records(records: Sequence[Mapping], *, need_label: bool = True) -> None:

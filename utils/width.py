@@ -104,7 +104,11 @@ def _check_method(method: str) -> str:
     return name
 
 
-def _peak_to_peak(weight: torch.Tensor, dim: int) -> torch.Tensor:
+def peak_to_peak(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Peak-to-peak magnitude along ``dim``: ``max + |min|`` (the static "MAW" score of a weight's rows or columns).
+
+    Used by :func:`static_scores` and by :func:`utils.bias.fairness_scores`.
+    """
     return weight.amax(dim=dim) + weight.amin(dim=dim).abs()
 
 
@@ -112,7 +116,7 @@ def static_scores(gate: torch.Tensor, up: torch.Tensor, method: str = "maw") -> 
     """Score each neuron of one layer from its gate row and up row (``[intermediate, hidden]`` each)."""
     gate, up = gate.float(), up.float()
     if method == "maw":
-        return _peak_to_peak(gate, 1) + _peak_to_peak(up, 1)
+        return peak_to_peak(gate, 1) + peak_to_peak(up, 1)
     if method == "vow":
         return gate.var(dim=1) + up.var(dim=1)
     if method == "pon":
@@ -193,7 +197,7 @@ def _data_scores(mlp: nn.Module, act_norm: torch.Tensor, method: str) -> torch.T
     # hybrid: normalised structural range of the (gate row, up row, down column) triple x activations
     gate = mlp.gate_proj.weight.detach().float().cpu()
     up = mlp.up_proj.weight.detach().float().cpu()
-    parts = [_peak_to_peak(gate, 1), _peak_to_peak(up, 1), _peak_to_peak(down, 0)]
+    parts = [peak_to_peak(gate, 1), peak_to_peak(up, 1), peak_to_peak(down, 0)]
     structural = sum(p / (p.max() + 1e-8) for p in parts)
     return structural * act_norm
 
@@ -526,7 +530,12 @@ def same_selection_up_to_ties(scores: list[torch.Tensor], kept_a: list[torch.Ten
 WIDTHS_FIELD = "mlp_intermediate_sizes"
 
 
-def _check_neuron_selection(mlps: list[nn.Module], neurons, *, allow_all: bool = False) -> dict[int, torch.Tensor]:
+def check_neuron_selection(mlps: list[nn.Module], neurons, *, allow_all: bool = False) -> dict[int, torch.Tensor]:
+    """Validate a ``{layer: [neuron, ...]}`` selection against ``mlps``; return it as index tensors per layer.
+
+    Raises ``TypeError``/``ValueError`` naming the bad layer or neuron. Unless ``allow_all``, a layer may not lose
+    every neuron. Used by :func:`remove_neurons` and by :mod:`utils.bias`'s weight edits.
+    """
     if not isinstance(neurons, dict):
         raise TypeError(f"neurons must be a dict {{layer: [neuron, ...]}}, got {type(neurons).__name__}.")
     checked: dict[int, torch.Tensor] = {}
@@ -559,7 +568,7 @@ def remove_neurons(model: nn.Module, neurons: dict[int, list[int] | torch.Tensor
     has one ``intermediate_size`` for all blocks.)
     """
     mlps = glu_mlps(model)
-    selection = _check_neuron_selection(mlps, neurons)
+    selection = check_neuron_selection(mlps, neurons)
     for layer, index in selection.items():
         mlp = mlps[layer]
         keep = torch.ones(mlp.gate_proj.out_features, dtype=torch.bool)
