@@ -239,6 +239,35 @@ def test_distill_rejects_bad_inputs():
         utils.distill(student, teacher, _batches(1), beta=0.5, layer_map=[0, 1], progress=False)
 
 
+
+def test_distill_forwards_training_options_with_its_own_defaults():
+    import inspect
+
+    from utils.distillation import DEFAULT_LR, DEFAULT_WARMUP_STEPS, TRAIN_OPTIONS, train_options
+
+    assert set(TRAIN_OPTIONS) <= set(inspect.signature(utils.train).parameters)
+    assert train_options({}) == {"lr": DEFAULT_LR, "warmup_steps": DEFAULT_WARMUP_STEPS}
+    assert train_options({"lr": 1e-3, "epochs": 2}) == {"lr": 1e-3, "warmup_steps": DEFAULT_WARMUP_STEPS,
+                                                        "epochs": 2}
+    teacher = _tiny_llama()
+    student = _drop_block(copy.deepcopy(teacher), 2)
+    history = utils.distill(student, teacher, _batches(2), max_steps=1, weight_decay=0.01, max_grad_norm=0.5,
+                            micro_batch_size=1, progress=False)
+    settings = history["settings"]
+    assert (settings["lr"], settings["warmup_steps"]) == (DEFAULT_LR, DEFAULT_WARMUP_STEPS)
+    assert (settings["weight_decay"], settings["max_grad_norm"], settings["micro_batch_size"]) == (0.01, 0.5, 1)
+    assert settings["steps"] == 1 and settings["alpha"] == utils.distillation.DEFAULT_ALPHA
+
+
+@pytest.mark.parametrize("option", ["learning_rate", "eval_fn", "params", "desc"])
+def test_distill_names_the_valid_options_for_an_unknown_one(option):
+    teacher = _tiny_llama()
+    student = copy.deepcopy(teacher)
+    flags = [p.requires_grad for p in teacher.parameters()]
+    with pytest.raises(TypeError, match=f"unknown option.*{option}.*temperature.*max_steps, epochs, lr"):
+        utils.distill(student, teacher, _batches(1), progress=False, **{option: 1})
+    assert [p.requires_grad for p in teacher.parameters()] == flags and not teacher.training
+
 def test_recovered_share_is_measured_on_log_perplexity(monkeypatch):
     # log scale: from 10 -> 1000 lost two decades; back to 100 recovered one of them.
     assert utils.recovered_share(10.0, 1000.0, 100.0) == pytest.approx(0.5)

@@ -132,13 +132,6 @@ def test_train_options_count_the_steps_and_reject_bad_values():
         _options().lr = 1.0  # frozen: a run's settings do not change under it
 
 
-def test_the_forwarded_options_are_options_of_train():
-    import inspect
-
-    names = set(inspect.signature(train).parameters)
-    assert set(utils.training.FORWARDED_OPTIONS) <= names
-    assert set(utils.training.FORWARDED_OPTIONS) <= {f for f in utils.training.TrainOptions.__dataclass_fields__}
-
 def test_train_rejects_empty_data_and_non_dict_batches():
     with pytest.raises(ValueError, match="empty"):
         train(_model(), [], progress=False)

@@ -314,12 +314,96 @@ def _vocab_size(model: torch.nn.Module) -> int:
     return int(model.config.vocab_size)
 
 
-def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *, epochs: int = 1,
-            max_steps: int | None = None, lr: float = DEFAULT_LR, temperature: float = DEFAULT_TEMPERATURE,
-            alpha: float = DEFAULT_ALPHA, layer_map=None, beta: float = 0.0, grad_accum: int = 1,
-            micro_batch_size: int | None = None, eval_dataloader=None,
-            warmup_steps: int = DEFAULT_WARMUP_STEPS, weight_decay: float = 0.0,
-            train_embeddings: bool = False, max_grad_norm: float = 1.0, progress: bool = True) -> dict:
+#: The options of :func:`utils.train` that :func:`distill` takes (as keywords) and passes on unchanged.
+TRAIN_OPTIONS = ("max_steps", "epochs", "lr", "warmup_steps", "grad_accum", "micro_batch_size", "weight_decay",
+                 "max_grad_norm", "progress")
+
+
+def train_options(options: dict) -> dict:
+    """The keyword arguments :func:`distill` gives :func:`utils.train`: ``options`` over distill's own
+    defaults (``lr=DEFAULT_LR``, ``warmup_steps=DEFAULT_WARMUP_STEPS``; the rest are train's).
+
+    Raises:
+        TypeError: an option that is not one of :data:`TRAIN_OPTIONS` (the message lists them).
+    """
+    unknown = sorted(set(options) - set(TRAIN_OPTIONS))
+    if unknown:
+        raise TypeError(f"distill got unknown option(s) {', '.join(unknown)}. Its own are temperature, alpha, beta, "
+                        f"layer_map, eval_dataloader and train_embeddings; it passes these on to utils.train: "
+                        f"{', '.join(TRAIN_OPTIONS)}.")
+    return {"lr": DEFAULT_LR, "warmup_steps": DEFAULT_WARMUP_STEPS, **options}
+
+
+def _check_pair(student: torch.nn.Module, teacher: torch.nn.Module, *, temperature: float, alpha: float,
+                beta: float, layer_map) -> list[int] | None:
+    """Check that ``student`` can learn from ``teacher`` with these weights; the resolved layer map
+    (``None`` without a feature term)."""
+    _check_weights(temperature, alpha, beta)
+    if student is teacher:
+        raise ValueError("student and teacher are the same object: deep-copy the model before pruning "
+                         "(student = copy.deepcopy(teacher)).")
+    if _vocab_size(student) != _vocab_size(teacher):
+        raise ValueError(f"Vocabulary mismatch: student {_vocab_size(student)} tokens, teacher "
+                         f"{_vocab_size(teacher)}. Distil from the model the student was pruned from.")
+    if beta > 0 and layer_map is None:
+        raise ValueError("beta > 0 (feature loss) needs a layer_map: 'uniform', 'last', 'kept' or a list of "
+                         "teacher block indices, e.g. kept_blocks(num_teacher_layers, removed).")
+    return _resolve_layer_map(layer_map, student, teacher) if beta > 0 else None
+
+
+class _FrozenTeacher:
+    """``with _FrozenTeacher(teacher):`` the teacher in eval mode without gradients; its
+    ``requires_grad`` flags and its mode restored on the way out."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        self.teacher = teacher
+
+    def __enter__(self) -> None:
+        self.grad_flags = [p.requires_grad for p in self.teacher.parameters()]
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.was_training = self.teacher.training
+        self.teacher.eval()
+
+    def __exit__(self, *exc) -> bool:
+        for p, flag in zip(self.teacher.parameters(), self.grad_flags):
+            p.requires_grad_(flag)
+        self.teacher.train(self.was_training)
+        return False
+
+
+def _student_params(student: torch.nn.Module, train_embeddings: bool) -> list[torch.nn.Parameter]:
+    """The student's parameters that train: those with ``requires_grad``, minus the input embeddings
+    unless ``train_embeddings``."""
+    embeddings = student.get_input_embeddings() if hasattr(student, "get_input_embeddings") else None
+    frozen_ids = set() if train_embeddings or embeddings is None else {id(p) for p in embeddings.parameters()}
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen_ids]
+    if not params:
+        raise ValueError("The student has no trainable parameter (all requires_grad=False).")
+    return params
+
+
+def _distill_loss_fn(teacher: torch.nn.Module, device: torch.device, mapping: list[int] | None,
+                     hooks: tuple[_BlockOutputs, _BlockOutputs] | None, *, temperature: float, alpha: float,
+                     beta: float):
+    """``loss_fn(student, batch)`` for :func:`utils.train`: :func:`distillation_loss` and its parts,
+    the teacher's logits computed without gradients, block outputs read from ``hooks``."""
+    def loss_fn(model, batch):
+        input_ids, mask = batch_tensors(batch, device)
+        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        student_logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        pairs = ([(hooks[0].outputs[i], hooks[1].outputs[j]) for i, j in enumerate(mapping)]
+                 if mapping else None)
+        return distillation_loss(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
+                                 hidden_pairs=pairs, beta=beta, return_parts=True)
+    return loss_fn
+
+
+def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
+            temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA, beta: float = 0.0,
+            layer_map=None, eval_dataloader=None, train_embeddings: bool = False, **options) -> dict:
     """Train ``student`` to imitate ``teacher`` on ``dataloader``; return the history.
 
     The teacher is frozen (eval mode, no gradients). The training itself is :func:`utils.train`:
@@ -332,7 +416,6 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *, e
     Args:
         dataloader: batches of dicts with ``input_ids`` and ``attention_mask``
             (e.g. :func:`utils.make_dataloader`); padding is excluded from every term.
-        epochs, max_steps: train ``epochs`` passes, or stop after ``max_steps`` optimizer steps.
         temperature, alpha, beta: see :func:`distillation_loss` (``alpha`` weighs the soft loss).
         layer_map: ``None`` (logits only), ``"uniform"``, ``"last"``, ``"kept"`` (a student made by
             :func:`utils.remove_blocks`, which records the removed blocks in its config), or a list
@@ -340,73 +423,44 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *, e
             and ``beta > 0``, the feature loss compares those blocks' outputs.
         eval_dataloader: held-out text; perplexity is measured before training, after each
             epoch, and at the end when ``max_steps`` stops early.
+        **options: passed on to :func:`utils.train` (:data:`TRAIN_OPTIONS`): ``epochs=1``,
+            ``max_steps=None`` (train ``epochs`` passes, or stop after ``max_steps`` optimizer steps),
+            ``lr=DEFAULT_LR`` (5e-4), ``warmup_steps=DEFAULT_WARMUP_STEPS`` (3), ``grad_accum=1``,
+            ``micro_batch_size=None``, ``weight_decay=0.0``, ``max_grad_norm=1.0``, ``progress=True``.
 
     Returns:
         A dict: ``step``, ``loss``, ``soft``, ``ce``, ``feature``, ``lr`` (one entry per
         optimizer step), ``eval_step``/``eval_epoch``/``eval_ppl`` (evaluations), ``layer_map``,
         ``seconds`` and ``settings``.
-    """
-    _check_weights(temperature, alpha, beta)
-    if student is teacher:
-        raise ValueError("student and teacher are the same object: deep-copy the model before pruning "
-                         "(student = copy.deepcopy(teacher)).")
-    if _vocab_size(student) != _vocab_size(teacher):
-        raise ValueError(f"Vocabulary mismatch: student {_vocab_size(student)} tokens, teacher "
-                         f"{_vocab_size(teacher)}. Distil from the model the student was pruned from.")
-    if beta > 0 and layer_map is None:
-        raise ValueError("beta > 0 (feature loss) needs a layer_map: 'uniform', 'last', 'kept' or a list of "
-                         "teacher block indices, e.g. kept_blocks(num_teacher_layers, removed).")
-    mapping = _resolve_layer_map(layer_map, student, teacher) if beta > 0 else None
 
+    Raises:
+        TypeError: an option that is neither distill's own nor one of :data:`TRAIN_OPTIONS`.
+    """
+    forwarded = train_options(options)
+    weights = {"temperature": temperature, "alpha": alpha, "beta": beta}
+    mapping = _check_pair(student, teacher, layer_map=layer_map, **weights)
     device = _device_of(student)
     if next(teacher.parameters()).device != device:
         teacher.to(device)
-    teacher_grad_flags = [p.requires_grad for p in teacher.parameters()]
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher_was_training = teacher.training
-    teacher.eval()
-    embeddings = student.get_input_embeddings() if hasattr(student, "get_input_embeddings") else None
-    frozen_ids = set() if train_embeddings or embeddings is None else {id(p) for p in embeddings.parameters()}
-    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen_ids]
-    if not params:
-        raise ValueError("The student has no trainable parameter (all requires_grad=False).")
+    with _FrozenTeacher(teacher):
+        params = _student_params(student, train_embeddings)
+        hooks = (_BlockOutputs(student, range(len(mapping))), _BlockOutputs(teacher, mapping)) if mapping else None
 
-    s_hooks = _BlockOutputs(student, range(len(mapping))) if mapping else None
-    t_hooks = _BlockOutputs(teacher, mapping) if mapping else None
+        def evaluate(model):
+            return perplexity(model, eval_dataloader, progress=False)
 
-    def loss_fn(model, batch):
-        input_ids, mask = batch_tensors(batch, device)
-        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        student_logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        pairs = [(s_hooks.outputs[i], t_hooks.outputs[j]) for i, j in enumerate(mapping)] if mapping else None
-        return distillation_loss(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
-                                 hidden_pairs=pairs, beta=beta, return_parts=True)
-
-    def evaluate(model):
-        return perplexity(model, eval_dataloader, progress=False)
-
-    try:
-        history = train(student, dataloader, loss_fn, max_steps=max_steps, epochs=epochs, lr=lr,
-                        warmup_steps=warmup_steps, grad_accum=grad_accum, micro_batch_size=micro_batch_size,
-                        weight_decay=weight_decay, max_grad_norm=max_grad_norm, params=params,
-                        eval_fn=evaluate if eval_dataloader is not None else None, progress=progress,
-                        desc="distill")
-    finally:
-        for hooks in (s_hooks, t_hooks):
-            if hooks:
-                hooks.remove()
-        for p, flag in zip(teacher.parameters(), teacher_grad_flags):
-            p.requires_grad_(flag)
-        teacher.train(teacher_was_training)
+        try:
+            history = train(student, dataloader, _distill_loss_fn(teacher, device, mapping, hooks, **weights),
+                            params=params, eval_fn=evaluate if eval_dataloader is not None else None,
+                            desc="distill", **forwarded)
+        finally:
+            for block_outputs in hooks or ():
+                block_outputs.remove()
     for key in ("soft", "ce", "feature"):
         history.setdefault(key, [0.0] * len(history["step"]))
     history["eval_ppl"] = history.pop("eval")
     history["layer_map"] = mapping
-    history["settings"].update({"temperature": temperature, "alpha": alpha, "beta": beta,
-                                "train_embeddings": train_embeddings})
+    history["settings"].update({**weights, "train_embeddings": train_embeddings})
     return history
 
 

@@ -160,8 +160,8 @@ def _check_positive_int(name: str, value, allow_none: bool = False) -> None:
 class TrainOptions:
     """The settings of one :func:`train` run, checked when built (see :func:`train` for each one).
 
-    ``train`` builds it from its keyword arguments; :func:`utils.distill` forwards the ones named in
-    :data:`FORWARDED_OPTIONS` to ``train``.
+    ``train`` builds it from its keyword arguments (:func:`utils.distill` forwards some of them:
+    :data:`utils.distillation.TRAIN_OPTIONS`).
 
     Raises:
         ValueError: a count that is not a positive integer (``epochs``, ``grad_accum``; ``max_steps``,
@@ -198,11 +198,6 @@ class TrainOptions:
         ``ceil(n_batches / grad_accum)`` steps, or ``max_steps`` if that comes first."""
         all_epochs = math.ceil(n_batches / self.grad_accum) * self.epochs
         return all_epochs if self.max_steps is None else min(self.max_steps, all_epochs)
-
-
-#: The options of :func:`train` that :func:`utils.distill` takes and passes on unchanged.
-FORWARDED_OPTIONS = ("max_steps", "epochs", "lr", "warmup_steps", "grad_accum", "micro_batch_size",
-                     "weight_decay", "max_grad_norm", "progress")
 
 
 def _sized(dataloader: Iterable[dict]) -> tuple[Iterable[dict], int]:
