@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import utils
-from utils.depth import decoder_blocks
+from utils.structure import decoder_blocks
 
 matplotlib.use("Agg")
 

@@ -14,11 +14,9 @@ from utils.architectures import tiny_config
 from utils.depth import (
     DEFAULT_STRATEGY,
     STRATEGIES,
-    _output_of,
     angular_distances,
     block_importance,
     choose_blocks_to_remove,
-    decoder_blocks,
     fold_linear_replacements,
     linear_replacements,
     prune_depth,
@@ -26,6 +24,7 @@ from utils.depth import (
     weight_norms,
 )
 from utils.models import _tiny_tokenizer
+from utils.structure import decoder_blocks, output_of
 
 FAMILIES = {
     "llama": "meta-llama/Llama-3.2-1B",
@@ -311,8 +310,8 @@ def _states(model, loader, p, last):
     blocks, got = decoder_blocks(model), {"m": [], "x": [], "y": []}
     masks = []
     hooks = [blocks[p].mlp.register_forward_hook(lambda mod, a, out: got["m"].append(out)),
-             blocks[p].register_forward_hook(lambda mod, a, out: got["x"].append(_output_of(out))),
-             blocks[last].register_forward_hook(lambda mod, a, out: got["y"].append(_output_of(out)))]
+             blocks[p].register_forward_hook(lambda mod, a, out: got["x"].append(output_of(out))),
+             blocks[last].register_forward_hook(lambda mod, a, out: got["y"].append(output_of(out)))]
     with torch.no_grad():
         for batch in loader:
             masks.append(batch["attention_mask"].reshape(-1).bool())

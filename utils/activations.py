@@ -2,7 +2,7 @@
 
 Why this name: the module is about what a model *computes* — its activations. ``utils.inspect`` would
 work as a package-relative module, but it reads like the standard library's :mod:`inspect` (which
-``utils.attention`` itself imports), and ``probes`` usually means trained linear classifiers, another
+``utils.kv_cache`` itself imports), and ``probes`` usually means trained linear classifiers, another
 technique. ``utils.activations`` says what is inside.
 
 * :func:`capture_activations` — every point of a decoder block that a forward hook can read
@@ -41,10 +41,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attention import _decoder, _mlp_input_norm, _text_config
 from .data import batch_tensors, make_dataloader
-from .depth import _hidden_of, _output_of, decoder_blocks
-from .evaluation import _device_of
+from .precision import device_of
+from .structure import decoder, decoder_blocks, hidden_of, mlp_input_norm, output_of, text_config
 
 #: Capture points of a decoder block, with what each one holds (``[tokens, width]`` per prompt and layer).
 CAPTURE_POINTS: dict[str, str] = {
@@ -125,7 +124,7 @@ def _hook_target(block: nn.Module, point: str, index: int) -> tuple[nn.Module, s
             "block_input": lambda: (block, "in"),
             "input_norm": lambda: (block.input_layernorm, "out"),
             "attention": lambda: (block.self_attn, "out"),
-            "residual_mid": lambda: (_mlp_input_norm(block), "in"),
+            "residual_mid": lambda: (mlp_input_norm(block), "in"),
             "mlp_input": lambda: (mlp, "in"),
             "gate_proj": lambda: (mlp.gate_proj, "out"),
             "up_proj": lambda: (mlp.up_proj, "out"),
@@ -180,8 +179,8 @@ def capture_activations(model: nn.Module, tokenizer, prompts: str | Sequence[str
 
     def hook(key, where):
         if where == "in":
-            return lambda module, args, kwargs: store.__setitem__(key, _hidden_of(args, kwargs).detach())
-        return lambda module, args, kwargs, output: store.__setitem__(key, _output_of(output).detach())
+            return lambda module, args, kwargs: store.__setitem__(key, hidden_of(args, kwargs).detach())
+        return lambda module, args, kwargs, output: store.__setitem__(key, output_of(output).detach())
 
     handles = []
     for key, (module, where) in targets.items():
@@ -189,7 +188,7 @@ def capture_activations(model: nn.Module, tokenizer, prompts: str | Sequence[str
             handles.append(module.register_forward_pre_hook(hook(key, where), with_kwargs=True))
         else:
             handles.append(module.register_forward_hook(hook(key, where), with_kwargs=True))
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     results: list[dict[str, torch.Tensor]] = []
@@ -277,7 +276,7 @@ def glu_statistics(model: nn.Module, dataloader: Iterable[dict], *, eps: float =
             lambda m, args, out, i=i: store.__setitem__(("g", i), out.detach())))
         handles.append(block.mlp.down_proj.register_forward_pre_hook(
             lambda m, args, i=i: store.__setitem__(("a", i), args[0].detach())))
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:
@@ -410,7 +409,7 @@ def trace_writers(model: nn.Module, tokenizer, prompt: str, dimension: int, *, t
     items, _ = _check_prompts(prompt)
     if len(items) != 1:
         raise ValueError("trace_writers takes one prompt.")
-    hidden = _text_config(model).hidden_size
+    hidden = text_config(model).hidden_size
     if not isinstance(dimension, int) or not 0 <= dimension < hidden:
         raise ValueError(f"dimension {dimension} out of range: the residual stream has {hidden} dimensions "
                          f"(0..{hidden - 1}).")
@@ -466,7 +465,7 @@ def patch_residual(model: nn.Module, layer: int, dims: int | Sequence[int], *, p
     """
     blocks = decoder_blocks(model)
     (layer,) = _check_layers([layer] if isinstance(layer, int) else layer, len(blocks))
-    hidden = _text_config(model).hidden_size
+    hidden = text_config(model).hidden_size
     dims = [dims] if isinstance(dims, int) else list(dims)
     bad = [d for d in dims if not isinstance(d, int) or not 0 <= d < hidden]
     if not dims or bad:
@@ -481,7 +480,7 @@ def patch_residual(model: nn.Module, layer: int, dims: int | Sequence[int], *, p
     pos_index = torch.tensor(positions)
 
     def hook(module, args, kwargs, output):
-        h = _output_of(output)
+        h = output_of(output)
         pos = kwargs.get("position_ids")
         if pos is None:
             pos = torch.arange(h.shape[-2], device=h.device)[None]
@@ -504,9 +503,9 @@ def patch_residual(model: nn.Module, layer: int, dims: int | Sequence[int], *, p
 # --- the logit lens -------------------------------------------------------------------------
 
 def _final_norm(model: nn.Module) -> nn.Module:
-    decoder = _decoder(model)
+    owner = decoder(model)
     for name in ("norm", "final_layernorm", "ln_f"):
-        module = getattr(decoder, name, None)
+        module = getattr(owner, name, None)
         if isinstance(module, nn.Module):
             return module
     raise ValueError(f"Cannot find the final norm of {type(model).__name__} (looked for norm, final_layernorm, ln_f).")
@@ -533,7 +532,7 @@ def logit_lens(model: nn.Module, tokenizer, prompt: str, *, stream: torch.Tensor
     norm, head = _final_norm(model), model.get_output_embeddings()
     param = next(head.parameters())
     logits = head(norm(stream.to(param.device, param.dtype))).float()
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits.cpu()
@@ -580,7 +579,7 @@ def attention_to_first_token(model: nn.Module, dataloader: Iterable[dict], *, pr
     blocks = decoder_blocks(model)
     sums = torch.zeros(len(blocks), dtype=torch.float64)
     count = 0
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:

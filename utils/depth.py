@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 
 from .checks import check_damping
 from .data import batch_tensors
-from .evaluation import _device_of, calibration_pass
+from .evaluation import calibration_pass
+from .precision import device_of
+from .structure import BLOCK_PATHS, decoder_blocks, hidden_of, output_of, text_config  # + old utils.depth path
 
 #: Strategy names accepted by :func:`choose_blocks_to_remove`, with a one-line description.
 STRATEGIES: dict[str, str] = {
@@ -48,28 +50,8 @@ _PROTECTING = ("cosine_protected", "angular_window", "iterative")
 
 # --- finding the blocks ---------------------------------------------------------------------
 
-#: Where decoder blocks live in the model families we meet, first match wins.
-_BLOCK_PATHS = ("model.layers", "model.language_model.layers", "model.decoder.layers", "transformer.h",
-                "gpt_neox.layers", "layers")
-
-
-def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The ``ModuleList`` of decoder blocks: ``model.model.layers`` (Llama, Gemma 3, Qwen 3, ...)
-    or ``model.transformer.h`` (GPT-2)."""
-    for path in _BLOCK_PATHS:
-        owner = model
-        for part in path.split("."):
-            owner = getattr(owner, part, None)
-            if owner is None:
-                break
-        if isinstance(owner, torch.nn.ModuleList):
-            return owner
-    raise ValueError(f"Cannot find the decoder blocks of {type(model).__name__}: expected model.model.layers "
-                     "(Llama, Gemma 3, Qwen 3) or model.transformer.h (GPT-2).")
-
-
 def _set_decoder_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> None:
-    for path in _BLOCK_PATHS:
+    for path in BLOCK_PATHS:
         *parents, last = path.split(".")
         owner = model
         for part in parents:
@@ -82,22 +64,7 @@ def _set_decoder_blocks(model: torch.nn.Module, blocks: torch.nn.ModuleList) -> 
     raise ValueError(f"Cannot find the decoder blocks of {type(model).__name__}.")
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 # --- importance -----------------------------------------------------------------------------
-
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    return kwargs["hidden_states"]
-
-
-def _output_of(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
 
 def check_average(average: str) -> None:
     if average not in ("tokens", "batches"):
@@ -118,7 +85,7 @@ def mean_cosines(model, dataloader, *, register: Callable[[dict], list], pairs: 
     ``attention_mask`` is 1. One forward pass per batch, no KV cache; the hooks are removed at the end.
     """
     check_average(average)
-    device = _device_of(model)
+    device = device_of(model)
     store: dict = {}
     handles = register(store)
     sums = torch.zeros(len(pairs), dtype=torch.float64)
@@ -167,13 +134,13 @@ def _boundary_similarities(model, dataloader, *, pairs: Sequence[tuple[int, int]
         def pre_hook(index):
             def hook(module, args, kwargs):
                 if index in needed:
-                    boundary[index] = _hidden_of(args, kwargs)
+                    boundary[index] = hidden_of(args, kwargs)
             return hook
 
         def post_hook(index):
             def hook(module, args, kwargs, output):
                 if index + 1 in needed:
-                    boundary[index + 1] = _output_of(output)
+                    boundary[index + 1] = output_of(output)
             return hook
 
         handles = []
@@ -343,7 +310,7 @@ def _iterative(model, dataloader, n: int, protected: set[int], progress: bool) -
 # --- removing -------------------------------------------------------------------------------
 
 def _snapshot(model) -> dict:
-    config = _text_config(model)
+    config = text_config(model)
     blocks = decoder_blocks(model)
     return {
         "blocks": list(blocks),
@@ -356,7 +323,7 @@ def _snapshot(model) -> dict:
 
 def _restore(model, saved: dict) -> None:
     _set_decoder_blocks(model, torch.nn.ModuleList(saved["blocks"]))
-    config = _text_config(model)
+    config = text_config(model)
     for key, value in saved["fields"].items():
         setattr(config, key, list(value) if isinstance(value, list) else value)
     for module, index in saved["layer_idx"]:
@@ -396,7 +363,7 @@ def remove_blocks(model, indices: Iterable[int]):
         raise ValueError(f"Block indices {duplicates} are listed more than once: pass each index once.")
     if len(indices) >= total:
         raise ValueError(f"Cannot remove all {total} blocks: keep at least one.")
-    config = _text_config(model)
+    config = text_config(model)
     if getattr(config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError("This GPT-2 config scales attention by 1/(layer_idx+1), so renumbered blocks would "
                          "compute something else after reloading: depth pruning is not supported for it.")
@@ -481,9 +448,9 @@ def linear_replacements(model, indices: Iterable[int], dataloader: Iterable[dict
                          "(the default strategies protect it) or remove it with remove_blocks.")
     for run in runs:
         _output_projection(blocks[run[0] - 1])
-    device = _device_of(model)
+    device = device_of(model)
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    hidden = _text_config(model).hidden_size
+    hidden = text_config(model).hidden_size
     stats = {run[0] - 1: [torch.zeros(hidden, hidden, dtype=dtype, device=device),
                           torch.zeros(hidden, hidden, dtype=dtype, device=device)] for run in runs}
     last_of = {run[0] - 1: run[-1] for run in runs}
@@ -494,10 +461,10 @@ def linear_replacements(model, indices: Iterable[int], dataloader: Iterable[dict
             state[f"m{p}"] = output.reshape(-1, output.shape[-1])[state["real"]].to(dtype)
 
         def on_block(module, args, output, p=p):
-            state[f"x{p}"] = _output_of(output).reshape(-1, hidden)[state["real"]].to(dtype)
+            state[f"x{p}"] = output_of(output).reshape(-1, hidden)[state["real"]].to(dtype)
 
         def on_last(module, args, output, p=p):
-            y = _output_of(output).reshape(-1, hidden)[state["real"]].to(dtype)
+            y = output_of(output).reshape(-1, hidden)[state["real"]].to(dtype)
             m = state.pop(f"m{p}")
             residual = state.pop(f"x{p}") - m
             stats[p][0].addmm_(m.T, m)
