@@ -181,3 +181,10 @@ def test_unknown_gating_asks_auth_check_and_does_not_claim_gated(full, monkeypat
     assert utils.check_model_access("Qwen/Qwen3-0.6B") == "granted"
     assert capsys.readouterr().out == "Qwen/Qwen3-0.6B: this session's token has access.\n"
     assert [call[0] for call in api.calls] == ["model_info", "auth_check"]
+
+
+def test_a_missing_folder_is_a_clear_error(monkeypatch):
+    _no_network(monkeypatch)
+    with pytest.raises(FileNotFoundError, match="looks like a folder"):
+        utils.check_model_access("./no/such/model")
+    assert hub.HUB_ID_PATTERN is models.HUB_ID_PATTERN and utils.models.GatedModelError is utils.GatedModelError

@@ -314,3 +314,27 @@ def test_a_half_precision_model_matches_a_reload_of_its_checkpoint(tiny, tmp_pat
     ids = tokenizer(["The river flows through the old town"], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+# --- the public helpers utils.hub shares ----------------------------------------------------------
+
+def test_local_folder_tells_folders_from_hub_ids(tmp_path):
+    from utils.models import HUB_ID_PATTERN, local_folder
+
+    assert local_folder(str(tmp_path)) == tmp_path
+    assert local_folder("someone/pruned-model") is None  # Hub-id shaped, no such folder
+    with pytest.raises(FileNotFoundError, match="looks like a folder but there is no folder"):
+        local_folder("./no/such/model")
+    assert all(HUB_ID_PATTERN.match(i) for i in ("gpt2", "meta-llama/Llama-3.2-1B", "Qwen/Qwen3-0.6B"))
+    assert not any(HUB_ID_PATTERN.match(i) for i in ("llama 3.2 1b", ".hidden/model", "a/b/c", ""))
+
+
+def test_hub_problem_reads_gated_and_offline_errors():
+    from utils.models import hub_problem
+
+    for case, error in _gated_errors().items():
+        assert hub_problem(error) == "gated", case
+    for case, error in _offline_errors().items():
+        assert hub_problem(error) == "offline", case
+    assert hub_problem(ValueError("Unrecognized configuration class")) is None
+    assert hub_problem(_wrapped(OSError("could not load"), ConnectionError("refused"))) == "offline"

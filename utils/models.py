@@ -101,17 +101,22 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: str, model_type: str
     return policy.load_dtype(model_type)
 
 
-# A Hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'; not starting with '.').
-_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+#: A Hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'; not starting with '.').
+HUB_ID_PATTERN = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 
-def _local_folder(model_id: str) -> Path | None:
-    """The folder ``model_id`` names, ``None`` for a Hub id; a clear error for a missing path."""
+def local_folder(model_id: str) -> Path | None:
+    """The folder ``model_id`` names, or ``None`` when it is a Hub id (``"owner/name"``).
+
+    Raises:
+        FileNotFoundError: ``model_id`` looks like a path (starts with ``.``, ``/`` or ``~``, or has a
+            separator a Hub id cannot have) but no folder is there.
+    """
     path = Path(model_id).expanduser()
     if path.is_dir():
         return path
     looks_like_path = model_id.startswith((".", "/", "~")) or "\\" in model_id or (
-        os.sep in model_id and not _HUB_ID.match(model_id))
+        os.sep in model_id and not HUB_ID_PATTERN.match(model_id))
     if looks_like_path:
         raise FileNotFoundError(
             f"{model_id!r} looks like a folder but there is no folder at {path.resolve()}. Pass the folder "
@@ -153,7 +158,7 @@ def load_model(model_id: str | os.PathLike, *, dtype: torch.dtype | str | None =
         raise ValueError("model_id must be a non-empty string such as 'Qwen/Qwen3-0.6B', or a saved model's folder.")
     profile = get_profile()
     device = device or default_device()
-    folder = _local_folder(model_id)
+    folder = local_folder(model_id)
     if folder is not None:
         model, tokenizer = _load_folder(folder, dtype, device)
     elif profile == "tiny":
@@ -183,7 +188,7 @@ def load_tokenizer(model_id: str | os.PathLike):
     """The tokenizer :func:`load_model` would return for ``model_id`` in the active profile."""
     if isinstance(model_id, os.PathLike):
         model_id = os.fspath(model_id)
-    folder = _local_folder(model_id) if isinstance(model_id, str) and model_id.strip() else None
+    folder = local_folder(model_id) if isinstance(model_id, str) and model_id.strip() else None
     if folder is not None:
         return _folder_tokenizer(folder)
     profile = get_profile()
@@ -298,8 +303,14 @@ def _error_chain(error: BaseException):
         error = error.__cause__ or error.__context__
 
 
-def _hub_problem(error: BaseException) -> str | None:
-    """``"gated"``, ``"offline"`` or ``None``: what a Hub loading error means for the reader."""
+def hub_problem(error: BaseException) -> str | None:
+    """What a Hub loading error means for the reader: ``"gated"`` (a gated repo, a 401 or a 403),
+    ``"offline"`` (no network, offline mode, a model missing from the local cache) or ``None``.
+
+    Reads the exception types along the error's cause/context chain first, then the texts of
+    ``transformers`` / ``huggingface_hub`` when the types do not tell. Shared by :func:`load_model`'s
+    errors and :func:`utils.check_model_access`.
+    """
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     chain = list(_error_chain(error))
@@ -365,7 +376,7 @@ class _explain_hub_errors:
     def __exit__(self, kind, error, traceback):
         if error is None or not isinstance(error, Exception) or isinstance(error, ModelAccessError):
             return False
-        problem = _hub_problem(error)
+        problem = hub_problem(error)
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
         original = f"(original error: {type(error).__name__}: {first_line})"
         if problem == "gated":
