@@ -49,8 +49,10 @@ import torch
 from torch import nn
 
 from .checks import check_damping
-from .evaluation import StopForward, _device_of, calibration_pass
+from .evaluation import StopForward, calibration_pass
 from .models import register_config_surgery
+from .precision import device_of as _device_of
+from .structure import glu_mlps  # utils.width.glu_mlps still works (utils.bias, utils.moe, notebooks)
 
 STATIC_METHODS: tuple[str, ...] = ("maw", "vow", "pon", "l2")
 DATA_METHODS: tuple[str, ...] = ("hybrid", "contribution", "activation")
@@ -76,24 +78,6 @@ SCORE_PADDING = True
 #: Largest total size of the Gram matrices gathered in one calibration pass (float32, on the model's device);
 #: beyond it the layers are processed in groups, one pass per group.
 GRAM_BUDGET_BYTES = 1024**3
-
-
-def glu_mlps(model: nn.Module) -> list[nn.Module]:
-    """The gated MLP of every decoder block, in order (modules with gate_proj, up_proj, down_proj).
-
-    Raises:
-        ValueError: if the model has no such module (GPT-2's MLP, or Phi-3's fused gate_up_proj).
-    """
-    mlps = [m for m in model.modules()
-            if all(isinstance(getattr(m, name, None), nn.Linear) for name in ("gate_proj", "up_proj", "down_proj"))]
-    if not mlps:
-        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-        fused = any(hasattr(m, "gate_up_proj") for m in model.modules())
-        hint = (" It fuses gate and up into one gate_up_proj: split it into gate_proj/up_proj first."
-                if fused else " Use a Llama, Gemma, Qwen or Mistral-style model.")
-        raise ValueError(f"Model ({kind}) has no gate_proj; width pruning of GLU MLPs needs separate "
-                         f"gate_proj, up_proj and down_proj Linear layers.{hint}")
-    return mlps
 
 
 def _check_method(method: str) -> str:
