@@ -282,6 +282,7 @@ class Context:
     models: set[str] = field(default_factory=set)
     count_held: bool = False
     dtypes: set[str] = field(default_factory=set)
+    cpu_half: str = "bfloat16"  # on a CPU, float16 models are built in this dtype (see --cpu-float16-as)
     seed: int = 0
 
     @property
@@ -296,9 +297,16 @@ class Context:
         ``dtype`` where the notebook asks ``utils.load_model`` for one)."""
         config = utils.tiny_config(model_id, TINY_VOCAB) if self.tiny else utils.real_config(model_id)
         dtype = dtype or t4_dtype(config.model_type)
+        built = dtype
+        if dtype == torch.float16 and not self.device.startswith("cuda") and self.cpu_half != "float16":
+            built = getattr(torch, self.cpu_half)  # the same 2 bytes per element, fast CPU kernels
+            note = (f"float16 built as {self.cpu_half} on the CPU (same bytes per element; this CPU's float16 "
+                    "matmuls are hundreds of times slower)")
+            if note not in self.meter.notes:
+                self.meter.notes.append(note)
         torch.manual_seed(self.seed)
         with torch.device(self.device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=built)
         model.eval()
         model.generation_config.pad_token_id = 0
         self.models.add(model_id)
@@ -1190,7 +1198,7 @@ def _watch(path: Path, snapshot: Callable[[], dict], stop: threading.Event, ever
 
 
 def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, threads: int | None = None,
-             progress: Path | None = None, count_held: bool = False) -> dict:
+             progress: Path | None = None, count_held: bool = False, cpu_half: str = "bfloat16") -> dict:
     """Run one step here and return its row (peak bytes, phases, settings).
 
     Running out of memory is a result, not a crash: the row then holds the peak reached so far as a lower
@@ -1209,7 +1217,8 @@ def run_step(step: Step, *, tiny: bool, device: str, max_batches: int | None, th
         with contextlib.suppress(ImportError):
             import optipfair  # noqa: F401  (imported before the baseline, like torch and transformers)
         meter = Meter(device)
-        ctx = Context(tiny=tiny, device=device, max_batches=max_batches, meter=meter, count_held=count_held)
+        ctx = Context(tiny=tiny, device=device, max_batches=max_batches, meter=meter, count_held=count_held,
+                      cpu_half=cpu_half)
         if progress is not None:
             threading.Thread(target=_watch, args=(progress, lambda: _partial_row(step, ctx, meter), stop),
                              daemon=True).start()
@@ -1262,6 +1271,7 @@ def _child_command(step: Step, args, result: Path, progress: Path) -> list[str]:
         cmd += ["--threads", str(args.threads)]
     if args.count_held:
         cmd.append("--count-held")
+    cmd += ["--cpu-float16-as", args.cpu_float16_as]
     return cmd
 
 
@@ -1300,7 +1310,7 @@ def measure_all(steps: list[Step], args) -> list[dict]:
         if args.in_process:
             try:
                 row = run_step(step, tiny=args.tiny, device=args.device, max_batches=args.max_batches,
-                               threads=args.threads, count_held=args.count_held)
+                               threads=args.threads, count_held=args.count_held, cpu_half=args.cpu_float16_as)
             except Exception as error:  # report the failure, go on with the next step
                 row = {"step": step.id, "notebook": step.notebook, "title": step.title,
                        "error": f"{type(error).__name__}: {error}"}
@@ -1364,7 +1374,8 @@ def describe_measure(rows: list[dict], budget_gb: float) -> str:
     if "cpu-rss" in measures:
         parts.append("cpu-rss: peak resident memory of a fresh process per step, minus its resident memory after "
                      "the imports (Linux VmHWM, reset per phase). An ESTIMATE of GPU memory: no CUDA context or "
-                     "caching allocator, different kernels.")
+                     "caching allocator, different kernels. float16 models are built in bfloat16 on a CPU unless "
+                     "--cpu-float16-as float16 (the same bytes per element; float16 CPU matmuls are very slow).")
     if "cuda" in measures:
         parts.append("cuda: torch.cuda.max_memory_allocated per phase (tensors only; add the CUDA context and the "
                      "allocator's slack).")
@@ -1383,6 +1394,7 @@ def environment(args) -> dict:
             "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "max_batches": args.max_batches, "threads": args.threads, "count_held": args.count_held,
+            "cpu_float16_as": args.cpu_float16_as,
             "tiny": args.tiny,
             "budget_gb": args.budget_gb}
 
@@ -1425,6 +1437,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--count-held", action="store_true",
                         help="count the tensors a notebook still holds from earlier cells by their size instead of "
                              "allocating them (for a host with too little free memory; the peak is the same)")
+    parser.add_argument("--cpu-float16-as", choices=["bfloat16", "float16"], default="bfloat16",
+                        help="on a CPU, build the T4's float16 models in this dtype (default bfloat16: the same 2 "
+                             "bytes per element, but fast CPU matmuls; float16 ones are far slower here)")
     parser.add_argument("--in-process", action="store_true",
                         help="run the steps in this process (faster start; peaks of later steps may include "
                              "memory the earlier ones did not hand back)")
@@ -1454,7 +1469,7 @@ def main(argv: list[str] | None = None) -> int:
         if step is None:
             raise SystemExit(f"Unknown step {args.child!r}.")
         row = run_step(step, tiny=args.tiny, device=args.device, max_batches=args.max_batches, threads=args.threads,
-                       progress=args.progress, count_held=args.count_held)
+                       progress=args.progress, count_held=args.count_held, cpu_half=args.cpu_float16_as)
         args.result.write_text(json.dumps(row))
         return 0
     steps = select(args.only)
