@@ -76,7 +76,7 @@ from .models import (
 from .plots import plot_comparison, plot_layer_scores, plot_stacked
 from .precision import device_of, precision_policy, to_device
 from .profiles import budget, describe_profile, get_profile, runs_dir
-from .results import load_results, save_results
+from .results import environment, load_results, save_results
 from .speed import (
     SPEED_VERDICTS,
     compare_forward,
