@@ -1,26 +1,34 @@
 """Companion package of *Rearchitecting LLMs*: the helpers every notebook imports.
 
-    from utils import load_model, load_texts, make_dataloader, perplexity
+Notebooks import the module a call belongs to, so the reader sees where each call comes from, and keep the
+plumbing (loading, data, results, the profile) at the top level::
 
-Modules: :mod:`~utils.profiles` (run profiles), :mod:`~utils.precision` (the precision-and-device policy:
-load dtype, autocast, loss scaling; ``RLLM_HARDWARE=t4`` simulates a Colab T4), :mod:`~utils.architectures` (the course
-models' published shapes), :mod:`~utils.models` (loading), :mod:`~utils.data` (datasets and
-dataloaders), :mod:`~utils.evaluation` (size, perplexity, speed), :mod:`~utils.plots`
-(charts), :mod:`~utils.anatomy` (parameter breakdowns and KV-cache arithmetic, CH03),
-:mod:`~utils.extraction` (the clinical-notes extraction task: schema, prompts, scorer; CH07),
-:mod:`~utils.results` (saving a notebook's results), :mod:`~utils.checks` (tolerances per dtype
-for from-scratch-vs-library checks), :mod:`~utils.training` (the one training loop every chapter
-that trains shares), and the technique helpers: :mod:`~utils.depth` (CH04),
-:mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06),
-:mod:`~utils.attention` (CH08: attention sublayers, KV cache, Adaptive Attention Bypass).
-CH07: :mod:`~utils.lora` (LoRA and DoRA layers from scratch, parameter and adapter-size arithmetic) and
-:mod:`~utils.quantization` (int / NF4 / FP4 blockwise quantisation, bits per parameter, fake-quantised models).
-CH11: :mod:`~utils.bias` (bias neurons, interventions, Fair Pruning, the BBQ-style benchmark).
-CH09: :mod:`~utils.moe` (mixture of experts from a dense model: split, route, upcycle, export to Qwen2-MoE).
-CH10: :mod:`~utils.activations` (capture points, GLU statistics, the residual stream, massive
-activations, the logit lens, attention sinks).
-Appendices: :mod:`~utils.benchmarks` (multiple-choice scoring, standard errors, paired comparisons, offline
-tasks, lm-evaluation-harness; APPB) and :mod:`~utils.energy` (energy counters, CPU time per token; APPC).
+    import utils
+    from utils import depth, evaluation
+
+    model, tokenizer = utils.load_model("Qwen/Qwen3-0.6B")
+    pruned = depth.prune_depth(model, 4, calibration)
+    print(evaluation.perplexity(pruned, held_out))
+
+The modules, in layers (utils/README.md has the map and the chapter of each module):
+
+0. :mod:`~utils.profiles` (run profiles), :mod:`~utils.precision` (the precision-and-device policy: load dtype,
+   autocast, loss scaling, ``device_of``/``to_device``; ``RLLM_HARDWARE=t4`` simulates a Colab T4),
+   :mod:`~utils.architectures` (the course models' published shapes), :mod:`~utils.checks` (tolerances per dtype),
+   :mod:`~utils.results` (saving a notebook's results).
+1. :mod:`~utils.structure` (where a model keeps its blocks, norms and text config), :mod:`~utils.models`
+   (loading in every profile), :mod:`~utils.hub` (Hub access), :mod:`~utils.data` (datasets, validators,
+   dataloaders).
+2. :mod:`~utils.evaluation` (size, perplexity, calibration passes), :mod:`~utils.speed` (timing models fairly),
+   :mod:`~utils.training` (the one training loop), :mod:`~utils.plots`, :mod:`~utils.anatomy` (parameter and
+   KV-cache arithmetic, CH03), :mod:`~utils.kv_cache` (building and measuring caches, CH08).
+3. Techniques: :mod:`~utils.depth` (CH04), :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06),
+   :mod:`~utils.lora` and :mod:`~utils.quantization` and :mod:`~utils.extraction` (CH07), :mod:`~utils.attention`
+   (CH08: attention sublayers, Adaptive Attention Bypass, decode FLOPs), :mod:`~utils.moe` (CH09),
+   :mod:`~utils.activations` (CH10), :mod:`~utils.bias` (CH11), :mod:`~utils.benchmarks` (Appendix B),
+   :mod:`~utils.energy` (Appendix C).
+
+The names below are also re-exported at the top level, as earlier versions of the course used them.
 """
 
 from . import kv_cache, precision, speed, structure
