@@ -808,8 +808,8 @@ def ch08_nb02_distill(ctx: Context) -> None:
     with ctx.meter.phase("choose attention, cut copies"):
         chosen = utils.choose_attention_to_remove(model, calib, max(1, p["N_BLOCKS_CUT"] * 2))
         attention_cut = utils.remove_attention(copy.deepcopy(model), chosen)
-        others = _alive_copies(ctx, "CH08_NB02", ["block_cut", "zeroed", "with_block0", "loaded"], "utils.distill(",
-                               model)
+        others = _alive_copies(ctx, "CH08_NB02", ["block_cut", "zeroed", "with_block0", "loaded"],
+                               "distill(student, model", model)
     with ctx.meter.phase("utils.distill + eval"):
         student = copy.deepcopy(attention_cut)
         utils.distill(student, model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
@@ -1065,7 +1065,7 @@ def ch12_nb01_capstone(ctx: Context) -> None:
     with ctx.meter.phase("prune_depth + prune_glu (student, alternative)"):
         student = utils.prune_depth(copy.deepcopy(model), p["CUT_BLOCKS"], calib, progress=False)
         utils.prune_glu(student, ratio=p["WIDTH_RATIO"], dataloader=calib, progress=False)
-        alt = _alive_copies(ctx, "CH12_NB01", ["alt"], "utils.distill(", student)
+        alt = _alive_copies(ctx, "CH12_NB01", ["alt"], "distill(student, model", student)
     with ctx.meter.phase("utils.distill"):
         utils.distill(student, model, _train_batches(ctx, model, 8, 128), max_steps=OPTIMIZER_STEPS, progress=False)
     student.eval()
