@@ -141,14 +141,17 @@ def alive_names(name: str, names: list[str], before: str) -> list[str]:
     raise SystemExit(f"{name}: no code cell contains {before!r}; update the step in scripts/t4_budget.py.")
 
 
-def notebook_kwargs(name: str, call: str, namespace: dict, *, skip: tuple[str, ...] = ()) -> dict:
-    """The keyword arguments of the notebook's first call to ``call`` (e.g. ``"utils.distill"``), evaluated in
-    ``namespace`` (the notebook's parameters and the step's stand-ins for its objects), minus ``skip``.
+def notebook_kwargs(name: str, call: str | tuple[str, ...], namespace: dict, *, skip: tuple[str, ...] = ()) -> dict:
+    """The keyword arguments of the notebook's first call to ``call`` (e.g. ``"utils.distill"``, or a tuple of the
+    names it may be called by), evaluated in ``namespace`` (the notebook's parameters and the step's stand-ins for
+    its objects), minus ``skip``.
 
     So a keyword the notebook adds to that call (a memory setting, say) is used here too."""
+    calls = (call,) if isinstance(call, str) else tuple(call)
+    call = " / ".join(calls)
     for source in code_cells(name):
         for node in ast.walk(_parse(source)):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) == call:
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in calls:
                 kwargs = {}
                 for keyword in node.keywords:
                     if keyword.arg is None or keyword.arg in skip:  # **mapping: the step passes it itself
@@ -369,7 +372,7 @@ def _last(model, n: int) -> list[int]:
 
 def _distill_kwargs(ctx: Context, notebook: str, p: dict, **objects) -> dict:
     """The notebook's own keyword arguments to ``utils.distill``, cut to OPTIMIZER_STEPS optimizer steps."""
-    kwargs = notebook_kwargs(notebook, "utils.distill", {**p, "utils": utils, **objects},
+    kwargs = notebook_kwargs(notebook, ("utils.distill", "distillation.distill"), {**p, "utils": utils, **objects},
                              skip=("epochs", "max_steps", "progress"))
     ctx.settings.append("utils.distill(" + (", ".join(f"{k}={_short(v)}" for k, v in kwargs.items())
                                             or "defaults") + ")")
@@ -459,7 +462,7 @@ def ch02_nb02_scratch(ctx: Context) -> None:
 def ch02_nb02_distill(ctx: Context) -> None:
     """CH02_NB02 §5: ``utils.distill`` with the notebook's batch, grad_accum and held-out evaluation."""
     p = ctx.params("CH02_NB02")
-    teacher, student, eval_dl, train_dl, held = _ch02_nb02_setup(ctx, p, "utils.distill(")
+    teacher, student, eval_dl, train_dl, held = _ch02_nb02_setup(ctx, p, "distill(student, teacher")
     with ctx.meter.phase("utils.distill"):
         utils.distill(student, teacher, train_dl, **_distill_kwargs(ctx, "CH02_NB02", p, eval_dl=eval_dl))
     ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, grad_accum {p['GRAD_ACCUM']}, "
@@ -587,7 +590,7 @@ def ch06_nb01_features(ctx: Context) -> None:
     logits = (p["BATCH_SIZE"], p["MAX_LENGTH"], teacher.config.vocab_size)
     dtype = next(teacher.parameters()).dtype
     with ctx.meter.phase("tensors kept from §2"):
-        held = ctx.held("CH06_NB01", ["s_h", "t_h", "_"], "utils.distill(",
+        held = ctx.held("CH06_NB01", ["s_h", "t_h", "_"], "distill(student, teacher",
                         {"s_h": (hidden, dtype, len(kept)), "t_h": (hidden, dtype, len(kept)), "_": (logits, dtype, 1)})
     train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
     with ctx.meter.phase("utils.distill (logits + features)"):
