@@ -105,3 +105,23 @@ def _closing_paren(text: str) -> int:
         if char == ")" and depth == 0:
             return position + 1
     return len(text)
+
+
+# One import style in every notebook (utils/README.md): `from utils import depth` then `depth.prune_depth(...)`,
+# so the reader sees which module a call comes from; only the plumbing stays at the top level.
+PLUMBING = {"load_model", "load_tokenizer", "load_texts", "load_records", "make_dataloader", "budget", "get_profile",
+            "describe_profile", "runs_dir", "check_model_access", "save_results", "load_results", "environment"}
+_TOP_LEVEL_CALL = re.compile(r"(?<![\w.])utils\.([A-Za-z_]\w*)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_call_utils_through_its_modules(path):
+    nb = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(nb.cells[2:], start=2):  # the setup cell finds utils; it does not use it
+        if cell.cell_type != "code":
+            continue
+        assert not re.search(r"^\s*from utils\.\w+ import", cell.source, re.M), (
+            f"{path.name} cell {index}: import the module (`from utils import depth`), not names from it")
+        other = sorted({name for name in _TOP_LEVEL_CALL.findall(cell.source) if name not in PLUMBING})
+        assert not other, (f"{path.name} cell {index}: call {other} through their module (e.g. `from utils import "
+                           "depth` then `depth.prune_depth(...)`); only the plumbing stays as utils.<name>")

@@ -295,7 +295,7 @@ def test_layer_groups_give_the_same_result(tiny, calib, monkeypatch):
     model, _ = tiny(FAMILIES[2])
     one_pass = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, progress=False)
     monkeypatch.setattr(utils.width, "GRAM_BUDGET_BYTES", 256 * 256 * 4 * 2)  # two layers per pass
-    assert len(utils.width._layer_groups(utils.glu_mlps(model), utils.width.GRAM_BUDGET_BYTES)) > 1
+    assert len(utils.width.layer_groups(utils.glu_mlps(model), utils.width.GRAM_BUDGET_BYTES)) > 1
     grouped = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, progress=False)
     for (name, a), (_, b) in zip(one_pass.state_dict().items(), grouped.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
@@ -372,3 +372,12 @@ def test_selections_may_differ_only_in_ties():
         utils.width.same_selection_up_to_ties(scores, a, [torch.tensor([0, 2])], rtol=1e-3)
     with pytest.raises(ValueError, match="One score vector"):
         utils.width.same_selection_up_to_ties(scores, a, [], rtol=1e-3)
+
+
+def test_layer_groups_split_by_the_gram_budget():
+    mlps = [torch.nn.Module() for _ in range(3)]
+    for m in mlps:
+        m.down_proj = torch.nn.Linear(8, 4)  # an 8 x 8 float32 Gram matrix: 256 bytes
+    assert utils.width.layer_groups(mlps, 512) == [[0, 1], [2]]
+    assert utils.width.layer_groups(mlps, 100) == [[0], [1], [2]]  # too big alone: a group each
+    assert utils.width.layer_groups(mlps, 10_000) == [[0, 1, 2]]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .data import batch_tensors
 from .evaluation import perplexity
-from .precision import device_of as _device_of
+from .precision import device_of
 from .structure import decoder_blocks
 from .training import train
 
@@ -439,7 +439,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
     forwarded = train_options(options)
     weights = {"temperature": temperature, "alpha": alpha, "beta": beta}
     mapping = _check_pair(student, teacher, layer_map=layer_map, **weights)
-    device = _device_of(student)
+    device = device_of(student)
     if next(teacher.parameters()).device != device:
         teacher.to(device)
     with _FrozenTeacher(teacher):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import batch_tensors
-from .precision import device_of as _device_of  # the one device helper (utils.precision)
+from .precision import device_of
 
 # The speed harness moved to utils.speed; these plain imports keep `utils.evaluation.compare_speed` and
 # `from utils.evaluation import matmul_parameters` working for notebooks and scripts.
@@ -54,7 +54,7 @@ def calibration_pass(model: torch.nn.Module, dataloader: Iterable[dict], before_
     padding. A hook may raise :class:`StopForward` once it has what it needs. The model's training mode is
     restored afterwards. Returns the number of batches; an empty dataloader raises ``ValueError``.
     """
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     seen = 0
@@ -85,7 +85,7 @@ def perplexity(model: torch.nn.Module, dataloader: Iterable[dict], *, progress: 
     """
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(dataloader, desc=desc, disable=not progress, leave=False):
         input_ids, mask = batch_tensors(batch, device)

@@ -53,9 +53,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batch_tensors
-from .depth import decoder_blocks
-from .evaluation import _device_of, count_parameters
-from .width import GRAM_BUDGET_BYTES, _layer_groups, activation_grams, glu_mlps
+from .evaluation import count_parameters
+from .precision import device_of
+from .structure import decoder_blocks, glu_mlps
+from .width import GRAM_BUDGET_BYTES, activation_grams, layer_groups
 
 COMBINES: tuple[str, ...] = ("sum", "softmax")
 SELECTIONS: tuple[str, ...] = ("router", "oracle")
@@ -170,7 +171,7 @@ def gram_matrices(model: nn.Module, dataloader: Iterable, *, layers: Iterable[in
     mlps = glu_mlps(model)
     chosen = list(range(len(mlps))) if layers is None else sorted({int(i) for i in layers})
     grams: dict[int, torch.Tensor] = {}
-    for group in _layer_groups([mlps[i] for i in chosen], GRAM_BUDGET_BYTES):
+    for group in layer_groups([mlps[i] for i in chosen], GRAM_BUDGET_BYTES):
         grams.update(activation_grams(model, dataloader, layers=[chosen[j] for j in group], progress=progress))
     return grams
 
@@ -449,7 +450,7 @@ def fit_routers(model: nn.Module, dataloader: Iterable, *, damping: float = DEFA
     layers = _require_moe(model)
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
         raise ValueError(f"damping must be a positive number, got {damping!r}.")
-    device = _device_of(model)
+    device = device_of(model)
     stats = {i: {"xtx": 0.0, "xty": 0.0, "yty": 0.0, "ysum": 0.0, "n": 0} for i in layers}
     state: dict = {}
 
@@ -531,7 +532,7 @@ def calibrate_temperature(model: nn.Module, dataloader: Iterable, *, deviation: 
     layers = _require_moe(model)
     if isinstance(deviation, bool) or not isinstance(deviation, (int, float)) or not 0 < deviation < 1:
         raise ValueError(f"deviation must be a number between 0 and 1 (e.g. 0.01), got {deviation!r}.")
-    device = _device_of(model)
+    device = device_of(model)
     spread = dict.fromkeys(layers, 0.0)
     count = 0
     with keep_router_logits(model) as ordered:
@@ -621,7 +622,7 @@ def routing_stats(model: nn.Module, dataloader: Iterable, *, progress: bool = Fa
     """
     layers = _require_moe(model)
     order = sorted(layers)
-    device = _device_of(model)
+    device = device_of(model)
     counts = torch.zeros(len(order), layers[order[0]].num_experts, dtype=torch.float64)
     tokens = 0
     was_training = model.training
@@ -804,8 +805,8 @@ def compare_logits(model: nn.Module, other: nn.Module, dataloader: Iterable) -> 
     Returns ``{"max_abs_diff": largest |logit difference|, "argmax_agreement": share of tokens whose top
     token is the same, "tokens": real tokens compared}``.
     """
-    device = _device_of(model)
-    other_device = _device_of(other)
+    device = device_of(model)
+    other_device = device_of(other)
     largest, agree, total = 0.0, 0, 0
     for batch in dataloader:
         ids, mask = batch_tensors(batch, device)

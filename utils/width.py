@@ -51,7 +51,7 @@ from torch import nn
 from .checks import check_damping
 from .evaluation import StopForward, calibration_pass
 from .models import register_config_surgery
-from .precision import device_of as _device_of
+from .precision import device_of
 from .structure import glu_mlps  # utils.width.glu_mlps still works (utils.bias, utils.moe, notebooks)
 
 STATIC_METHODS: tuple[str, ...] = ("maw", "vow", "pon", "l2")
@@ -293,7 +293,7 @@ def activation_grams(model: nn.Module, dataloader: Iterable, *, layers: Iterable
     bad = [i for i in chosen if not 0 <= i < len(mlps)]
     if bad or not chosen:
         raise ValueError(f"layers must be indices in 0..{len(mlps) - 1}, got {bad or 'none'}.")
-    device = _device_of(model)
+    device = device_of(model)
     grams = {i: torch.zeros(mlps[i].down_proj.in_features, mlps[i].down_proj.in_features, device=device)
              for i in chosen}
     # the scores' statistic, gathered in the same pass when asked for
@@ -350,7 +350,10 @@ def compensate_down_proj(down_weight: torch.Tensor, gram: torch.Tensor, kept: to
     return (weight[:, kept] + correction).to(dtype=down_weight.dtype, device=down_weight.device)
 
 
-def _layer_groups(mlps: list[nn.Module], budget_bytes: int) -> list[list[int]]:
+def layer_groups(mlps: list[nn.Module], budget_bytes: int) -> list[list[int]]:
+    """Consecutive groups of layer indices whose float32 Gram matrices (``d_ff x d_ff`` each) fit together in
+    ``budget_bytes``; a layer larger than the budget gets a group of its own. Used to take the Gram matrices
+    of a calibration run a few layers per pass (CH05's repair, CH09's expert clustering)."""
     groups: list[list[int]] = [[]]
     used = 0
     for i, mlp in enumerate(mlps):
@@ -411,7 +414,7 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
     kept: list[torch.Tensor] = [torch.empty(0)] * len(mlps)
     new_down: list[torch.Tensor | None] = [None] * len(mlps)
     if reconstruct:
-        for group in _layer_groups(mlps, GRAM_BUDGET_BYTES):
+        for group in layer_groups(mlps, GRAM_BUDGET_BYTES):
             padded: dict[int, torch.Tensor] = {}
             grams = activation_grams(model, dataloader, layers=group, progress=progress, padded_norms=padded)
             for i in group:
