@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_families import FAMILIES, _tiny
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from utils import block_importance, load_model, load_texts, make_dataloader, remove_blocks
@@ -30,46 +31,7 @@ from utils.attention import (
     sublayer_importance,
 )
 from utils.kv_cache import cache_bytes, kv_bytes_per_token, make_cache, perplexity_through_cache
-from utils.models import _tiny_tokenizer
 from utils.structure import decoder_blocks
-
-FAMILIES = {
-    "llama": "meta-llama/Llama-3.2-1B",
-    "gemma3": "google/gemma-3-270m",
-    "qwen3": "Qwen/Qwen3-0.6B",
-}
-# Gemma 3 gets a sliding window shorter than the test texts, so that sliding and full attention
-# really differ and a cache entry of the wrong type would change the output.
-OVERRIDES = {"gemma3": {"sliding_window": 6}}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return _tiny_tokenizer()
-
-
-def _config(family, tokenizer):
-    config = tiny_config(FAMILIES[family], len(tokenizer), special_token_ids={
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id})
-    for key, value in OVERRIDES.get(family, {}).items():
-        setattr(config, key, value)
-    return config
-
-
-def _tiny(family, tokenizer):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(_config(family, tokenizer)).eval()
-
-
-@pytest.fixture(scope="module")
-def loader(tokenizer):
-    return make_dataloader(load_texts("wikitext", n=4), tokenizer, batch_size=2, max_length=40)
-
-
-@pytest.fixture(scope="module")
-def prompt(tokenizer):
-    return tokenizer(["The history of the city begins with a"], return_tensors="pt")
 
 
 def _generate(model, prompt, **kwargs):
