@@ -332,7 +332,7 @@ def test_bypass_with_removed_attention_and_threshold_calibration(tokenizer, load
 
 def test_decode_flops_count_matmuls_and_the_context_term(tokenizer):
     from utils.attention import decode_flops_per_token, ideal_decode_speedup, realised_share
-    from utils.evaluation import matmul_parameters
+    from utils.speed import matmul_parameters
 
     base = _tiny("llama", tokenizer)
     config = base.config

@@ -15,21 +15,6 @@ from tqdm.auto import tqdm
 from .data import batch_tensors
 from .precision import device_of
 
-# The speed harness moved to utils.speed; these plain imports keep `utils.evaluation.compare_speed` and
-# `from utils.evaluation import matmul_parameters` working for notebooks and scripts.
-from .speed import (  # noqa: F401
-    SPEED_VERDICTS,
-    compare_forward,
-    compare_speed,
-    ideal_speedup,
-    matmul_parameters,
-    measure_forward,
-    measure_generation,
-    speed_conclusion,
-    speed_ratios,
-    time_alternately,
-)
-
 
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters; shared (tied) tensors are counted once.
