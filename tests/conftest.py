@@ -1,4 +1,7 @@
-"""Fixtures shared by the attention and KV-cache tests (a test file's own fixture of the same name wins)."""
+"""Fixtures shared by the attention, KV-cache, structure and depth tests.
+
+A test file's own fixture of the same name wins.
+"""
 
 import pytest
 

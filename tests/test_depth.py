@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from tiny_families import FAMILIES as ATTENTION_FAMILIES
 from transformers import AutoModelForCausalLM
 
 from utils import load_model, load_texts, make_dataloader
@@ -23,20 +24,9 @@ from utils.depth import (
     remove_blocks,
     weight_norms,
 )
-from utils.models import _tiny_tokenizer
 from utils.structure import decoder_blocks, output_of
 
-FAMILIES = {
-    "llama": "meta-llama/Llama-3.2-1B",
-    "gemma3": "google/gemma-3-270m",
-    "qwen3": "Qwen/Qwen3-0.6B",
-    "gpt2": "distilbert/distilgpt2",
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return _tiny_tokenizer()
+FAMILIES = {**ATTENTION_FAMILIES, "gpt2": "distilbert/distilgpt2"}  # the tokenizer fixture: tests/conftest.py
 
 
 def _tiny(model_id, tokenizer, **overrides):

@@ -7,12 +7,12 @@ import types
 
 import pytest
 import torch
+from tiny_families import FAMILIES as ATTENTION_FAMILIES
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import utils
 from utils.architectures import tiny_config
-from utils.models import _tiny_tokenizer
 from utils.structure import (
     BLOCK_PATHS,
     decoder,
@@ -24,17 +24,7 @@ from utils.structure import (
     text_config,
 )
 
-FAMILIES = {
-    "llama": "meta-llama/Llama-3.2-1B",
-    "gemma3": "google/gemma-3-270m",
-    "qwen3": "Qwen/Qwen3-0.6B",
-    "gpt2": "distilbert/distilgpt2",
-}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return _tiny_tokenizer()
+FAMILIES = {**ATTENTION_FAMILIES, "gpt2": "distilbert/distilgpt2"}  # the tokenizer fixture: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Tiny models of the three attention families (Llama, Gemma 3, Qwen 3), shared by the attention and KV-cache
-tests; their fixtures (tokenizer, loader, prompt) are in tests/conftest.py."""
+tests (the structure and depth tests add GPT-2); their fixtures (tokenizer, loader, prompt) are in tests/conftest.py."""
 
 from __future__ import annotations
 
