@@ -93,3 +93,13 @@ def test_to_device_keeps_the_structure_and_the_dtypes():
     assert precision.to_device("text", model) == "text"
     with pytest.raises(RuntimeError):
         precision.to_device(ids, "no-such-device")
+
+
+def test_the_policy_on_a_device():
+    a100 = precision.precision_policy(A100)
+    assert a100.on("cuda:0") is a100
+    assert a100.on("cpu").hardware == CPU and a100.on(torch.device("cpu")).load_dtype("llama") == torch.float32
+    t4 = precision.precision_policy(SIMULATED_T4)
+    assert t4.on("cpu") is t4  # a simulated T4 keeps the T4's decisions for tensors on the CPU
+    with pytest.raises(RuntimeError):
+        a100.on("no-such-device")

@@ -93,12 +93,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: str, model_type: str
         return getattr(torch, dtype)
     if dtype is not None:
         return dtype
-    policy = precision_policy()
-    if not str(device).startswith("cuda") and not policy.simulated:
-        return torch.float32
-    # The policy: bfloat16 where the GPU has it natively; a T4 (real or simulated) has not, so float16,
-    # except Gemma 3, which overflows in float16 and stays in float32.
-    return policy.load_dtype(model_type)
+    # The policy: float32 on a CPU; bfloat16 where the GPU has it natively; a T4 (real or simulated) has not,
+    # so float16, except Gemma 3, which overflows in float16 and stays in float32.
+    return precision_policy().on(device).load_dtype(model_type)
 
 
 #: A Hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'; not starting with '.').

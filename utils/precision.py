@@ -99,6 +99,13 @@ class PrecisionPolicy:
     def simulated(self) -> bool:
         return self.hardware.simulated
 
+    def on(self, device: torch.device | str) -> PrecisionPolicy:
+        """The policy for tensors on ``device``: a CPU's, unless the device is a GPU or the hardware is
+        simulated (a simulated T4 keeps the T4's decisions for tensors on the CPU)."""
+        if torch.device(device).type == "cuda" or self.simulated:
+            return self
+        return PrecisionPolicy(CPU)
+
     def load_dtype(self, model_type: str | None = None) -> torch.dtype:
         """The dtype to load a model of ``model_type`` (``config.model_type``, e.g. ``"llama"``) in."""
         if not self.hardware.cuda:

@@ -76,10 +76,7 @@ def autocast_dtype(model: torch.nn.Module) -> torch.dtype | None:
     :meth:`utils.precision.PrecisionPolicy.autocast_dtype`): a half-precision model its own dtype; a
     float32 model on a GPU bfloat16 where native, else float16 (None for Gemma); None on a CPU."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
-    policy = precision_policy()
-    if device_of(model).type != "cuda" and not policy.simulated:
-        return dtype_of(model) if dtype_of(model) in HALF_DTYPES else None
-    return policy.autocast_dtype(dtype_of(model), model_type)
+    return precision_policy().on(device_of(model)).autocast_dtype(dtype_of(model), model_type)
 
 
 class MasterWeights:
