@@ -1,11 +1,12 @@
-"""Tests of utils.attention: sublayer importance, attention removal, Adaptive Attention Bypass, decode speed (CH08).
+"""Tests of utils.attention: sublayer importance, attention removal, decode speed (CH08).
+
+The bypass (utils.bypass) is tested in test_bypass.py.
 
 The KV-cache helpers (utils.kv_cache) are tested in test_kv_cache.py."""
 
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -19,18 +20,14 @@ from utils.attention import (
     CONFIG_FIELD,
     RemovedAttention,
     apply_recorded_surgery,
-    attention_bypass,
     attention_importance,
-    calibrate_threshold,
     choose_attention_to_remove,
-    default_protected,
     mlp_importance,
-    prompt_attention_scores,
     remove_attention,
     removed_attention,
     sublayer_importance,
 )
-from utils.kv_cache import cache_bytes, kv_bytes_per_token, make_cache, perplexity_through_cache
+from utils.kv_cache import cache_bytes, kv_bytes_per_token, make_cache
 from utils.structure import decoder_blocks
 
 
@@ -250,82 +247,6 @@ def test_remove_attention_bad_inputs(tokenizer):
 
 def _tiny_portable(tokenizer):
     return remove_attention(_tiny("llama", tokenizer), [1], portable=True)
-
-
-# --- Adaptive Attention Bypass ----------------------------------------------------------------
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_bypass_that_skips_nothing_is_the_base_model(family, tokenizer, prompt):
-    model = _tiny(family, tokenizer)
-    reference = _generate(model, prompt)
-    with attention_bypass(model, threshold=0.0) as bypass:  # scores are >= 0: nothing is below 0
-        assert torch.equal(_generate(model, prompt), reference)
-        assert torch.equal(_generate(model, prompt, cache_implementation="static"), reference)
-    assert len(bypass.history) == 2 and bypass.mean_skipped == 0
-    assert bypass.history[0]["prompt_tokens"] == prompt["input_ids"].shape[1]
-    # the hooks and patched forwards are gone after the block
-    assert torch.equal(_generate(model, prompt), reference)
-    assert all("forward" not in vars(b.self_attn) for b in decoder_blocks(model))
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_bypass_skips_with_zero_contribution(family, tokenizer, prompt):
-    model = _tiny(family, tokenizer)
-    protected = default_protected(model)
-    assert 0 in protected
-    if family == "gemma3":
-        assert 5 in protected  # the first full-attention block
-    seen = []
-    block = decoder_blocks(model)[3]
-    norm = block.pre_feedforward_layernorm if family == "gemma3" else block.post_attention_layernorm
-    handles = [block.register_forward_pre_hook(lambda m, a: seen.append(("in", a[0].clone()))),
-               norm.register_forward_pre_hook(lambda m, a: seen.append(("mid", a[0].clone())))]
-    scores_prefill = prompt_attention_scores(model, [dict(prompt)], prefix_tokens=3)
-    try:
-        with attention_bypass(model, rule=lambda scores, n: [0, 3, 4]) as bypass:
-            seen.clear()
-            out = _generate(model, prompt)
-    finally:
-        for h in handles:
-            h.remove()
-    assert bypass.history[-1]["skipped"] == [3, 4]  # block 0 is protected
-    # prefill: the attention of block 3 changes the stream; decode: it adds exactly zero
-    assert not torch.equal(seen[0][1], seen[1][1])
-    decode = seen[2:]
-    assert decode and all(torch.equal(decode[i][1], decode[i + 1][1]) for i in range(0, len(decode), 2))
-    assert out.shape[1] == prompt["input_ids"].shape[1] + 12
-    assert len(scores_prefill) == 1 and math.isfinite(scores_prefill[0]["scores"][3])
-    # the decode logits differ from the base model's (the skipped attentions mattered)
-    with attention_bypass(model, rule=lambda scores, n: [3, 4]):
-        skipped = _generate(model, prompt, return_dict_in_generate=True, output_logits=True).logits
-    full = _generate(model, prompt, return_dict_in_generate=True, output_logits=True).logits
-    torch.testing.assert_close(skipped[0], full[0])  # the first new token comes from the prefill
-    assert not torch.allclose(skipped[1], full[1])
-
-
-def test_bypass_with_removed_attention_and_threshold_calibration(tokenizer, loader):
-    model = remove_attention(_tiny("llama", tokenizer), [4])
-    scores = prompt_attention_scores(model, loader, prefix_tokens=8)
-    assert len(scores) == 4 and math.isnan(scores[0]["scores"][4])
-    assert all(s["prompt_tokens"] == 8 for s in scores)
-    scores = [s["scores"] for s in scores]
-    protect = default_protected(model)
-    threshold = calibrate_threshold(scores, 3, protect=protect)
-    counts = [sum(1 for i, s in enumerate(row) if i not in protect and s < threshold) for row in scores]
-    assert sum(counts) / len(counts) == 3
-    with attention_bypass(model, threshold=threshold) as bypass:
-        perplexity_through_cache(model, loader, prefix_tokens=8, batch_size=1, progress=False)
-    assert bypass.mean_skipped == 3
-    assert all(4 not in h["skipped"] and 0 not in h["skipped"] for h in bypass.history)
-    assert calibrate_threshold(scores, 0, protect=protect) < min(min(s for s in r if s == s) for r in scores)
-    with pytest.raises(ValueError, match="mean_skipped"):
-        calibrate_threshold(scores, 99, protect=protect)
-    with pytest.raises(ValueError, match="exactly one"):
-        with attention_bypass(model):
-            pass
-    with pytest.raises(ValueError, match="threshold"):
-        with attention_bypass(model, threshold=float("nan")):
-            pass
 
 
 # --- decode speed ---------------------------------------------------------------------------

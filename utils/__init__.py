@@ -24,32 +24,31 @@ The modules, in layers (utils/README.md has the map and the chapter of each modu
    KV-cache arithmetic, CH03), :mod:`~utils.kv_cache` (building and measuring caches, CH08).
 3. Techniques: :mod:`~utils.depth` (CH04), :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06),
    :mod:`~utils.lora` and :mod:`~utils.quantization` and :mod:`~utils.extraction` (CH07), :mod:`~utils.attention`
-   (CH08: attention sublayers, Adaptive Attention Bypass, decode FLOPs), :mod:`~utils.moe` (CH09),
+   (CH08: attention sublayers, decode FLOPs), :mod:`~utils.bypass` (CH08: Adaptive Attention Bypass),
+   :mod:`~utils.moe` (CH09),
    :mod:`~utils.activations` (CH10), :mod:`~utils.bias` (CH11), :mod:`~utils.benchmarks` (Appendix B),
    :mod:`~utils.energy` (Appendix C).
 
 The names below are also re-exported at the top level, as earlier versions of the course used them.
 """
 
-from . import kv_cache, precision, speed, structure
+from . import bypass, kv_cache, precision, speed, structure
 from .anatomy import kv_bytes, kv_cache_bytes, kv_cache_bytes_per_token, parameter_breakdown
 from .architectures import ARCHITECTURES, ArchSpec, build_on_meta, get_spec, real_config, tiny_config
 from .attention import (
     apply_recorded_surgery,
-    attention_bypass,
     attention_importance,
-    calibrate_threshold,
     choose_attention_to_remove,
     decode_flops_per_token,
     ideal_decode_speedup,
     measure_decode,
     mlp_importance,
-    prompt_attention_scores,
     realised_share,
     remove_attention,
     removed_attention,
     sublayer_importance,
 )
+from .bypass import attention_bypass, calibrate_threshold, prompt_attention_scores
 from .checks import tolerances
 from .data import DATASETS, batch_tensors, load_records, load_texts, make_dataloader
 from .depth import (

@@ -12,10 +12,7 @@
 * The KV cache (:func:`~utils.kv_cache.make_cache`, :func:`~utils.kv_cache.cache_bytes`,
   :func:`~utils.kv_cache.kv_bytes_per_token`, :func:`~utils.kv_cache.perplexity_through_cache`) lives in
   :mod:`utils.kv_cache`; those names can still be imported from here.
-* :func:`attention_bypass`, :func:`prompt_attention_scores`, :func:`calibrate_threshold` — our
-  Adaptive Attention Bypass: during prefill every attention runs and hooks measure how much each one
-  changes the residual stream for *this* prompt; the ones under a threshold are skipped for the
-  whole decode.
+* Adaptive Attention Bypass (skip attentions per prompt) lives in :mod:`utils.bypass`.
 * :func:`measure_decode`, :func:`decode_flops_per_token`, :func:`ideal_decode_speedup`,
   :func:`realised_share` — token-by-token decoding speed, timed alternately by
   :func:`utils.compare_speed`, against the FLOPs ideal of a decoding step (matmul weights plus
@@ -27,15 +24,10 @@ Gemma 3 blocks (which also normalise the attention output with ``post_attention_
 
 from __future__ import annotations
 
-import contextlib
-import math
 import statistics
-import types
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .depth import mean_cosines, renumber_layer_idx
 from .kv_cache import (  # cache_bytes, fit_cache, kv_bytes_per_token: their old utils.attention paths still work
@@ -48,12 +40,19 @@ from .kv_cache import (  # cache_bytes, fit_cache, kv_bytes_per_token: their old
     kv_bytes_per_token,  # noqa: F401
     make_cache,
     perplexity_through_cache,  # noqa: F401
-    prompt_splits,
-)
+    )
 from .models import register_config_surgery
-from .precision import device_of
-from .speed import as_prompt_list, check_models, compare_speed, generation_inputs, matmul_parameters
-from .structure import decoder, decoder_blocks, hidden_of, mlp_input_norm, output_of, text_config
+from .precision import device_of, to_device
+from .speed import (
+    as_prompt_list,
+    check_models,
+    compare_speed,
+    generation_inputs,
+    matmul_parameters,
+    speedup,
+    time_alternately,
+)
+from .structure import decoder_blocks, hidden_of, mlp_input_norm, output_of, text_config
 
 #: The name transformers' ``per_layer_config`` uses for an attention sublayer in a ``skip`` list.
 SKIP_NAME = "attention"
@@ -81,7 +80,8 @@ class RemovedAttention(torch.nn.Module):
         return torch.zeros_like(hidden_states), None
 
 
-def _check_block(block, index: int) -> None:
+def check_block(block, index: int) -> None:
+    """Raise ``ValueError`` unless block ``index`` is a Llama/Qwen 3/Gemma 3 style block (self_attn, norm, mlp)."""
     if not all(hasattr(block, name) for name in ("self_attn", "input_layernorm", "mlp")):
         raise ValueError(f"Block {index} ({type(block).__name__}) is not a Llama/Qwen 3/Gemma 3 style block with "
                          "self_attn, input_layernorm and mlp: attention surgery supports those families only.")
@@ -117,7 +117,7 @@ def sublayer_importance(model, dataloader: Iterable[dict], *, average: str = "to
     """
     blocks = decoder_blocks(model)
     for index, block in enumerate(blocks):
-        _check_block(block, index)
+        check_block(block, index)
 
     def register(store: dict) -> list:
         handles = []
@@ -255,7 +255,7 @@ def remove_attention(model, indices: int | Iterable[int], *, portable: bool = Fa
         raise ValueError(f"Cannot remove the attention of all {total} blocks: keep at least one "
                          "(without any attention a token never sees the tokens before it).")
     for index in indices:
-        _check_block(blocks[index], index)
+        check_block(blocks[index], index)
     config = text_config(model)
     if portable:
         for index in indices:
@@ -306,249 +306,17 @@ def apply_recorded_surgery(model):
     return model
 
 
-# --- Adaptive Attention Bypass --------------------------------------------------------------
-
-def default_protected(model) -> list[int]:
-    """Blocks the bypass never skips: block 0 and the first block of each attention type.
-
-    transformers reads the cache's length from entry 0 and each mask's size from the first cache
-    entry of its type (full or sliding window). A skipped attention writes nothing during decode,
-    so its entry stays at the prompt's length: those entries must keep growing.
-    """
-    config = text_config(model)
-    types_ = getattr(config, "layer_types", None) or []
-    first = {types_.index(t) for t in set(types_)}
-    return sorted({0} | first)
-
-
-class AttentionBypass:
-    """State of one :func:`attention_bypass` context: the scores and decisions of every prompt.
-
-    Attributes:
-        history: one dict per prefill: ``prompt_tokens``, ``scores`` (``1 - cos`` of each block's
-            attention on this prompt, ``nan`` for removed ones) and ``skipped`` (blocks skipped while
-            decoding it).
-        protect: blocks never skipped.
-    """
-
-    def __init__(self, model, decide: Callable[[list[float], int], Iterable[int]], protect: Iterable[int]):
-        self.model = model
-        self.decide = decide
-        self.protect = sorted(set(protect))
-        self.history: list[dict] = []
-        self.skip: set[int] = set()
-        self.decoding = False
-        self._sums: dict[int, float] = {}
-        self._mask: torch.Tensor | None = None
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._tokens = 0
-
-    @property
-    def mean_skipped(self) -> float:
-        """Mean number of attention sublayers skipped per prompt so far."""
-        if not self.history:
-            return 0.0
-        return sum(len(h["skipped"]) for h in self.history) / len(self.history)
-
-    def __repr__(self) -> str:
-        return f"AttentionBypass(prompts={len(self.history)}, mean_skipped={self.mean_skipped:.2f})"
-
-
-def _first_tensor(kwargs: dict, args: tuple, name: str, position: int):
-    value = kwargs.get(name)
-    if value is None and len(args) > position:
-        value = args[position]
-    return value
-
-
-def _bypass_decision(threshold: float | None, rule: Decision | None) -> Decision:
-    """The bypass's decision ``(scores, prompt_tokens) -> blocks to skip``: ``rule`` itself, or "every score
-    below ``threshold``". Exactly one of the two must be given."""
-    if (threshold is None) == (rule is None):
-        raise ValueError("Pass exactly one of threshold= (skip attentions scoring below it) or rule= "
-                         "(a function (scores, prompt_tokens) -> blocks to skip).")
-    if threshold is not None:
-        if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-            raise ValueError(f"threshold must be a number (scores lie in [0, 2]), got {threshold!r}.")
-        rule = (lambda scores, n_tokens, t=float(threshold): [i for i, s in enumerate(scores) if s < t])
-    return rule
-
-
-def _prefill_start(state: AttentionBypass) -> Callable:
-    """Forward pre-hook of the decoder: is this pass a prefill (empty cache) or a decoding step? A prefill
-    resets the sums and counts the prompt's real tokens."""
-    def start(module, args, kwargs):
-        hidden = _first_tensor(kwargs, args, "input_ids", 0)
-        if hidden is None:
-            hidden = kwargs.get("inputs_embeds")
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        state.decoding = past > 0
-        if not state.decoding:
-            mask = kwargs.get("attention_mask")
-            n = hidden.shape[1]
-            state._mask = mask[:, -n:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-            state._sums = {}
-            state._tokens = int(state._mask.sum()) if state._mask is not None else hidden.shape[0] * n
-    return start
-
-
-def _prefill_finish(state: AttentionBypass, n_blocks: int, removed: set[int], protected: list[int]) -> Callable:
-    """Forward hook of the decoder: after a prefill, turn the sums into scores, ask the decision which
-    attentions to skip (never a removed or protected one) and record it in ``state.history``."""
-    def finish(module, args, kwargs, output):
-        if state.decoding:
-            return
-        scores = [state._sums.get(i, float("nan")) / max(state._tokens, 1) if i not in removed else float("nan")
-                  for i in range(n_blocks)]
-        scores = [1.0 - s if not math.isnan(s) else s for s in scores]
-        candidates = [s if (i not in removed and i not in protected) else float("inf") for i, s in enumerate(scores)]
-        chosen = sorted(set(int(i) for i in state.decide(candidates, state._tokens)) - set(protected) - removed)
-        state.skip = set(chosen)
-        state.history.append({"prompt_tokens": state._tokens, "scores": scores, "skipped": chosen})
-    return finish
-
-
-def _block_input(state: AttentionBypass, index: int) -> Callable:
-    """Forward pre-hook of block ``index``: during a prefill, keep the residual stream entering it."""
-    def hook(module, args, kwargs):
-        if not state.decoding:
-            state._inputs[index] = hidden_of(args, kwargs)
-    return hook
-
-
-def _mlp_input(state: AttentionBypass, index: int) -> Callable:
-    """Forward pre-hook of block ``index``'s MLP norm: during a prefill, add up the cosine between the stream
-    before and after the attention over the real tokens."""
-    def hook(module, args):
-        if not state.decoding and index in state._inputs:
-            cos = F.cosine_similarity(state._inputs.pop(index).float(), args[0].float(), dim=-1)
-            state._sums[index] = float(cos[state._mask].sum() if state._mask is not None else cos.sum())
-    return hook
-
-
-def _gated(state: AttentionBypass, index: int, original: Callable) -> Callable:
-    """The forward of block ``index``'s attention under the bypass: zero (nothing computed) while decoding a
-    prompt that skips it, else ``original``."""
-    def forward(self, hidden_states, *args, **kwargs):
-        if state.decoding and index in state.skip:
-            return torch.zeros_like(hidden_states), None
-        return original(hidden_states, *args, **kwargs)
-    return forward
-
-
-def _remove_bypass(state: AttentionBypass, handles: list, patched: list) -> None:
-    """Undo :func:`attention_bypass`: remove its hooks and give every attention back its previous forward."""
-    for handle in handles:
-        handle.remove()
-    for attention, previous in reversed(patched):
-        if previous is None:
-            del attention.forward  # back to the class's forward
-        else:
-            attention.forward = previous  # an enclosing bypass's
-    state._inputs.clear()
-
-
-@contextlib.contextmanager
-def attention_bypass(model, threshold: float | None = None, *,
-                     rule: Callable[[list[float], int], Iterable[int]] | None = None,
-                     protect: Iterable[int] | str = "auto") -> Iterator[AttentionBypass]:
-    """Adaptive Attention Bypass: per prompt, skip the attention sublayers that barely matter to it.
-
-    Inside the ``with`` block, every forward pass that starts a new KV cache (the prefill of a
-    prompt) runs every sublayer, and hooks measure each attention's ``1 - cos(residual before,
-    residual after)`` over the prompt's real tokens. Then the blocks chosen by the decision — score
-    below ``threshold``, or whatever ``rule(scores, prompt_tokens)`` returns — are skipped in every
-    later forward pass on that cache (the decode): their attention adds exactly zero to the residual
-    stream and computes nothing. Their cache entries simply stop growing, which is consistent
-    because they are not read again; ``protect`` (default: :func:`default_protected`) keeps the
-    entries transformers reads lengths from.
-
-    One decision per forward pass: with a batch of several prompts the scores are averaged over all
-    their real tokens, so use batches of one prompt for per-prompt decisions.
-
-    Yields:
-        An :class:`AttentionBypass` whose ``history`` records every prompt's scores and skips.
-    """
-    decide = _bypass_decision(threshold, rule)
-    blocks = decoder_blocks(model)
-    for index, block in enumerate(blocks):
-        _check_block(block, index)
-    protected = default_protected(model) if protect == "auto" else _block_list(protect, len(blocks), "protect holds")
-    state = AttentionBypass(model, decide, protected)
-    owner = decoder(model)
-    removed = set(removed_attention(model))
-    handles = [owner.register_forward_pre_hook(_prefill_start(state), with_kwargs=True),
-               owner.register_forward_hook(_prefill_finish(state, len(blocks), removed, protected), with_kwargs=True)]
-    patched = []
-    try:
-        for i, block in enumerate(blocks):
-            if i in removed:
-                continue
-            handles.append(block.register_forward_pre_hook(_block_input(state, i), with_kwargs=True))
-            handles.append(mlp_input_norm(block).register_forward_pre_hook(_mlp_input(state, i)))
-            attention = block.self_attn
-            patched.append((attention, vars(attention).get("forward")))
-            attention.forward = types.MethodType(_gated(state, i, attention.forward), attention)
-        yield state
-    finally:
-        _remove_bypass(state, handles, patched)
-
-
-@torch.no_grad()
-def prompt_attention_scores(model, dataloader: Iterable[dict], *, prefix_tokens: int | float,
-                            progress: bool = True) -> list[dict]:
-    """Each prompt's attention scores as the bypass sees them during prefill (nothing is skipped).
-
-    Prompts are cut as in :func:`perplexity_through_cache` (same ``prefix_tokens``, same texts, same
-    order). Returns one dict per prompt: ``prompt_tokens`` and ``scores`` (``1 - cos`` of each
-    block's attention, ``nan`` for removed ones).
-    """
-    arg = cache_arg(model)
-    splits = prompt_splits(dataloader, prefix_tokens, device_of(model))
-    with attention_bypass(model, rule=lambda scores, n: [], protect=()) as probe:
-        for seq, n in tqdm(splits, desc="prompt scores", disable=not progress, leave=False):
-            model(input_ids=seq[None, :n], use_cache=True, **{arg: make_cache(model)})
-    return [{"prompt_tokens": h["prompt_tokens"], "scores": h["scores"]} for h in probe.history]
-
-
-def calibrate_threshold(scores: Sequence[Sequence[float]], mean_skipped: float, *,
-                        protect: Iterable[int]) -> float:
-    """The bypass threshold that skips ``mean_skipped`` attention sublayers per prompt on average.
-
-    ``scores`` holds one list per prompt (or the dicts of :func:`prompt_attention_scores`). Pooling the scores of
-    all prompts (protected blocks and removed attentions left out), the threshold is placed halfway
-    between the ``m``-th and the ``m+1``-th smallest, with ``m = round(mean_skipped x prompts)``: a
-    rule "skip if score < threshold" then skips exactly ``m`` sublayers over these prompts. Pass
-    the bypass's ``protect`` (e.g. :func:`default_protected`).
-    """
-    protect = set(protect)
-    scores = [row["scores"] if isinstance(row, dict) else row for row in scores]
-    if not scores:
-        raise ValueError("scores is empty: pass one list of attention scores per calibration prompt.")
-    pooled = sorted(s for row in scores for i, s in enumerate(row) if i not in protect and not math.isnan(s))
-    per_prompt = len(pooled) / len(scores)
-    if not isinstance(mean_skipped, (int, float)) or not 0 <= mean_skipped <= per_prompt:
-        raise ValueError(f"mean_skipped must lie between 0 and {per_prompt:g} (the attention sublayers that may be "
-                         f"skipped per prompt), got {mean_skipped!r}.")
-    m = round(mean_skipped * len(scores))
-    if m == 0:
-        return pooled[0] - 1.0
-    if m >= len(pooled):
-        return pooled[-1] + 1.0
-    return (pooled[m - 1] + pooled[m]) / 2
-
-
 # --- decode speed ---------------------------------------------------------------------------
 
-def decode_flops_per_token(model, context: int | float) -> float:
+def decode_flops_per_token(model, context: int | float, *, skip: Iterable[int] = ()) -> float:
     """FLOPs to produce one token by decoding, with ``context`` tokens already in the KV cache.
 
     ``2 x`` every matmul weight (:func:`utils.speed.matmul_parameters`, the LM head included) plus
     attention's context-length term: each attention that still runs multiplies the new query with
     ``context`` keys and its weights with ``context`` values, ``4 x context x heads x head_dim`` FLOPs
     (a sliding-window layer sees at most its window). A removed attention costs neither; a *portable*
-    removal (zeroed ``o_proj``) still computes everything and is counted in full.
+    removal (zeroed ``o_proj``) still computes everything and is counted in full. ``skip``: blocks whose
+    attention does not run for this token (a bypass), counted like removed ones.
     """
     if not isinstance(context, (int, float)) or context < 0:
         raise ValueError(f"context must be a number of tokens >= 0, got {context!r}.")
@@ -557,12 +325,17 @@ def decode_flops_per_token(model, context: int | float) -> float:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     layer_types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    attention = 0.0
+    skip = {int(i) for i in skip}
+    attention, skipped_weights = 0.0, 0
+    blocks = decoder_blocks(model)
     for i in cached_blocks(model):
+        if i in skip:
+            skipped_weights += matmul_parameters(blocks[i].self_attn)
+            continue
         sliding = layer_types is not None and i < len(layer_types) and "sliding" in str(layer_types[i])
         seen = min(context, window) if sliding and window else context
         attention += 4.0 * seen * heads * head_dim
-    return 2.0 * matmul_parameters(model) + attention
+    return 2.0 * (matmul_parameters(model) - skipped_weights) + attention
 
 
 def ideal_decode_speedup(base, pruned, context: int | float) -> float:
@@ -590,9 +363,63 @@ def _compile_config():
     return config
 
 
+def _crop(cache, length: int) -> None:
+    """Cut every entry of a dynamic cache back to ``length`` tokens (entries that hold nothing stay empty)."""
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+@torch.no_grad()
+def _step_jobs(models: Mapping, tokenizer, prompts: list[str], new_tokens: int) -> tuple[dict, int]:
+    """One job per model: ``new_tokens`` greedy decoding steps from a cache its prompts prefilled once (untimed,
+    inside whatever bypass is active on the model); each job crops the cache back afterwards."""
+    inputs = generation_inputs(tokenizer, prompts)
+    length = inputs["input_ids"].shape[1]
+    jobs = {}
+    for name, model in models.items():
+        model.eval()
+        on_model = to_device(inputs, device_of(model))
+        kv = make_cache(model)
+        arg = cache_arg(model)
+        first = model(**on_model, use_cache=True, **{arg: kv}).logits[:, -1:].argmax(-1)
+        mask = on_model["attention_mask"]
+
+        @torch.no_grad()
+        def decode(model=model, kv=kv, first=first, mask=mask, arg=arg):
+            token, m = first, mask
+            for _ in range(new_tokens):
+                m = torch.cat([m, m.new_ones(m.shape[0], 1)], dim=1)
+                token = model(input_ids=token, attention_mask=m, use_cache=True, **{arg: kv}).logits.argmax(-1)
+            _crop(kv, length)
+        jobs[name] = decode
+    return jobs, length
+
+
+def _measure_steps(models: Mapping, tokenizer, prompts: list[str], new_tokens: int, runs: int, warmup: int,
+                   base: str, tolerance: float, ideals: Mapping[str, float]) -> dict:
+    """:func:`measure_decode` with ``prefill="once"``: every model's decoding steps timed alternately by
+    :func:`utils.speed.time_alternately` (the course's one timing loop), the prefill left out entirely."""
+    jobs, length = _step_jobs(models, tokenizer, prompts, new_tokens)
+    times = time_alternately(jobs, runs=runs, warmup=warmup)
+    out = {"context": length + new_tokens / 2, "prompt_tokens": length, "new_tokens": new_tokens, "cache": "dynamic",
+           "compile": False, "batch_size": len(prompts), "runs": runs, "base": base, "prefill": "once", "models": {}}
+    for name in models:
+        step = times[name]["median_s"] / new_tokens
+        entry = {"decode_step_s": step, "tokens_per_s": len(prompts) / step, "ideal": ideals[name]}
+        if name != base:
+            wall = speedup(times[base]["runs_s"], times[name]["runs_s"], ideals[name], tolerance)
+            entry.update({"speedup": wall["ratio"], "speedup_min": wall["min"], "speedup_max": wall["max"],
+                          "verdict": wall["verdict"], "realised_share": wall["share_of_ideal_gain"]})
+        out["models"][name] = entry
+    return out
+
+
 def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new_tokens: int = 32,
                    cache: str = "dynamic", compile: bool = False, runs: int = 5, warmup: int = 1,
-                   base: str | None = None, tolerance: float = 0.05) -> dict:
+                   base: str | None = None, tolerance: float = 0.05, prefill: str = "each",
+                   ideals: Mapping[str, float] | None = None) -> dict:
     """Token-by-token decoding speed of several models against ``base``, and the share of the ideal realised.
 
     The models are timed alternately by :func:`utils.compare_speed` (the course's one timing loop):
@@ -606,6 +433,13 @@ def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new
         cache: ``"dynamic"`` (grows token by token) or ``"static"`` (allocated once at full length).
         compile: ``torch.compile`` the forward pass inside ``generate`` (needs ``cache="static"``; the first,
             untimed warm-up round pays the compilation, so keep ``warmup >= 1``).
+
+        prefill: ``"each"`` (default): time ``generate``, as above; ``"once"``: prefill every model once, untimed,
+            then time ``new_tokens`` decoding steps per round (greedy, dynamic cache cut back after each
+            round). Use it for long contexts, where repeating the prefill would cost more than the decode, and
+            for an :func:`utils.bypass.attention_bypass` active on a model (its hooks are timed with it).
+        ideals: the FLOPs ideal of some models, e.g. of a bypass that the structure does not show
+            (``ideal_decode_speedup`` with ``decode_flops_per_token(..., skip=...)``); default: from the structure.
 
     Returns a JSON-friendly dict: ``context`` (mean tokens in the cache during decoding), ``cache``,
     ``compile``, ``batch_size``, ``compare`` (the full :func:`utils.compare_speed` result) and
@@ -624,11 +458,23 @@ def measure_decode(models: dict, tokenizer, prompts: str | Sequence[str], *, new
         raise ValueError("compile=True needs warmup >= 1: the first call compiles and must not be timed.")
     if not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an integer >= 2 (one first token, then decoding), got {new_tokens!r}.")
+    if prefill not in ("each", "once"):
+        raise ValueError(f"prefill must be 'each' (time generate) or 'once' (time decoding steps), got {prefill!r}.")
+    if prefill == "once" and (cache != "dynamic" or compile):
+        raise ValueError("prefill='once' times eager steps on a dynamic cache: leave cache='dynamic', compile=False.")
     prompt_list = as_prompt_list(prompts)
     names, base = check_models(models, base)
     prompt_tokens = generation_inputs(tokenizer, prompt_list)["input_ids"].shape[1]  # the batch generate will see
     context = prompt_tokens + new_tokens / 2
-    ideals = {name: ideal_decode_speedup(models[base], m, context) for name, m in models.items()}
+    given = dict(ideals or {})
+    unknown = set(given) - set(names)
+    if unknown:
+        raise ValueError(f"ideals names models that are not in models: {sorted(unknown)}.")
+    ideals = {name: given.get(name, ideal_decode_speedup(models[base], m, context)) for name, m in models.items()}
+    if prefill == "once":
+        if not isinstance(runs, int) or not isinstance(warmup, int) or runs < 1 or warmup < 0:
+            raise ValueError(f"Use runs >= 1 and warmup >= 0 (whole numbers); got runs={runs!r}, warmup={warmup!r}.")
+        return _measure_steps(models, tokenizer, prompt_list, new_tokens, runs, warmup, base, tolerance, ideals)
     generate_kwargs: dict = {}
     if cache == "static":
         generate_kwargs["cache_implementation"] = "static"

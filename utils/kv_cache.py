@@ -231,16 +231,18 @@ def _same_prompt_groups(splits: list[tuple[torch.Tensor, int]], batch_size: int)
 
 
 def _group_nll(model: torch.nn.Module, group: list[torch.Tensor], prompt: int, kv, arg: str,
-               device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill ``kv`` with the group's prompts, then feed the continuation one token at a time through it.
+               device, decode_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ``kv`` with the group's prompts (all but their last token with ``decode_first``), then feed the
+    rest one token at a time through it.
 
     Returns each position's negative log-likelihood ``[texts, positions]`` and the targets (``-100`` past
     the end of a shorter text, which is fed filler tokens that are not scored)."""
     lengths = torch.tensor([s.numel() for s in group], device=device)
     ids = torch.stack([F.pad(s, (0, int(lengths.max()) - s.numel()), value=int(s[-1])) for s in group])
-    out = model(input_ids=ids[:, :prompt], use_cache=True, **{arg: kv})
-    logits = [out.logits[:, -1]]  # the cache object is updated in place
-    for t in range(prompt, ids.shape[1] - 1):
+    prefill = prompt - 1 if decode_first else prompt
+    out = model(input_ids=ids[:, :prefill], use_cache=True, **{arg: kv})
+    logits = [] if decode_first else [out.logits[:, -1]]  # the cache object is updated in place
+    for t in range(prefill, ids.shape[1] - 1):
         out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{arg: kv})
         logits.append(out.logits[:, -1])
     logits = torch.stack(logits, dim=1).float()  # [batch, positions, vocab]
@@ -254,8 +256,8 @@ def _group_nll(model: torch.nn.Module, group: list[torch.Tensor], prompt: int, k
 @torch.no_grad()
 def perplexity_through_cache(model: torch.nn.Module, dataloader: Iterable[dict], *, prefix_tokens: int | float,
                              cache: str | Callable[[], object] = "dynamic", max_cache_len: int | None = None,
-                             batch_size: int = 8, per_text: bool = False, progress: bool = True,
-                             desc: str = "perplexity through the cache", **cache_kwargs):
+                             batch_size: int = 8, per_text: bool = False, decode_first: bool = False,
+                             progress: bool = True, desc: str = "perplexity through the cache", **cache_kwargs):
     """Perplexity of every text's continuation, read token by token **through the KV cache**.
 
     For each text (padding dropped): one forward pass over its prompt — the first ``prefix_tokens``
@@ -276,11 +278,15 @@ def perplexity_through_cache(model: torch.nn.Module, dataloader: Iterable[dict],
             with ``cache_kwargs`` such as ``backend="fp8"``; or a function returning a new cache.
         max_cache_len: for ``cache="static"``; default: the longest text.
         per_text: also return each text's summed negative log-likelihood and token count, for
-            paired comparisons between models.
+            paired comparisons between models, and the bytes its cache held at the end (:func:`cache_bytes`).
+        decode_first: prefill all but the prompt's last token and feed that token as the first decoding step,
+            so that every scored prediction comes from a decoding step. Methods that change the model
+            between prefill and decode (:func:`utils.bypass.attention_bypass`) are then scored the same way
+            as a model changed everywhere.
 
     Returns:
         ``exp(total negative log-likelihood / continuation tokens)``; with ``per_text=True`` a dict
-        with ``perplexity``, ``nll`` (one sum per text, in input order) and ``tokens``.
+        with ``perplexity``, ``nll`` (one sum per text, in input order), ``tokens`` and ``cache_bytes``.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -288,10 +294,13 @@ def perplexity_through_cache(model: torch.nn.Module, dataloader: Iterable[dict],
         raise ValueError(f"cache={cache!r}: use 'dynamic', 'static', 'quantized' or a function returning a cache.")
     device = device_of(model)
     splits = prompt_splits(dataloader, prefix_tokens, device)
+    if decode_first and min(n for _, n in splits) < 2:
+        raise ValueError("decode_first needs prompts of at least 2 tokens: raise prefix_tokens.")
     longest = max(seq.numel() for seq, _ in splits)
     arg = cache_arg(model)
     nll = [0.0] * len(splits)
     counts = [0] * len(splits)
+    held = [0] * len(splits)
     was_training = model.training
     model.eval()
     try:
@@ -303,11 +312,13 @@ def perplexity_through_cache(model: torch.nn.Module, dataloader: Iterable[dict],
                 kv = make_cache(model, cache, max_cache_len=max_cache_len or longest, **cache_kwargs)
             else:
                 kv = make_cache(model, cache, **cache_kwargs)
-            losses, targets = _group_nll(model, [splits[i][0] for i in members], prompt, kv, arg, device)
+            losses, targets = _group_nll(model, [splits[i][0] for i in members], prompt, kv, arg, device,
+                                         decode_first)
             for row, index in enumerate(members):
                 nll[index] = float(losses[row].sum())
                 counts[index] = int((targets[row] != -100).sum())
+                held[index] = cache_bytes(kv) if hasattr(kv, "layers") else 0
     finally:
         model.train(was_training)
     value = math.exp(sum(nll) / sum(counts))
-    return {"perplexity": value, "nll": nll, "tokens": counts} if per_text else value
+    return {"perplexity": value, "nll": nll, "tokens": counts, "cache_bytes": held} if per_text else value
