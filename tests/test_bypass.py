@@ -292,3 +292,19 @@ def test_bypass_decode_timing_with_prefill_once(tokenizer):
         measure_decode({"base": base}, tokenizer, "hi", prefill="once", cache="static")
     with pytest.raises(ValueError, match="ideals names"):
         measure_decode({"base": base}, tokenizer, "hi", ideals={"other": 1.2})
+
+
+def test_prompt_cache_bytes_measures_what_the_bypass_keeps(tokenizer, loader):
+    from utils.kv_cache import prompt_cache_bytes
+
+    model = _tiny("llama", tokenizer)
+    n = len(decoder_blocks(model))
+    full = prompt_cache_bytes(model, loader, prefix_tokens=8, progress=False)
+    with attention_bypass(model, rule=_fixed([2, 5, 6])):
+        after = prompt_cache_bytes(model, loader, prefix_tokens=8, progress=False)
+    with attention_bypass(model, rule=_fixed([2, 5, 6]), decide_after=0):
+        early = prompt_cache_bytes(model, loader, prefix_tokens=8, progress=False)
+    assert len(full) == 4 and all(b > 0 for b in full)
+    assert after == early == [b * (n - 3) // n for b in full]
+    with pytest.raises(ValueError, match="decode_steps"):
+        prompt_cache_bytes(model, loader, prefix_tokens=8, decode_steps=-1)

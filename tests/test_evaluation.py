@@ -75,3 +75,25 @@ def test_calibration_pass_feeds_masks_stops_early_and_restores_mode(tiny_llama):
     assert model.training  # the mode the model came in with
     with pytest.raises(ValueError, match="dataloader is empty"):
         calibration_pass(model, [], masks.append, progress=False)
+
+
+def test_paired_log_perplexity_interval_and_bad_inputs():
+    import numpy as np
+
+    from utils.evaluation import paired_log_perplexity
+
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(5, 30, size=80).tolist()
+    nll_b = [t * 3.0 for t in tokens]
+    better = {"nll": [n - 0.2 * t + rng.normal(0, 0.5) for n, t in zip(nll_b, tokens)], "tokens": tokens}
+    noisy = {"nll": [n + rng.normal(0, 5) for n in nll_b], "tokens": tokens}
+    base = {"nll": nll_b, "tokens": tokens}
+    out = paired_log_perplexity(better, base)
+    assert out["verdict"] == "a lower" and out["low"] <= out["diff"] <= out["high"] < 0
+    assert out["diff"] == pytest.approx(-0.2, abs=0.02) and out["texts"] == 80
+    assert paired_log_perplexity(noisy, base)["verdict"] == "within noise"
+    assert paired_log_perplexity(base, better)["verdict"] == "a higher"
+    with pytest.raises(ValueError, match="same"):
+        paired_log_perplexity(better, {"nll": nll_b[:5], "tokens": tokens[:5]})
+    with pytest.raises(ValueError, match="n_boot"):
+        paired_log_perplexity(better, base, n_boot=10)

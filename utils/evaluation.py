@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -84,3 +85,29 @@ def perplexity(model: torch.nn.Module, dataloader: Iterable[dict], *, progress: 
     if total_tokens == 0:
         raise ValueError("The dataloader holds no token to predict (empty, or every text is one token long).")
     return math.exp(total_nll / total_tokens)
+
+
+def paired_log_perplexity(a: dict, b: dict, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """How much higher the log-perplexity of ``a`` is than that of ``b`` on the same texts, with a paired bootstrap.
+
+    ``a`` and ``b`` are per-text results (``nll``: summed negative log-likelihood per text, ``tokens``: scored
+    tokens per text, same texts in the same order), e.g. from ``perplexity_through_cache(..., per_text=True)``.
+    Texts are resampled with replacement and the difference ``sum(nll_a - nll_b) / sum(tokens)`` recomputed
+    ``n_boot`` times. Returns ``diff`` (negative: ``a`` is better), ``low``/``high`` (the ``level`` percentile
+    interval), ``texts`` and ``verdict`` (``"a lower"``, ``"a higher"`` or ``"within noise"`` when the interval
+    contains 0).
+    """
+    nll_a, nll_b = np.asarray(a["nll"], dtype=float), np.asarray(b["nll"], dtype=float)
+    tokens = np.asarray(a["tokens"], dtype=float)
+    if nll_a.shape != nll_b.shape or list(a["tokens"]) != list(b["tokens"]) or nll_a.size == 0:
+        raise ValueError("a and b must score the same, non-empty list of texts (equal 'tokens' lists): compare "
+                         "results of the same dataloader and prefix_tokens.")
+    if not isinstance(n_boot, int) or n_boot < 100 or not 0 < level < 1:
+        raise ValueError(f"Use n_boot >= 100 and a level in (0, 1); got n_boot={n_boot!r}, level={level!r}.")
+    delta = nll_a - nll_b
+    picks = np.random.default_rng(seed).integers(0, delta.size, size=(n_boot, delta.size))
+    draws = delta[picks].sum(1) / tokens[picks].sum(1)
+    low, high = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    verdict = "within noise" if low <= 0 <= high else ("a lower" if high < 0 else "a higher")
+    return {"diff": float(delta.sum() / tokens.sum()), "low": float(low), "high": float(high),
+            "texts": int(delta.size), "verdict": verdict}

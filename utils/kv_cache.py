@@ -322,3 +322,30 @@ def perplexity_through_cache(model: torch.nn.Module, dataloader: Iterable[dict],
         model.train(was_training)
     value = math.exp(sum(nll) / sum(counts))
     return {"perplexity": value, "nll": nll, "tokens": counts, "cache_bytes": held} if per_text else value
+
+
+@torch.no_grad()
+def prompt_cache_bytes(model: torch.nn.Module, dataloader: Iterable[dict], *, prefix_tokens: int | float,
+                       decode_steps: int = 2, decode_first: bool = False, progress: bool = True) -> list[int]:
+    """Bytes of KV cache each text's prompt leaves behind: a fresh dynamic cache per text, filled by a
+    prefill of its prompt (cut as in :func:`perplexity_through_cache`) and ``decode_steps`` decoding steps
+    of its continuation, then measured with :func:`cache_bytes`.
+
+    Run it inside :func:`utils.bypass.attention_bypass` to measure what the bypass keeps (entries it frees or
+    never writes hold nothing). One text at a time, so every prompt gets its own decision. ``decode_first``:
+    the prefill stops before the prompt's last token, which is the first decoding step (as in
+    :func:`perplexity_through_cache`).
+    """
+    if not isinstance(decode_steps, int) or decode_steps < 0:
+        raise ValueError(f"decode_steps must be an integer >= 0, got {decode_steps!r}.")
+    arg = cache_arg(model)
+    held = []
+    for seq, n in tqdm(prompt_splits(dataloader, prefix_tokens, device_of(model)), desc="cache bytes",
+                       disable=not progress, leave=False):
+        kv = make_cache(model)
+        start = n - 1 if decode_first and n > 1 else n
+        model(input_ids=seq[None, :start], use_cache=True, **{arg: kv})
+        for t in range(start, min(start + decode_steps, seq.numel())):
+            model(input_ids=seq[None, t:t + 1], use_cache=True, **{arg: kv})
+        held.append(cache_bytes(kv))
+    return held
