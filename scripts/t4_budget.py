@@ -823,9 +823,11 @@ def ch08_nb02_distill(ctx: Context) -> None:
 
 
 def ch08_nb03_bypass(ctx: Context) -> None:
-    """CH08_NB03: the base and the two attention-removed copies of §1 resident; perplexity of each at batch 8, then
-    perplexity through the cache (one text at a time) with a fixed attention bypass."""
-    from utils.attention import perplexity_through_cache
+    """CH08_NB03: the base and the two attention-removed copies of §1 resident; the one-pass scoring of a skip
+    pattern at batch 8; the cache bytes under a live bypass; then the decode timing's largest setting: a bypass
+    copy and a static copy next to the base, prefilled once at batch 8 with the long context, and decoded."""
+    from utils import bypass
+    from utils.kv_cache import prompt_cache_bytes
 
     p = ctx.params("CH08_NB03")
     with ctx.meter.phase("load"):
@@ -836,11 +838,21 @@ def ch08_nb03_bypass(ctx: Context) -> None:
         wrong, right = copy.deepcopy(model), utils.remove_attention(copy.deepcopy(model), blocks)
         for m in (model, wrong, right):
             utils.perplexity(m, eval_dl, progress=False)
-    with ctx.meter.phase("bypass, perplexity through the cache"):
-        with utils.attention_bypass(model, rule=lambda scores, n: blocks):
-            perplexity_through_cache(model, eval_dl, prefix_tokens=p["PROMPT_SHARE"], batch_size=1, per_text=True,
-                                     progress=False)
-    ctx.settings.append(f"eval {len(eval_dl)} batch(es) of 8x{p['MAX_LENGTH']}")
+        del wrong
+    with ctx.meter.phase("one-pass scoring + cache bytes under the bypass"):
+        n_texts = sum(int(b["input_ids"].shape[0]) for b in eval_dl)
+        bypass.perplexity_with_skips(model, eval_dl, prefix_tokens=p["PROMPT_SHARE"], skips=[blocks] * n_texts,
+                                     skip_from="decode", progress=False)
+        with bypass.attention_bypass(model, rule=lambda signal: blocks):
+            prompt_cache_bytes(model, eval_dl, prefix_tokens=p["PROMPT_SHARE"], decode_first=True, progress=False)
+    with ctx.meter.phase("decode timing, batch 8, long context, prefill once"):
+        copies = {"base": model, "static": right, "bypass": copy.deepcopy(model), "early": copy.deepcopy(model)}
+        prompt = " ".join(["word"] * p["LONG_CONTEXT"])
+        with bypass.attention_bypass(copies["bypass"], rule=lambda signal: blocks), \
+                bypass.attention_bypass(copies["early"], rule=lambda signal: blocks, decide_after=0):
+            utils.measure_decode(copies, _tokenizer(), [prompt] * 8, new_tokens=2, runs=1, warmup=0, prefill="once",
+                                 ideals={"bypass": 1.1, "early": 1.1})
+    ctx.settings.append(f"eval {len(eval_dl)} batch(es) of 8x{p['MAX_LENGTH']}, timing 8x{p['LONG_CONTEXT']}")
 
 
 def ch08_nb04_decode(ctx: Context) -> None:
@@ -1146,7 +1158,7 @@ STEPS: list[Step] = [
     Step("CH07_NB03:full-ft", "full fine-tuning beside LoRA and DoRA models", ch07_nb03_full_ft),
     Step("CH08_NB01:kv", "perplexity + generation through the cache", ch08_nb01_kv),
     Step("CH08_NB02:distill", "attention-cut student + utils.distill + eval", ch08_nb02_distill),
-    Step("CH08_NB03:bypass", "3 models + perplexity, bypass through the cache", ch08_nb03_bypass),
+    Step("CH08_NB03:bypass", "5 models resident, one-pass scoring, decode at batch 8 x 1,024", ch08_nb03_bypass),
     Step("CH08_NB04:decode", "3 models, measure_decode batch 8 + static cache", ch08_nb04_decode),
     Step("CH09_NB01:moe", "dense + MoE + pruned, utils.distill (last blocks), export", ch09_nb01_moe),
     Step("CH09_NB02:upcycle", "specialist training, upcycle + router training, export", ch09_nb02_upcycle),

@@ -23,7 +23,8 @@ LAYERS: dict[str, int] = {
     # 2: measuring and training any model
     "evaluation": 2, "speed": 2, "training": 2, "plots": 2, "anatomy": 2, "kv_cache": 2,
     # 3: the techniques, one module per chapter's subject
-    "depth": 3, "width": 3, "attention": 3, "bypass": 3, "distillation": 3, "lora": 3, "quantization": 3, "extraction": 3,
+    "depth": 3, "width": 3, "attention": 3,
+    "bypass": 3, "distillation": 3, "lora": 3, "quantization": 3, "extraction": 3,
     "moe": 3, "activations": 3, "bias": 3, "benchmarks": 3, "energy": 3,
 }
 MAX_FUNCTION_LINES = 60
