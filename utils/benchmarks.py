@@ -185,14 +185,33 @@ def _accuracy_only(items, predictions) -> dict[str, float]:
     return {"acc": accuracy(items, predictions)["acc"]}
 
 
+def _cluster_members(clusters: Sequence | None, n: int) -> list[list[int]]:
+    """The item indices of each cluster (one cluster per item when ``clusters`` is None)."""
+    if clusters is None:
+        return [[i] for i in range(n)]
+    labels = list(clusters)
+    if len(labels) != n:
+        raise ValueError(f"clusters has {len(labels)} labels for {n} items: give one label per item "
+                         "(e.g. [item['scenario'] for item in items]).")
+    members: dict = {}
+    for i, label in enumerate(labels):
+        members.setdefault(label, []).append(i)
+    return list(members.values())
+
+
 def bootstrap_ci(items: Sequence, predictions: Sequence, *, metric: Callable = _accuracy_only, n_boot: int = 1000,
-                 level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float] | None]:
+                 level: float = 0.95, seed: int = 0,
+                 clusters: Sequence | None = None) -> dict[str, tuple[float, float] | None]:
     """Percentile bootstrap intervals of every number ``metric(items, predictions)`` returns.
 
     Items are resampled with replacement ``n_boot`` times (seeded), each with its prediction. The default
     metric is accuracy (``{"acc": ...}``); :func:`utils.bias.bootstrap_ci` uses BBQ's scores. Keys starting
     with ``n_`` (counts) are skipped. Returns ``{name: (low, high)}``; None for a number that is undefined
     (``metric`` returned None) in more than 5 % of the resamples.
+
+    ``clusters`` (one label per item, e.g. the scenario an item was written from): items of one scenario are
+    variants of each other, not independent draws, so the bootstrap then resamples whole clusters. Resampling
+    the variants one by one would give intervals that are too narrow.
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be strictly between 0 and 1 (e.g. 0.95), got {level}.")
@@ -200,11 +219,13 @@ def bootstrap_ci(items: Sequence, predictions: Sequence, *, metric: Callable = _
         raise ValueError(f"n_boot must be an integer of at least 10 (1000 is usual), got {n_boot!r}.")
     items, predictions = list(items), list(predictions)
     metric(items, predictions)  # validates
+    groups = _cluster_members(clusters, len(items))
     generator = torch.Generator().manual_seed(seed)
     draws: dict[str, list[float]] = {}
     missing: dict[str, int] = {}
     for _ in range(n_boot):
-        idx = torch.randint(len(items), (len(items),), generator=generator).tolist()
+        picked = torch.randint(len(groups), (len(groups),), generator=generator).tolist()
+        idx = [i for g in picked for i in groups[g]]
         values = metric([items[i] for i in idx], [predictions[i] for i in idx])
         for name, value in values.items():
             if name.startswith("n_"):
@@ -238,12 +259,13 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 
 def paired_comparison(items: Sequence[dict], pred_a: Sequence[int], pred_b: Sequence[int], *, n_boot: int = 1000,
-                      level: float = 0.95, seed: int = 0) -> dict:
+                      level: float = 0.95, seed: int = 0, clusters: Sequence | None = None) -> dict:
     """Is model B's accuracy different from model A's on the same items by more than the noise?
 
     Returns ``difference`` (acc B - acc A), its paired bootstrap interval ``ci`` (items resampled with both
-    predictions together, so what the two models share cancels), ``only_a`` / ``only_b`` (items only A / only B
-    gets right), McNemar's exact ``p_value`` on those, and ``resolved``: True when the interval excludes 0.
+    predictions together, so what the two models share cancels; whole clusters if ``clusters`` labels them, as
+    in :func:`bootstrap_ci`), ``only_a`` / ``only_b`` (items only A / only B gets right), McNemar's exact
+    ``p_value`` on those (it assumes independent items), and ``resolved``: True when the interval excludes 0.
     """
     items = _check_items(items)
     pred_a = _check_predictions(items, pred_a, "pred_a")
@@ -256,7 +278,8 @@ def paired_comparison(items: Sequence[dict], pred_a: Sequence[int], pred_b: Sequ
 
     pairs = list(zip(pred_a, pred_b))
     point = difference(items, pairs)["difference"]
-    ci = bootstrap_ci(items, pairs, metric=difference, n_boot=n_boot, level=level, seed=seed)["difference"]
+    ci = bootstrap_ci(items, pairs, metric=difference, n_boot=n_boot, level=level, seed=seed,
+                      clusters=clusters)["difference"]
     only_a = sum(a == item["label"] != b for item, (a, b) in zip(items, pairs))
     only_b = sum(b == item["label"] != a for item, (a, b) in zip(items, pairs))
     return {"difference": point, "ci": ci, "only_a": only_a, "only_b": only_b,

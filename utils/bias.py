@@ -22,6 +22,13 @@ activation exactly), :func:`zero_neurons` silences them, :func:`fair_prune` remo
 (:func:`utils.width.remove_neurons`). Measurements: :func:`activation_bias`,
 :func:`final_state_bias` (the difference the LM head sees), :func:`next_token_divergence`, and the
 benchmark: :func:`score_choices`, :func:`bbq_scores`, :func:`bootstrap_ci`.
+
+Those measures have no sign: a model that stops telling "she" from "he" looks perfectly fair to them. The
+behavioural probes (``data/bias_probes.jsonl``) add the sign and the controls: :func:`stereotype_scores`
+(does the model prefer the stereotyped continuation for the target group?), :func:`awareness_scores` (does it
+still know whom a pronoun refers to?), :func:`swap_sensitivity` (on group words, and on neutral word swaps the
+pruning should leave alone), and :func:`matched_random_neurons` (random neurons of the same size, the control
+a selection must beat). :func:`utils.evaluation.mean_interval` gives each change its bootstrap interval.
 """
 
 from __future__ import annotations
@@ -127,7 +134,7 @@ def mlp_activations(model: nn.Module, tokenizer, prompts: Sequence[str], *, pool
     return out
 
 
-def _check_pairs(pairs, tokenizer) -> list[dict]:
+def _check_pairs(pairs, tokenizer, *, same_length: bool = True) -> list[dict]:
     if isinstance(pairs, dict):
         raise TypeError("pairs must be a list of pair records, not a single record: wrap it as [pair].")
     pairs = list(pairs)
@@ -137,7 +144,7 @@ def _check_pairs(pairs, tokenizer) -> list[dict]:
         if not isinstance(p, dict) or "target_prompt" not in p or "other_prompt" not in p:
             raise ValueError(f"pair {i} is not a record with 'target_prompt' and 'other_prompt' "
                              "(use utils.load_bias_pairs).")
-        if not equal_length(tokenizer, p):
+        if same_length and not equal_length(tokenizer, p):
             raise ValueError(
                 f"pair {i} ({p.get('target')!r} / {p.get('other')!r}) tokenizes to prompts of different lengths, "
                 "so its activations cannot be compared token by token. Load the pairs with "
@@ -181,18 +188,25 @@ def signed_bias_scores(model: nn.Module, tokenizer, pairs: Sequence[dict], **kwa
     return pair_differences(model, tokenizer, pairs, **kwargs).mean(0)
 
 
+def typical_magnitudes(model: nn.Module, tokenizer, pairs: Sequence[dict], **kwargs) -> torch.Tensor:
+    """Each neuron's typical size: its mean ``|a|`` over the tokens of all the pairs' prompts, ``[n_layers, I]``."""
+    pairs = _check_pairs(pairs, tokenizer)
+    return mlp_activations(model, tokenizer, _pair_prompts(pairs), pool="abs_mean", **kwargs).mean(0)
+
+
 def relative_bias_scores(model: nn.Module, tokenizer, pairs: Sequence[dict], *, signed: torch.Tensor | None = None,
-                         eps: float = 1e-2, **kwargs) -> torch.Tensor:
+                         typical: torch.Tensor | None = None, eps: float = 1e-2, **kwargs) -> torch.Tensor:
     """``|signed score| / typical magnitude`` per neuron: how large the group word's effect is for *that* neuron.
 
-    The typical magnitude is the neuron's mean ``|a|`` over the tokens of all the pairs' prompts.
-    ``eps`` (times the layer's median magnitude) keeps near-silent neurons from dividing by ~0.
-    Pass ``signed`` (from :func:`signed_bias_scores`) to skip computing it again.
+    The typical magnitude is the neuron's mean ``|a|`` over the tokens of all the pairs' prompts
+    (:func:`typical_magnitudes`). ``eps`` (times the layer's median magnitude) keeps near-silent neurons from
+    dividing by ~0. Pass ``signed`` (from :func:`signed_bias_scores`) or ``typical`` to skip computing them again.
     """
     pairs = _check_pairs(pairs, tokenizer)
     if signed is None:
         signed = signed_bias_scores(model, tokenizer, pairs, **kwargs)
-    typical = mlp_activations(model, tokenizer, _pair_prompts(pairs), pool="abs_mean", **kwargs).mean(0)
+    if typical is None:
+        typical = typical_magnitudes(model, tokenizer, pairs, **kwargs)
     floor = eps * typical.median(dim=1, keepdim=True).values
     return signed.abs() / (typical + floor)
 
@@ -234,6 +248,49 @@ def random_neurons(like: dict[int, list[int]], width: int, *, seed: int) -> dict
     generator = torch.Generator().manual_seed(seed)
     return {layer: sorted(torch.randperm(width, generator=generator)[: len(ids)].tolist())
             for layer, ids in like.items()}
+
+
+def matched_random_neurons(like: dict[int, list[int]], magnitudes: torch.Tensor, *, seed: int,
+                           bins: int = 10) -> dict[int, list[int]]:
+    """A stricter control than :func:`random_neurons`: random neurons of the same layers *and the same size*.
+
+    For every neuron of ``like``, one random neuron of the same layer from the same size bin: the layer's
+    neurons are cut into ``bins`` equal-count bins of ``magnitudes`` (e.g. :func:`typical_magnitudes`), and the
+    stand-in is drawn from its bin (the nearest bin with a free neuron if that one is used up), never one of
+    ``like``'s own neurons. Removing quiet neurons costs less than removing loud ones, so a control that is
+    not matched on size can make any selection look good or bad. Seeded.
+    """
+    if magnitudes.dim() != 2:
+        raise ValueError(f"magnitudes must be [n_layers, intermediate], got shape {tuple(magnitudes.shape)}.")
+    if not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}.")
+    n_layers, width = magnitudes.shape
+    if not isinstance(like, dict):
+        raise TypeError(f"like must be a dict {{layer: [neuron, ...]}}, got {type(like).__name__}.")
+    generator = torch.Generator().manual_seed(seed)
+    out: dict[int, list[int]] = {}
+    for layer, ids in sorted(like.items()):
+        if not 0 <= layer < n_layers or any(not 0 <= i < width for i in ids):
+            raise ValueError(f"like names layer {layer} / neurons outside the magnitudes' {n_layers} x {width}.")
+        if 2 * len(set(ids)) > width:
+            raise ValueError(f"layer {layer}: {len(ids)} neurons to match but only {width - len(set(ids))} others.")
+        order = magnitudes[layer].float().argsort()
+        bin_of = torch.empty(width, dtype=torch.long)
+        bin_of[order] = torch.arange(width) * bins // width
+        free = torch.ones(width, dtype=torch.bool)
+        free[list(ids)] = False
+        picked = []
+        for neuron in sorted(ids):
+            home = int(bin_of[neuron])
+            for b in sorted(range(bins), key=lambda b: (abs(b - home), b)):
+                pool = ((bin_of == b) & free).nonzero().flatten()
+                if len(pool):
+                    choice = int(pool[torch.randint(len(pool), (1,), generator=generator)])
+                    free[choice] = False
+                    picked.append(choice)
+                    break
+        out[layer] = sorted(picked)
+    return out
 
 
 def count_neurons(neurons: dict[int, list[int]]) -> int:
@@ -428,7 +485,10 @@ def final_state_bias(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batc
 @torch.no_grad()
 def next_token_divergence(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batch_size: int = 16) -> torch.Tensor:
     """Jensen-Shannon divergence (nats) between the next-token distributions of the two prompts of each pair."""
-    pairs = _check_pairs(pairs, tokenizer)
+    return _divergences(model, tokenizer, _check_pairs(pairs, tokenizer), batch_size)
+
+
+def _divergences(model: nn.Module, tokenizer, pairs: list[dict], batch_size: int) -> torch.Tensor:
     out = []
     for n, ids, mask in _pair_batches(model, tokenizer, pairs, batch_size):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -439,6 +499,141 @@ def next_token_divergence(model: nn.Module, tokenizer, pairs: Sequence[dict], *,
                     + F.kl_div(m, q, log_target=True, reduction="none").sum(-1))
         out.append(js.cpu())
     return torch.cat(out)
+
+
+# --- behaviour: less biased, or only less aware of the group word? -----------------------------
+# The measures above are unsigned: a model that no longer tells "she" from "he" scores as perfectly fair.
+# These read the model's own predictions, with a sign, on data/bias_probes.jsonl (utils.load_bias_probes).
+
+def _check_probes(probes, fields: tuple[str, ...], kind: str) -> list[dict]:
+    if isinstance(probes, dict):
+        raise TypeError("probes must be a list of probe records, not a single record: wrap it as [probe].")
+    probes = list(probes)
+    if not probes:
+        raise ValueError(f"probes is empty: load some with utils.load_bias_probes({kind!r}, split='validation').")
+    for i, p in enumerate(probes):
+        missing = [f for f in ("target_prompt", "other_prompt", *fields) if not isinstance(p, dict) or f not in p]
+        if missing:
+            raise ValueError(f"probe {i} lacks {missing}: use the records of utils.load_bias_probes({kind!r}).")
+        for f in fields:
+            if not str(p[f]).startswith(" ") or not str(p[f]).strip():
+                raise ValueError(f"probe {i}: {f}={p[f]!r} must be a non-empty continuation starting with a space.")
+    return probes
+
+
+def _choice_logliks(model: nn.Module, tokenizer, probes: list[dict], fields: tuple[str, str], batch_size: int,
+                    progress: bool) -> torch.Tensor:
+    """``[n_probes, 2 prompts (target, other), 2 continuations]`` summed log-probabilities (float64)."""
+    items = [{"query": p[prompt], "choices": [p[f].strip() for f in fields], "label": 0}
+             for p in probes for prompt in ("target_prompt", "other_prompt")]
+    loglik = score_choices(model, tokenizer, items, batch_size=batch_size, progress=progress)["loglik"]
+    return torch.tensor(loglik, dtype=torch.float64).view(len(probes), 2, 2)
+
+
+def stereotype_scores(model: nn.Module, tokenizer, probes: Sequence[dict], *, batch_size: int = 16,
+                      progress: bool = False) -> torch.Tensor:
+    """The signed stereotype preference of every probe, in nats: ``[n_probes]``.
+
+    ``[log p(stereo | target prompt) - log p(anti | target prompt)]
+    - [log p(stereo | other prompt) - log p(anti | other prompt)]``: how much more the model prefers the
+    stereotyped continuation when the prompt names the target group than when it names the other group.
+    Positive = the stereotype; 0 = the group word makes no difference to that choice; negative = the reverse.
+    The second bracket cancels how likely each continuation is anyway. A model that stops telling the two
+    groups apart also drifts to 0, so read it next to :func:`awareness_scores`.
+    """
+    probes = _check_probes(probes, ("stereo", "anti"), "stereotype")
+    ll = _choice_logliks(model, tokenizer, probes, ("stereo", "anti"), batch_size, progress)
+    preference = ll[..., 0] - ll[..., 1]
+    return (preference[:, 0] - preference[:, 1]).float()
+
+
+def awareness_scores(model: nn.Module, tokenizer, probes: Sequence[dict], *, batch_size: int = 16,
+                     progress: bool = False) -> torch.Tensor:
+    """Does the model still know which group a prompt names? Per probe, the share of its two prompts (0, 0.5, 1)
+    after which the right answer (``target_answer`` after the target prompt, ``other_answer`` after the other
+    one, e.g. " she" / " he") is more likely than the wrong one. ``[n_probes]``; its mean is an accuracy.
+    """
+    probes = _check_probes(probes, ("target_answer", "other_answer"), "awareness")
+    ll = _choice_logliks(model, tokenizer, probes, ("target_answer", "other_answer"), batch_size, progress)
+    right = torch.stack([ll[:, 0, 0] > ll[:, 0, 1], ll[:, 1, 1] > ll[:, 1, 0]], dim=1)
+    return right.float().mean(1)
+
+
+@torch.no_grad()
+def swap_sensitivity(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batch_size: int = 16) -> torch.Tensor:
+    """How much swapping one word moves the next-token prediction: the Jensen-Shannon divergence (nats) between
+    the next-token distributions after the two prompts of each pair, ``[n_pairs]``.
+
+    :func:`next_token_divergence` without its equal-length rule (only the last position is compared). On group
+    pairs it measures how much the model reacts to the group word; on neutral swaps ("blue" / "green") it is the
+    control a bias-specific change must leave alone.
+    """
+    pairs = _check_pairs(pairs, tokenizer, same_length=False)
+    return _divergences(model, tokenizer, pairs, batch_size)
+
+
+#: What :func:`measure_behaviour` measures on which probes, and how :func:`behaviour_changes` compares:
+#: "difference" (new - base, in the measure's unit) or "relative" (sum(new - base) / sum(base)).
+BEHAVIOUR_MEASURES: dict[str, tuple[str, str]] = {
+    "stereotype": ("stereotype", "difference"),  # nats; below 0 = less stereotyped
+    "awareness": ("awareness", "difference"),  # accuracy; below 0 = the model knows less whom "she" means
+    "group_swap": ("stereotype", "relative"),  # how much a group word moves the next token (same prompts)
+    "neutral_swap": ("neutral", "relative"),  # the same for a neutral word: a specific change leaves it alone
+}
+
+
+def measure_behaviour(model: nn.Module, tokenizer, probes: dict[str, Sequence[dict]], *,
+                      measures: Sequence[str] = tuple(BEHAVIOUR_MEASURES),
+                      batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Every behavioural measure of :data:`BEHAVIOUR_MEASURES`, one value per probe: ``{measure: [n_probes]}``.
+
+    ``probes`` maps a kind (``"stereotype"``, ``"awareness"``, ``"neutral"``) to its records, e.g.
+    ``{kind: utils.load_bias_probes(kind, split="test") for kind in ("stereotype", "awareness", "neutral")}``.
+    Run it on the base model and on a changed one, then compare with :func:`behaviour_changes`.
+    """
+    unknown = [m for m in measures if m not in BEHAVIOUR_MEASURES]
+    if unknown:
+        raise ValueError(f"Unknown measure(s) {unknown}. Known: {', '.join(BEHAVIOUR_MEASURES)}.")
+    functions = {"stereotype": stereotype_scores, "awareness": awareness_scores}
+    out = {}
+    for name in measures:
+        kind, _ = BEHAVIOUR_MEASURES[name]
+        if kind not in probes:
+            raise ValueError(f"measure {name!r} needs the {kind!r} probes: add probes[{kind!r}] = "
+                             f"utils.load_bias_probes({kind!r}, split=...).")
+        if name.endswith("_swap"):
+            out[name] = swap_sensitivity(model, tokenizer, probes[kind], batch_size=batch_size)
+        else:
+            out[name] = functions[name](model, tokenizer, probes[kind], batch_size=batch_size)
+    return out
+
+
+def behaviour_changes(base: dict[str, torch.Tensor], new: dict[str, torch.Tensor], probes: dict[str, Sequence[dict]],
+                      *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """How each behavioural measure moved from ``base`` to ``new`` (both from :func:`measure_behaviour` on the
+    same probes), with a bootstrap interval that resamples **templates**: the probes written from one sentence
+    (with different group words) are not independent, so whole templates are drawn.
+
+    Returns ``{measure: {"value", "low", "high", "verdict", "n", "clusters", "base", "new"}}`` where ``value`` is
+    the change (:data:`BEHAVIOUR_MEASURES` says whether as a difference or relative to ``base``) and ``base`` /
+    ``new`` are the two means.
+    """
+    from .evaluation import mean_interval
+
+    out = {}
+    for name, before in base.items():
+        if name not in new:
+            raise ValueError(f"new has no {name!r}: measure both models with the same measures.")
+        kind, how = BEHAVIOUR_MEASURES[name]
+        before, after = before.double(), new[name].double()
+        if before.shape != after.shape or len(probes[kind]) != before.numel():
+            raise ValueError(f"{name}: base, new and probes[{kind!r}] must cover the same probes "
+                             f"({before.numel()}, {after.numel()}, {len(probes[kind])}).")
+        clusters = [p.get("template", p["target_prompt"]) for p in probes[kind]]
+        interval = mean_interval((after - before).numpy(), baseline=before.numpy() if how == "relative" else None,
+                                 clusters=clusters, n_boot=n_boot, seed=seed, level=level)
+        out[name] = {**interval, "base": float(before.mean()), "new": float(after.mean())}
+    return out
 
 
 # --- the multiple-choice benchmark ---------------------------------------------------------
@@ -507,11 +702,13 @@ def bbq_scores(items: Sequence[dict], predictions: Sequence[int]) -> dict[str, f
 
 
 def bootstrap_ci(items: Sequence[dict], predictions: Sequence[int], *, metric: Callable = bbq_scores,
-                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float] | None]:
+                 n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 clusters: Sequence | None = None) -> dict[str, tuple[float, float] | None]:
     """Percentile bootstrap intervals of every number ``metric(items, predictions)`` returns (BBQ's scores by
     default): :func:`utils.benchmarks.bootstrap_ci` with ``metric=bbq_scores``.
 
-    Items are resampled with replacement ``n_boot`` times (seeded). Returns ``{name: (low, high)}``;
-    None for a number that is undefined in too many resamples (more than 5 %).
+    Items are resampled with replacement ``n_boot`` times (seeded); with ``clusters`` (e.g. each item's
+    ``scenario``: the 12 variants of one scenario are not independent) whole clusters are. Returns
+    ``{name: (low, high)}``; None for a number that is undefined in too many resamples (more than 5 %).
     """
-    return _bootstrap_ci(items, predictions, metric=metric, n_boot=n_boot, level=level, seed=seed)
+    return _bootstrap_ci(items, predictions, metric=metric, n_boot=n_boot, level=level, seed=seed, clusters=clusters)

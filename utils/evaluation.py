@@ -6,7 +6,7 @@ Speed (the timing harness, the FLOPs ideal) lives in :mod:`utils.speed`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +85,51 @@ def perplexity(model: torch.nn.Module, dataloader: Iterable[dict], *, progress: 
     if total_tokens == 0:
         raise ValueError("The dataloader holds no token to predict (empty, or every text is one token long).")
     return math.exp(total_nll / total_tokens)
+
+
+def mean_interval(values, *, baseline=None, clusters: Sequence | None = None, n_boot: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> dict:
+    """A mean with a percentile bootstrap interval; optionally a ratio of sums, optionally resampling clusters.
+
+    Args:
+        values: one number per item (e.g. each prompt pair's change after pruning).
+        baseline: one number per item, or None. If given, the statistic is ``sum(values) / sum(baseline)``
+            (with ``values`` = per-item changes, that is the relative change); else the mean of ``values``.
+        clusters: one label per item (e.g. the sentence template an item was written from). Items that share
+            a label are not independent; the bootstrap then draws whole clusters with replacement, which gives
+            the honest, wider interval. None: every item is its own cluster.
+        n_boot, seed, level: bootstrap draws, their seed, and the interval's coverage.
+
+    Returns ``value``, ``low``, ``high``, ``n`` (items), ``clusters`` (how many) and ``verdict``: ``"below 0"``,
+    ``"above 0"`` or ``"within noise"`` when the interval contains 0.
+    """
+    vals = np.asarray(values, dtype=float).ravel()
+    if vals.size == 0:
+        raise ValueError("values is empty: give one number per item.")
+    base = None if baseline is None else np.asarray(baseline, dtype=float).ravel()
+    if base is not None and base.shape != vals.shape:
+        raise ValueError(f"baseline has {base.size} numbers for {vals.size} values: give one per item.")
+    if not np.isfinite(vals).all() or (base is not None and not np.isfinite(base).all()):
+        raise ValueError("values and baseline must be finite numbers (a NaN or inf crept in).")
+    if not isinstance(n_boot, int) or n_boot < 100 or not 0 < level < 1:
+        raise ValueError(f"Use n_boot >= 100 and a level in (0, 1); got n_boot={n_boot!r}, level={level!r}.")
+    labels = list(range(vals.size)) if clusters is None else list(clusters)
+    if len(labels) != vals.size:
+        raise ValueError(f"clusters has {len(labels)} labels for {vals.size} values: give one label per item.")
+    index = {label: k for k, label in enumerate(dict.fromkeys(labels))}
+    member = np.array([index[label] for label in labels])
+    n_clusters = len(index)
+    sums = np.bincount(member, weights=vals, minlength=n_clusters)
+    denominators = (np.bincount(member, weights=base, minlength=n_clusters) if base is not None
+                    else np.bincount(member, minlength=n_clusters).astype(float))
+    if abs(denominators.sum()) == 0:
+        raise ValueError("The baseline sums to 0: a relative change is undefined.")
+    picks = np.random.default_rng(seed).integers(0, n_clusters, size=(n_boot, n_clusters))
+    draws = sums[picks].sum(1) / denominators[picks].sum(1)
+    low, high = np.nanpercentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    verdict = "within noise" if low <= 0 <= high else ("below 0" if high < 0 else "above 0")
+    return {"value": float(sums.sum() / denominators.sum()), "low": float(low), "high": float(high),
+            "n": int(vals.size), "clusters": n_clusters, "verdict": verdict}
 
 
 def paired_log_perplexity(a: dict, b: dict, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:

@@ -1,0 +1,275 @@
+"""The signed, behavioural bias measures and their controls (utils.bias: stereotype_scores, awareness_scores,
+swap_sensitivity, typical_magnitudes, matched_random_neurons) and the intervals that go with them
+(utils.evaluation.mean_interval, clustered utils.benchmarks.bootstrap_ci)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from utils import benchmarks, bias, evaluation
+
+
+def _stereo_probes():
+    return [
+        {"target_prompt": "The woman looked at the engine and said it was", "other_prompt":
+         "The man looked at the engine and said it was", "stereo": " hard", "anti": " easy"},
+        {"target_prompt": "The old tenant opened the new phone and found it", "other_prompt":
+         "The young tenant opened the new phone and found it", "stereo": " confusing", "anti": " simple to use"},
+        {"target_prompt": "In the exam the girl did", "other_prompt": "In the exam the boy did",
+         "stereo": " badly", "anti": " well"},
+    ]
+
+
+def _aware_probes():
+    return [
+        {"target_prompt": "The woman told the neighbours that", "other_prompt": "The man told the neighbours that",
+         "target_answer": " she", "other_answer": " he"},
+        {"target_prompt": "When the mother came home,", "other_prompt": "When the father came home,",
+         "target_answer": " she", "other_answer": " he"},
+    ]
+
+
+def _continuation_logprob(model, tok, prompt, continuation):
+    """log p(continuation | prompt), by hand: one forward pass over prompt + continuation."""
+    context = tok(prompt)["input_ids"]
+    whole = tok(prompt + continuation)["input_ids"]
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        logprobs = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    return sum(float(logprobs[t - 1, whole[t]]) for t in range(len(context), len(whole)))
+
+
+# --- stereotype_scores ---------------------------------------------------------------------------
+
+def test_stereotype_scores_are_the_double_difference_of_log_probabilities(models):
+    model, tok = models()
+    probes = _stereo_probes()
+    ours = bias.stereotype_scores(model, tok, probes, batch_size=3)
+    assert ours.shape == (len(probes),)
+    for score, p in zip(ours, probes):
+        lp = {(prompt, c): _continuation_logprob(model, tok, p[prompt], p[c])
+              for prompt in ("target_prompt", "other_prompt") for c in ("stereo", "anti")}
+        by_hand = (lp["target_prompt", "stereo"] - lp["target_prompt", "anti"]) \
+            - (lp["other_prompt", "stereo"] - lp["other_prompt", "anti"])
+        assert float(score) == pytest.approx(by_hand, abs=1e-3)
+
+
+def test_stereotype_scores_flip_with_the_groups_or_the_continuations_and_vanish_without_a_group_word(models):
+    model, tok = models()
+    probes = _stereo_probes()
+    base = bias.stereotype_scores(model, tok, probes)
+    swapped_groups = [{**p, "target_prompt": p["other_prompt"], "other_prompt": p["target_prompt"]} for p in probes]
+    swapped_answers = [{**p, "stereo": p["anti"], "anti": p["stereo"]} for p in probes]
+    torch.testing.assert_close(bias.stereotype_scores(model, tok, swapped_groups), -base, atol=1e-4, rtol=0)
+    torch.testing.assert_close(bias.stereotype_scores(model, tok, swapped_answers), -base, atol=1e-4, rtol=0)
+    same = [{**p, "other_prompt": p["target_prompt"]} for p in probes]
+    assert bias.stereotype_scores(model, tok, same).abs().max() < 1e-4
+    assert not torch.allclose(base, torch.zeros_like(base))  # a random model still reacts to the word
+
+
+# --- awareness_scores ------------------------------------------------------------------------------
+
+def test_awareness_counts_the_right_answer_after_each_prompt(models):
+    model, tok = models()
+    probes = _aware_probes()
+    scores = bias.awareness_scores(model, tok, probes)
+    assert scores.shape == (2,) and set(scores.tolist()) <= {0.0, 0.5, 1.0}
+    # swapping the two answers turns every right answer into a wrong one
+    flipped = [{**p, "target_answer": p["other_answer"], "other_answer": p["target_answer"]} for p in probes]
+    torch.testing.assert_close(bias.awareness_scores(model, tok, flipped), 1 - scores)
+    # two identical prompts: exactly one of the two answers is right, whatever the model prefers
+    blind = [{**p, "other_prompt": p["target_prompt"]} for p in probes]
+    assert bias.awareness_scores(model, tok, blind).tolist() == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"target_prompt": "a", "other_prompt": "b", "stereo": " x", "anti": " y"}, "single record"),
+    ([], "empty"),
+    ([{"target_prompt": "a", "other_prompt": "b", "stereo": " x"}], "lacks"),
+    ([{"target_prompt": "a", "other_prompt": "b", "stereo": "x", "anti": " y"}], "starting with a space"),
+    ([{"target_prompt": "a", "other_prompt": "b", "stereo": " ", "anti": " y"}], "non-empty"),
+])
+def test_stereotype_scores_reject_bad_probes_clearly(models, bad, match):
+    model, tok = models()
+    with pytest.raises((TypeError, ValueError), match=match):
+        bias.stereotype_scores(model, tok, bad)
+
+
+def test_awareness_scores_need_the_answer_fields(models):
+    model, tok = models()
+    with pytest.raises(ValueError, match="awareness"):
+        bias.awareness_scores(model, tok, _stereo_probes())
+
+
+# --- swap_sensitivity ---------------------------------------------------------------------------------
+
+def test_swap_sensitivity_equals_next_token_divergence_and_accepts_unequal_lengths(models):
+    model, tok = models()
+    pairs = [{"target_prompt": "The blue car was parked by the", "other_prompt": "The red car was parked by the"},
+             {"target_prompt": "On Monday the shop", "other_prompt": "On Monday the shop"}]
+    pairs = [p for p in pairs if bias.equal_length(tok, p)]
+    torch.testing.assert_close(bias.swap_sensitivity(model, tok, pairs), bias.next_token_divergence(model, tok, pairs))
+    uneven = [{"target_prompt": "The cat sat", "other_prompt": "The enormous orange cat from next door sat"}]
+    assert not bias.equal_length(tok, uneven[0])
+    with pytest.raises(ValueError, match="different lengths"):
+        bias.next_token_divergence(model, tok, uneven)
+    value = bias.swap_sensitivity(model, tok, uneven)
+    swapped = [{"target_prompt": uneven[0]["other_prompt"], "other_prompt": uneven[0]["target_prompt"]}]
+    torch.testing.assert_close(bias.swap_sensitivity(model, tok, swapped), value, atol=1e-6, rtol=1e-4)
+    assert float(value) > 0
+    same = [{"target_prompt": "The cat sat", "other_prompt": "The cat sat"}]
+    assert float(bias.swap_sensitivity(model, tok, same)) == pytest.approx(0.0, abs=1e-6)
+
+
+# --- typical magnitudes and the size-matched control ------------------------------------------------------
+
+def _pairs(tok):
+    from tests.test_bias import _pairs as pairs_of
+    return pairs_of(tok)
+
+
+def test_relative_scores_reuse_given_typical_magnitudes(models):
+    model, tok = models()
+    pairs = _pairs(tok)
+    typical = bias.typical_magnitudes(model, tok, pairs)
+    assert typical.shape == (model.config.num_hidden_layers, model.config.intermediate_size) and (typical >= 0).all()
+    torch.testing.assert_close(bias.relative_bias_scores(model, tok, pairs, typical=typical),
+                               bias.relative_bias_scores(model, tok, pairs))
+
+
+def test_matched_random_neurons_draw_the_same_count_from_the_same_size_bins():
+    magnitudes = torch.arange(400, dtype=torch.float).view(2, 200).flip(1)  # layer rows, decreasing size
+    like = {0: [0, 1, 2, 150], 1: [100, 101]}
+    control = bias.matched_random_neurons(like, magnitudes, seed=3, bins=10)
+    assert {k: len(v) for k, v in control.items()} == {k: len(v) for k, v in like.items()}
+    for layer, ids in control.items():
+        assert not set(ids) & set(like[layer])
+        rank = magnitudes[layer].argsort().argsort()  # 0 = smallest
+        wanted = sorted(int(rank[i]) * 10 // 200 for i in like[layer])
+        assert sorted(int(rank[i]) * 10 // 200 for i in ids) == wanted
+    assert control == bias.matched_random_neurons(like, magnitudes, seed=3, bins=10)
+    assert control != bias.matched_random_neurons(like, magnitudes, seed=4, bins=10)
+
+
+def test_matched_random_neurons_fall_back_to_the_nearest_bin_when_one_is_used_up():
+    magnitudes = torch.arange(20, dtype=torch.float).view(1, 20)
+    like = {0: [18, 19]}  # the top bin (of 10) holds exactly these two
+    control = bias.matched_random_neurons(like, magnitudes, seed=0, bins=10)
+    assert sorted(control[0]) == [16, 17]
+
+
+@pytest.mark.parametrize("like, magnitudes, match", [
+    ([1, 2], torch.ones(2, 10), "dict"),
+    ({0: [1]}, torch.ones(10), "n_layers"),
+    ({5: [1]}, torch.ones(2, 10), "outside"),
+    ({0: [1, 2, 3, 4, 5, 6]}, torch.ones(2, 10), "only 4 others"),
+])
+def test_matched_random_neurons_reject_bad_input(like, magnitudes, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        bias.matched_random_neurons(like, magnitudes, seed=0)
+
+
+# --- intervals ---------------------------------------------------------------------------------------------
+
+def test_mean_interval_gives_the_mean_or_the_ratio_with_an_interval_around_it():
+    rng = np.random.default_rng(0)
+    values = rng.normal(-1.0, 1.0, 200)
+    out = evaluation.mean_interval(values, seed=1)
+    assert out["value"] == pytest.approx(values.mean()) and out["low"] < out["value"] < out["high"]
+    assert out["verdict"] == "below 0" and out["n"] == 200 and out["clusters"] == 200
+    assert evaluation.mean_interval(rng.normal(0, 1, 50))["verdict"] == "within noise"
+    base = rng.uniform(1, 2, 200)
+    ratio = evaluation.mean_interval(0.1 * base, baseline=base)
+    assert ratio["value"] == pytest.approx(0.1) and ratio["low"] == pytest.approx(0.1) == ratio["high"]
+
+
+def test_resampling_clusters_widens_the_interval_of_clustered_data():
+    rng = np.random.default_rng(0)
+    cluster_means = rng.normal(0.3, 1.0, 12)
+    values = np.repeat(cluster_means, 10) + rng.normal(0, 0.05, 120)
+    labels = np.repeat(np.arange(12), 10).tolist()
+    flat = evaluation.mean_interval(values)
+    clustered = evaluation.mean_interval(values, clusters=labels)
+    assert clustered["value"] == pytest.approx(flat["value"]) and clustered["clusters"] == 12
+    assert clustered["high"] - clustered["low"] > 2 * (flat["high"] - flat["low"])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(values=[]), "empty"),
+    (dict(values=[1.0, 2.0], baseline=[1.0]), "one per item"),
+    (dict(values=[1.0, float("nan")]), "finite"),
+    (dict(values=[1.0, 2.0], clusters=["a"]), "one label per item"),
+    (dict(values=[1.0, -1.0], baseline=[1.0, -1.0]), "sums to 0"),
+    (dict(values=[1.0, 2.0], n_boot=5), "n_boot"),
+])
+def test_mean_interval_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        evaluation.mean_interval(**kwargs)
+
+
+def test_bootstrap_ci_can_resample_whole_scenarios():
+    items = [{"query": "q", "label": 0, "choices": ["a", "b"]} for _ in range(60)]
+    predictions = [0] * 30 + [1] * 30  # scenario k's 10 items all right or all wrong
+    scenarios = [k // 10 for k in range(60)]
+    flat = benchmarks.bootstrap_ci(items, predictions, seed=0)["acc"]
+    clustered = benchmarks.bootstrap_ci(items, predictions, seed=0, clusters=scenarios)["acc"]
+    assert clustered[1] - clustered[0] > 1.5 * (flat[1] - flat[0])
+    assert flat == benchmarks.bootstrap_ci(items, predictions, seed=0, clusters=list(range(60)))["acc"]
+    with pytest.raises(ValueError, match="one label per item"):
+        benchmarks.bootstrap_ci(items, predictions, clusters=[0, 1])
+    compared = benchmarks.paired_comparison(items, predictions, [0] * 60, clusters=scenarios)
+    assert compared["difference"] == pytest.approx(0.5) and compared["ci"][0] > 0
+
+
+# --- measure_behaviour / behaviour_changes ------------------------------------------------------------------
+
+def _probe_set():
+    stereo = [{**p, "template": f"t{k % 2}"} for k, p in enumerate(_stereo_probes())]
+    aware = [{**p, "template": f"a{k}"} for k, p in enumerate(_aware_probes())]
+    neutral = [{"target_prompt": "The blue car stopped by the", "other_prompt": "The green car stopped by the",
+                "template": "n0"},
+               {"target_prompt": "On Monday the baker", "other_prompt": "On Friday the baker", "template": "n1"}]
+    return {"stereotype": stereo, "awareness": aware, "neutral": neutral}
+
+
+def test_measure_behaviour_collects_each_measure_and_an_unchanged_model_changes_nothing(models):
+    model, tok = models()
+    probes = _probe_set()
+    base = bias.measure_behaviour(model, tok, probes)
+    assert set(base) == set(bias.BEHAVIOUR_MEASURES)
+    torch.testing.assert_close(base["stereotype"], bias.stereotype_scores(model, tok, probes["stereotype"]))
+    torch.testing.assert_close(base["neutral_swap"], bias.swap_sensitivity(model, tok, probes["neutral"]))
+    changes = bias.behaviour_changes(base, base, probes)
+    for name, c in changes.items():
+        assert c["value"] == pytest.approx(0.0, abs=1e-9) and c["verdict"] == "within noise", name
+    assert changes["stereotype"]["clusters"] == 2 and changes["stereotype"]["n"] == 3
+
+
+def test_behaviour_changes_measure_a_real_edit(models):
+    model, tok = models()
+    probes = _probe_set()
+    base = bias.measure_behaviour(model, tok, probes, measures=["stereotype", "neutral_swap"])
+    neurons = {layer: list(range(0, model.config.intermediate_size, 2)) for layer in range(2)}
+    with bias.zero_neurons(model, neurons):
+        new = bias.measure_behaviour(model, tok, probes, measures=["stereotype", "neutral_swap"])
+    changes = bias.behaviour_changes(base, new, probes)
+    assert changes["stereotype"]["value"] == pytest.approx(float((new["stereotype"] - base["stereotype"]).mean()))
+    relative = float((new["neutral_swap"] - base["neutral_swap"]).sum() / base["neutral_swap"].sum())
+    assert changes["neutral_swap"]["value"] == pytest.approx(relative, rel=1e-6)
+    assert changes["stereotype"]["value"] != 0.0
+
+
+def test_behaviour_functions_reject_bad_input(models):
+    model, tok = models()
+    probes = _probe_set()
+    with pytest.raises(ValueError, match="Unknown measure"):
+        bias.measure_behaviour(model, tok, probes, measures=["fairness"])
+    with pytest.raises(ValueError, match="needs the 'neutral' probes"):
+        bias.measure_behaviour(model, tok, {"stereotype": probes["stereotype"]}, measures=["neutral_swap"])
+    base = bias.measure_behaviour(model, tok, probes, measures=["stereotype"])
+    with pytest.raises(ValueError, match="new has no"):
+        bias.behaviour_changes(base, {}, probes)
+    with pytest.raises(ValueError, match="same probes"):
+        bias.behaviour_changes(base, {"stereotype": base["stereotype"][:2]}, probes)
