@@ -273,3 +273,48 @@ def test_behaviour_functions_reject_bad_input(models):
         bias.behaviour_changes(base, {}, probes)
     with pytest.raises(ValueError, match="same probes"):
         bias.behaviour_changes(base, {"stereotype": base["stereotype"][:2]}, probes)
+
+
+# --- stereotype_attribution -----------------------------------------------------------------------------------
+
+def test_attribution_is_the_derivative_of_the_stereotype_score_along_each_neuron(models):
+    """Scaling a neuron's up_proj row by s scales its activation by s on every token, so
+    dS/ds at s=1 is exactly sum_t a * dS/da: the attribution. A central finite difference must agree."""
+    model, tok = models()
+    probes = _stereo_probes()
+    attribution = bias.stereotype_attribution(model, tok, probes, batch_size=4)
+    assert attribution.shape == (model.config.num_hidden_layers, model.config.intermediate_size)
+    assert all(p.grad is None for p in model.parameters())
+    flat = attribution.abs().flatten().topk(3).indices.tolist() + [0]
+    width, eps = model.config.intermediate_size, 1e-2
+    for index in flat:
+        neuron = {index // width: [index % width]}
+        with bias.scale_neurons(model, neuron, 1 + eps):
+            up = float(bias.stereotype_scores(model, tok, probes).double().mean())
+        with bias.scale_neurons(model, neuron, 1 - eps):
+            down = float(bias.stereotype_scores(model, tok, probes).double().mean())
+        derivative = (up - down) / (2 * eps)
+        assert derivative == pytest.approx(float(attribution.flatten()[index]), rel=2e-2, abs=2e-4)
+
+
+def test_attribution_does_not_depend_on_the_batch_size_and_rejects_bad_probes(models):
+    model, tok = models()
+    probes = _stereo_probes()
+    torch.testing.assert_close(bias.stereotype_attribution(model, tok, probes, batch_size=4),
+                               bias.stereotype_attribution(model, tok, probes, batch_size=12), atol=1e-5, rtol=1e-3)
+    with pytest.raises(ValueError, match="lacks"):
+        bias.stereotype_attribution(model, tok, _aware_probes())
+
+
+def test_attribution_works_on_frozen_weights(models):
+    model, tok = models()
+    probes = _stereo_probes()[:1]
+    expected = bias.stereotype_attribution(model, tok, probes)
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        torch.testing.assert_close(bias.stereotype_attribution(model, tok, probes), expected)
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)

@@ -87,6 +87,42 @@ def norm_predictions(loglik: Sequence[Sequence[float]], items: Sequence[dict]) -
     return [_argmax([ll / max(1, len(c)) for ll, c in zip(row, item["choices"])]) for row, item in zip(loglik, items)]
 
 
+def choice_requests(tokenizer, items: Sequence[dict]) -> list[tuple[int, int, list[int], list[int]]]:
+    """``(item index, choice index, prompt ids, choice ids)`` for every choice of every item: the prompt
+    (:func:`item_prompt`) and the choice after one space are tokenised together and split where the prompt's
+    own tokens end (lm-eval's rule). :func:`score_choices` scores these; so does :mod:`utils.bias`."""
+    requests = []
+    for i, item in enumerate(items):
+        prompt = item_prompt(item)
+        context = tokenizer(prompt)["input_ids"]
+        for j, choice in enumerate(item["choices"]):
+            whole = tokenizer(prompt + " " + choice)["input_ids"]
+            requests.append((i, j, whole[: len(context)], whole[len(context):]))
+    return requests
+
+
+def pad_requests(chunk: Sequence[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of a batch of :func:`choice_requests`, right-padded with ``pad``."""
+    seqs = [c + r for _, _, c, r in chunk]
+    ids = torch.full((len(seqs), max(len(q) for q in seqs)), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, q in enumerate(seqs):
+        ids[row, : len(q)] = torch.tensor(q)
+        mask[row, : len(q)] = 1
+    return ids, mask
+
+
+def request_logprobs(logits: torch.Tensor, chunk: Sequence[tuple]) -> torch.Tensor:
+    """The summed log-probability of each request's choice tokens, ``[len(chunk)]`` (differentiable)."""
+    out = []
+    for row, (_, _, c, r) in enumerate(chunk):
+        # only the answer's positions need a softmax over the vocabulary
+        logprobs = logits[row, len(c) - 1: len(c) + len(r) - 1].float().log_softmax(-1)
+        index = torch.arange(len(r), device=logprobs.device)
+        out.append(logprobs[index, torch.tensor(r, device=logprobs.device)].sum())
+    return torch.stack(out)
+
+
 @torch.no_grad()
 def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_size: int = 16,
                   progress: bool = True) -> dict[str, list]:
@@ -106,13 +142,7 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_s
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     device = device_of(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    requests = []  # (item index, choice index, prompt ids, choice ids)
-    for i, item in enumerate(items):
-        prompt = item_prompt(item)
-        context = tokenizer(prompt)["input_ids"]
-        for j, choice in enumerate(item["choices"]):
-            whole = tokenizer(prompt + " " + choice)["input_ids"]
-            requests.append((i, j, whole[: len(context)], whole[len(context):]))
+    requests = choice_requests(tokenizer, items)
     loglik = [[0.0] * len(item["choices"]) for item in items]
     was_training = model.training
     model.eval()
@@ -120,19 +150,10 @@ def score_choices(model: nn.Module, tokenizer, items: Sequence[dict], *, batch_s
         for start in tqdm(range(0, len(requests), batch_size), desc="scoring choices", disable=not progress,
                           leave=False):
             chunk = requests[start: start + batch_size]
-            seqs = [c + r for _, _, c, r in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, s in enumerate(seqs):
-                ids[row, : len(s)] = torch.tensor(s)
-                mask[row, : len(s)] = 1
+            ids, mask = pad_requests(chunk, pad)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            for row, (i, j, c, r) in enumerate(chunk):
-                # only the answer's positions need a softmax over the vocabulary
-                logprobs = logits[row, len(c) - 1: len(c) + len(r) - 1].float().log_softmax(-1)
-                index = torch.arange(len(r), device=logprobs.device)
-                loglik[i][j] = float(logprobs[index, torch.tensor(r, device=logprobs.device)].sum())
+            for (i, j, _, _), value in zip(chunk, request_logprobs(logits, chunk).tolist()):
+                loglik[i][j] = value
     finally:
         model.train(was_training)
     return {"loglik": loglik, "pred": [_argmax(row) for row in loglik], "pred_norm": norm_predictions(loglik, items)}

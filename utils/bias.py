@@ -572,6 +572,61 @@ def swap_sensitivity(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batc
     return _divergences(model, tokenizer, pairs, batch_size)
 
 
+def stereotype_attribution(model: nn.Module, tokenizer, probes: Sequence[dict], *, batch_size: int = 8,
+                           progress: bool = False) -> torch.Tensor:
+    """A **signed, behavioural** neuron score: how much each MLP neuron pushes the stereotype score up. ``[n_layers, I]``.
+
+    For every neuron, ``sum over probes and tokens of a_i * dS/da_i``, where ``S`` is the summed
+    :func:`stereotype_scores` of ``probes`` and ``a_i`` the neuron's activation at the input of ``down_proj``.
+    To first order, silencing neuron ``i`` changes ``S`` by ``-a_i * dS/da_i`` (attribution patching): a neuron
+    with a large **positive** score carries the stereotyped preference, one with a negative score works
+    against it, and a neuron that merely detects the group word but does not feed that preference scores ~0.
+    Rank with ``scores.clamp(min=0)`` to remove only the neurons that push towards the stereotype. The score is
+    divided by the number of probes. Weights are not changed and get no ``.grad`` (``torch.autograd.grad`` takes
+    the derivatives with respect to the activations only).
+    """
+    from .benchmarks import choice_requests, pad_requests, request_logprobs
+
+    probes = _check_probes(probes, ("stereo", "anti"), "stereotype")
+    items = [{"query": p[prompt], "choices": [p["stereo"].strip(), p["anti"].strip()]}
+             for p in probes for prompt in ("target_prompt", "other_prompt")]
+    requests = choice_requests(tokenizer, items)
+    # request k = (item, choice): + for (target, stereo) and (other, anti), - for the other two
+    signs = torch.tensor([1.0 if (i % 2 == 0) == (j == 0) else -1.0 for i, j, _, _ in requests])
+    mlps = glu_mlps(model)
+    captured: list[torch.Tensor] = []
+
+    def capture(module, inputs):
+        captured.append(inputs[0])
+
+    def track(module, inputs, output):  # frozen weights: let the graph start at the embeddings
+        return output if output.requires_grad else output.detach().requires_grad_(True)
+
+    handles = [mlp.down_proj.register_forward_pre_hook(capture) for mlp in mlps]
+    handles.append(model.get_input_embeddings().register_forward_hook(track))
+    total = torch.zeros(len(mlps), mlps[0].down_proj.in_features, dtype=torch.float64)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device, was_training = device_of(model), model.training
+    model.eval()
+    step = 4 * max(1, batch_size // 4)  # whole probes per batch (4 requests each)
+    try:
+        for start in tqdm(range(0, len(requests), step), desc="attribution", disable=not progress, leave=False):
+            chunk, captured[:] = requests[start: start + step], []
+            ids, mask = pad_requests(chunk, pad)
+            with torch.enable_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                score = (request_logprobs(logits, chunk) * signs[start: start + step].to(logits.device)).sum()
+                grads = torch.autograd.grad(score, captured, allow_unused=True)
+            for layer, (a, g) in enumerate(zip(captured, grads)):
+                if g is not None:
+                    total[layer] += (a.detach().float() * g.float()).sum((0, 1)).double().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return (total / len(probes)).float()
+
+
 #: What :func:`measure_behaviour` measures on which probes, and how :func:`behaviour_changes` compares:
 #: "difference" (new - base, in the measure's unit) or "relative" (sum(new - base) / sum(base)).
 BEHAVIOUR_MEASURES: dict[str, tuple[str, str]] = {
