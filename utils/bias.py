@@ -574,7 +574,7 @@ def swap_sensitivity(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batc
 
 def stereotype_attribution(model: nn.Module, tokenizer, probes: Sequence[dict], *, batch_size: int = 8,
                            progress: bool = False) -> torch.Tensor:
-    """A **signed, behavioural** neuron score: how much each MLP neuron pushes the stereotype score up. ``[n_layers, I]``.
+    """A **signed, behavioural** neuron score: how much each MLP neuron pushes the stereotype score up.
 
     For every neuron, ``sum over probes and tokens of a_i * dS/da_i``, where ``S`` is the summed
     :func:`stereotype_scores` of ``probes`` and ``a_i`` the neuron's activation at the input of ``down_proj``.
