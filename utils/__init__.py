@@ -125,6 +125,7 @@ from .bias import (
     lm_eval_predictions,
     load_bias_benchmark,
     load_bias_pairs,
+    load_bias_probes,
     mlp_activations,
     next_token_divergence,
     pair_differences,

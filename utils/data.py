@@ -2,7 +2,8 @@
 
 Every file the course reads lives here: the text datasets of :data:`DATASETS` (:func:`load_records`,
 :func:`load_texts`), each with an optional validator that a technique module registers
-(:func:`register_validator`), and CH11's bias data (:func:`load_bias_pairs`, :func:`load_bias_benchmark`).
+(:func:`register_validator`), and CH11's bias data (:func:`load_bias_pairs`, :func:`load_bias_probes`,
+:func:`load_bias_benchmark`).
 """
 
 from __future__ import annotations
@@ -267,15 +268,20 @@ def batch_tensors(batch, device: torch.device | str) -> tuple[torch.Tensor, torc
 
 
 # --- CH11's bias data ---------------------------------------------------------------------
-# Prompt pairs that differ in one group word (data/bias_pairs.jsonl, every profile) and a BBQ-style multiple-choice
-# benchmark (data/bias_mc.jsonl in cpu and tiny; the real BBQ, Parrish et al. 2022, from the Hub in full).
-# utils.bias uses them (and re-exports the loaders).
+# Prompt pairs that differ in one group word (data/bias_pairs.jsonl, every profile), behavioural probes
+# (data/bias_probes.jsonl, every profile) and a BBQ-style multiple-choice benchmark (data/bias_mc.jsonl in cpu and
+# tiny; the real BBQ, Parrish et al. 2022, from the Hub in full). utils.bias uses them (and re-exports the loaders).
 
 #: The bias axes of the pairs and the benchmark.
 AXES: tuple[str, ...] = ("gender", "age", "ses", "ethnicity")
 PAIR_SPLITS: tuple[str, ...] = ("calibration", "heldout")
 PAIRS_FILE = DATA_DIR / "bias_pairs.jsonl"
 MC_FILE = DATA_DIR / "bias_mc.jsonl"
+PROBES_FILE = DATA_DIR / "bias_probes.jsonl"
+#: What :func:`load_bias_probes` can select: the kinds of probe, their splits and their kinds of word pair.
+PROBE_KINDS: tuple[str, ...] = ("stereotype", "neutral", "awareness")
+PROBE_SPLITS: tuple[str, ...] = ("validation", "test")
+PROBE_WORDS: tuple[str, ...] = ("calibration", "heldout", "neutral")
 #: The real BBQ in the ``full`` profile (one configuration per axis, a single ``test`` split).
 BBQ_HUB_ID = "oskarvanderwal/bbq"
 BBQ_CONFIGS = {"gender": "Gender_identity", "age": "Age", "ses": "SES", "ethnicity": "Race_ethnicity"}
@@ -326,6 +332,49 @@ def load_bias_pairs(split: str | None = None, *, axis: str | None = None, tokeni
             raise ValueError("No pair has prompts of equal token length under this tokenizer.")
         pairs = kept
     return pairs
+
+
+def load_bias_probes(kind: str, *, split: str | None = None, axis: str | None = None,
+                     words: str | None = None) -> list[dict]:
+    """The probes of ``data/bias_probes.jsonl`` of one kind (every profile: they are the course's own data).
+
+    They tell a model that is less biased from one that merely no longer notices the group word.
+
+    Args:
+        kind: ``"stereotype"`` (each record has ``stereo`` and ``anti`` continuations: does the model prefer
+            the stereotype after the target word more than after the other?), ``"neutral"`` (the same kind of
+            sentence with a swap of two words that name no group: how large a difference is without a group)
+            or ``"awareness"`` (``target_answer``/``other_answer``, the pronoun that is right after each word:
+            does the model still tell the groups apart?).
+        split: ``"validation"`` (to choose settings), ``"test"`` (to report) or None for both. The split is
+            by template: no sentence is in both.
+        axis: one of :data:`AXES` (awareness probes exist for ``"gender"`` only), ``"neutral"`` (the axis of
+            the neutral probes) or None for all.
+        words: ``"calibration"`` (the word pairs of ``bias_pairs.jsonl``, which found the neurons),
+            ``"heldout"`` (two new word pairs per axis) or ``"neutral"`` (the neutral probes), or None for all.
+
+    Every record has ``id``, ``kind``, ``axis``, ``split``, ``words``, ``template``, ``target``/``other`` (the
+    two words) and ``target_prompt``/``other_prompt`` (the template rendered with each; they differ only in
+    that word), then the fields of its kind. Raises ``ValueError`` for an unknown value, or when nothing
+    matches (e.g. ``load_bias_probes("awareness", axis="age")``).
+    """
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"Unknown kind {kind!r}. Known kinds: {', '.join(PROBE_KINDS)}.")
+    if split is not None and split not in PROBE_SPLITS:
+        raise ValueError(f"Unknown split {split!r}. Known splits: {', '.join(PROBE_SPLITS)} (or None for both).")
+    if axis is not None and axis not in AXES + ("neutral",):
+        raise ValueError(f"Unknown axis {axis!r}. Known axes: {', '.join(AXES)}, neutral (or None for all).")
+    if words is not None and words not in PROBE_WORDS:
+        raise ValueError(f"Unknown words {words!r}. Known values: {', '.join(PROBE_WORDS)} (or None for all).")
+    of_kind = [p for p in _read_jsonl(PROBES_FILE) if p["kind"] == kind]
+    probes = [p for p in of_kind if (split is None or p["split"] == split) and (axis is None or p["axis"] == axis)
+              and (words is None or p["words"] == words)]
+    if not probes:
+        axes = sorted({p["axis"] for p in of_kind})
+        kinds_of_words = sorted({p["words"] for p in of_kind})
+        raise ValueError(f"No {kind} probe has axis={axis!r} and words={words!r}: the {kind} probes have axes "
+                         f"{', '.join(axes)} and words {', '.join(kinds_of_words)}.")
+    return probes
 
 
 #: BBQ labels gender answers with words ("girl", "man") or letters ("F", "M") while its stereotyped groups use
