@@ -318,3 +318,44 @@ def test_attribution_works_on_frozen_weights(models):
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
+
+
+# --- splitting by template, the default ranking ----------------------------------------------------------------
+
+def test_split_templates_keeps_each_template_on_one_side_and_balances_axes():
+    probes = [{"axis": axis, "template": f"{axis}-{t}", "k": k} for axis in ("a", "b") for t in range(5)
+              for k in range(3)]
+    first, second = bias.split_templates(probes)
+    assert len(first) + len(second) == len(probes)
+    assert not {p["template"] for p in first} & {p["template"] for p in second}
+    for axis in ("a", "b"):
+        assert sorted({p["template"] for p in first if p["axis"] == axis}) == [f"{axis}-0", f"{axis}-2", f"{axis}-4"]
+    with pytest.raises(ValueError, match="template"):
+        bias.split_templates([{"axis": "a"}])
+    with pytest.raises(ValueError, match="every"):
+        bias.split_templates(probes, every=1)
+
+
+def test_fair_pruning_scores_give_each_ranking(models):
+    model, tok = models()
+    pairs = _pairs(tok)
+    torch.testing.assert_close(bias.fair_pruning_scores(model, tok, "relative", pairs=pairs),
+                               bias.relative_bias_scores(model, tok, pairs))
+    probes = _stereo_probes()
+    attribution = bias.fair_pruning_scores(model, tok, "attribution", probes=probes)
+    torch.testing.assert_close(attribution, bias.stereotype_attribution(model, tok, probes).clamp(min=0))
+    assert (attribution >= 0).all() and attribution.max() > 0
+    with pytest.raises(ValueError, match="Known: relative, attribution"):
+        bias.fair_pruning_scores(model, tok, "loudest")
+
+
+def test_first_templates_keeps_whole_templates_per_axis():
+    probes = [{"axis": axis, "template": f"{axis}-{t}", "k": k} for axis in ("a", "b") for t in range(4)
+              for k in range(2)]
+    kept = bias.first_templates(probes, 1)
+    assert {p["template"] for p in kept} == {"a-0", "b-0"} and len(kept) == 4
+    assert bias.first_templates(probes, None) == probes
+    with pytest.raises(ValueError, match="positive integer"):
+        bias.first_templates(probes, 0)
+    with pytest.raises(ValueError, match="template"):
+        bias.first_templates([{"axis": "a"}], 1)

@@ -53,6 +53,7 @@ from .data import (  # noqa: F401  (the bias data live in utils.data; utils.bias
     equal_length,
     load_bias_benchmark,
     load_bias_pairs,
+    load_bias_probes,
     make_dataloader,
 )
 from .precision import device_of
@@ -63,6 +64,9 @@ from .width import check_neuron_selection, glu_mlps, peak_to_peak, remove_neuron
 #: On SmolLM2-135M, 0.5 % lowered the held-out activation bias by about 6 % for a perplexity ratio under
 #: 1.05 on wikitext; at 1 % the perplexity cost passed 1.05 (CH11_NB02's sweep).
 DEFAULT_FAIR_RATIO = 0.005
+#: The ranking it removes from (:func:`fair_pruning_scores`): "relative" (reacts to the group word) or
+#: "attribution" (pushes towards the stereotype). Chosen on CH11_NB02's validation split.
+DEFAULT_FAIR_SCORE = "relative"
 #: The first blocks never lose a neuron (CH04: they are the ones a model cannot do without).
 DEFAULT_PROTECTED_BLOCKS = 3
 #: NB01's intervention: how many neurons (top relative scores) and the factor on their up_proj rows.
@@ -625,6 +629,71 @@ def stereotype_attribution(model: nn.Module, tokenizer, probes: Sequence[dict], 
             h.remove()
         model.train(was_training)
     return (total / len(probes)).float()
+
+
+def split_templates(probes: Sequence[dict], *, every: int = 2) -> tuple[list[dict], list[dict]]:
+    """Split probes in two by **template**, axis by axis: of each axis's templates (in file order), every
+    ``every``-th one (the 1st, 3rd, ... for 2) goes to the first part, the rest to the second. All the probes of
+    one template land on the same side, so a score fitted on one part is judged on sentences it never saw."""
+    if not isinstance(every, int) or every < 2:
+        raise ValueError(f"every must be an integer of at least 2, got {every!r}.")
+    probes = list(probes)
+    if any(not isinstance(p, dict) or "template" not in p for p in probes):
+        raise ValueError("every probe needs a 'template' (use utils.load_bias_probes).")
+    order: dict[str, list[str]] = {}
+    for p in probes:
+        seen = order.setdefault(p.get("axis", ""), [])
+        if p["template"] not in seen:
+            seen.append(p["template"])
+    first = {t for templates in order.values() for t in templates[::every]}
+    return [p for p in probes if p["template"] in first], [p for p in probes if p["template"] not in first]
+
+
+def first_templates(probes: Sequence[dict], n: int | None) -> list[dict]:
+    """The probes of the first ``n`` templates of each axis (file order); all of them for ``n=None``. A smaller
+    but still balanced set, e.g. for the ``tiny`` profile."""
+    if n is None:
+        return list(probes)
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer or None (all templates), got {n!r}.")
+    order: dict[str, list[str]] = {}
+    for p in probes:
+        if not isinstance(p, dict) or "template" not in p:
+            raise ValueError("every probe needs a 'template' (use utils.load_bias_probes).")
+        seen = order.setdefault(p.get("axis", ""), [])
+        if p["template"] not in seen:
+            seen.append(p["template"])
+    keep = {t for templates in order.values() for t in templates[:n]}
+    return [p for p in probes if p["template"] in keep]
+
+
+def attribution_probes() -> list[dict]:
+    """The probes :func:`fair_pruning_scores` fits the attribution on: the ``validation`` stereotype probes with
+    the calibration group words, first half of :func:`split_templates` (the second half is left to judge it)."""
+    return split_templates(load_bias_probes("stereotype", split="validation", words="calibration"))[0]
+
+
+#: The neuron rankings :func:`fair_pruning_scores` knows.
+FAIR_SCORES = ("relative", "attribution")
+
+
+def fair_pruning_scores(model: nn.Module, tokenizer, score: str | None = None, *, pairs: Sequence[dict] | None = None,
+                        probes: Sequence[dict] | None = None, progress: bool = False) -> torch.Tensor:
+    """The ranking Fair Pruning removes from, ``[n_layers, I]`` (high = remove first).
+
+    ``"relative"``: :func:`relative_bias_scores` on ``pairs`` (default: the calibration prompt pairs), the neurons
+    that react most to the group word. ``"attribution"``: :func:`stereotype_attribution` on ``probes`` (default:
+    :func:`attribution_probes`), clamped at 0, the neurons that push the model's choice towards the stereotype.
+    ``None`` = :data:`DEFAULT_FAIR_SCORE`, the one CH11_NB02 chose on its validation split.
+    """
+    score = DEFAULT_FAIR_SCORE if score is None else score
+    if score not in FAIR_SCORES:
+        raise ValueError(f"Unknown score {score!r}. Known: {', '.join(FAIR_SCORES)}.")
+    if score == "relative":
+        pairs = load_bias_pairs("calibration", tokenizer=tokenizer) if pairs is None else pairs
+        return relative_bias_scores(model, tokenizer, pairs, progress=progress)
+    probes = attribution_probes() if probes is None else probes
+    return stereotype_attribution(model, tokenizer, probes, progress=progress).clamp(min=0)
 
 
 #: What :func:`measure_behaviour` measures on which probes, and how :func:`behaviour_changes` compares:
