@@ -1023,17 +1023,24 @@ def ch11_nb01_scale(ctx: Context) -> None:
 
 
 def ch11_nb02_copies(ctx: Context) -> None:
-    """CH11_NB02 §6 (cell 19): the base, the fair-pruned model, a plain pruned copy and a zeroed copy resident, two
-    batches of logits compared; then perplexity of the fair-pruned model on both domains."""
+    """CH11_NB02: the stereotype attribution (a backward pass through the model, §3); then §6: the base, the
+    fair-pruned model (the sweep's largest share), a plain pruned copy and a zeroed copy resident, two batches of
+    logits compared; then perplexity of the fair-pruned model on both domains."""
+    from utils import bias
+
     p = ctx.params("CH11_NB02")
     with ctx.meter.phase("load"):
         model = ctx.build(p["MODEL_ID"])
     n_layers, width = model.config.num_hidden_layers, model.config.intermediate_size
     evals = ctx.batches(model, ctx.n_batches(p["N_EVAL"], 8), 8, p["MAX_LENGTH"])
+    with ctx.meter.phase("stereotype attribution (activations x gradients)"):
+        with _profile("tiny"):
+            probes = bias.first_templates(bias.attribution_probes(), 1)
+        bias.stereotype_attribution(model, _tokenizer(), probes)
     scores = torch.rand(n_layers, width, generator=torch.Generator().manual_seed(ctx.seed))
     with ctx.meter.phase("fair, plain and zeroed copies + logits"):
         fair = copy.deepcopy(model)
-        removed = utils.fair_prune(fair, scores, p["FAIR_RATIO"], protect_layers=p["PROTECT_LAYERS"])
+        removed = utils.fair_prune(fair, scores, max(p["SWEEP"]), protect_layers=p["PROTECT_LAYERS"])
         plain = copy.deepcopy(fair)
         zeroed = copy.deepcopy(model)
         utils.zero_neurons(zeroed, removed)
@@ -1165,7 +1172,7 @@ STEPS: list[Step] = [
     Step("CH10_NB01:glu", "glu_statistics + capture_activations", ch10_nb01_glu),
     Step("CH10_NB02:ablations", "neuron/block importance, cut copy + perplexity", ch10_nb02_ablations),
     Step("CH11_NB01:scale", "bias scores, scaled neurons + perplexity", ch11_nb01_scale),
-    Step("CH11_NB02:copies", "4 models + logits, perplexity", ch11_nb02_copies),
+    Step("CH11_NB02:copies", "attribution backward; 4 models + logits, perplexity", ch11_nb02_copies),
     Step("CH11_NB03:benchmark", "3 models + score_choices", ch11_nb03_benchmark),
     Step("CH12_NB01:capstone", "pruned student + utils.distill, 2 LoRA + generation", ch12_nb01_capstone),
     Step("APPB_NB01:recovery", "3 models, utils.distill + perplexity", appb_nb01_recovery),

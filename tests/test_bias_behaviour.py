@@ -359,3 +359,13 @@ def test_first_templates_keeps_whole_templates_per_axis():
         bias.first_templates(probes, 0)
     with pytest.raises(ValueError, match="template"):
         bias.first_templates([{"axis": "a"}], 1)
+
+
+def test_final_state_bias_per_pair_averages_back_to_the_token_mean(models):
+    model, tok = models()
+    pairs = _pairs(tok)
+    per_pair = bias.final_state_bias(model, tok, pairs, per_pair=True)
+    assert per_pair.shape == (len(pairs),) and (per_pair > 0).all()
+    lengths = torch.tensor([len(tok(p["target_prompt"])["input_ids"]) for p in pairs], dtype=torch.float)
+    assert float((per_pair * lengths).sum() / lengths.sum()) == pytest.approx(bias.final_state_bias(model, tok, pairs),
+                                                                            rel=1e-5)

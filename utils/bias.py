@@ -469,21 +469,24 @@ def activation_bias(model: nn.Module, tokenizer, pairs: Sequence[dict], *,
 
 
 @torch.no_grad()
-def final_state_bias(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batch_size: int = 16) -> float:
+def final_state_bias(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batch_size: int = 16,
+                     per_pair: bool = False) -> float | torch.Tensor:
     """Mean over pairs and token positions of ``||h(target) - h(other)||`` at the final norm's output.
 
     This is the vector the LM head reads, so it is not reduced trivially by silencing a neuron the
-    way the neuron's own activation difference is.
+    way the neuron's own activation difference is. ``per_pair=True`` returns each pair's mean over its tokens,
+    ``[n_pairs]`` (for intervals over pairs); the default is the mean over all tokens of all pairs.
     """
     pairs = _check_pairs(pairs, tokenizer)
-    total, count = 0.0, 0
+    sums, counts = [], []
     for n, ids, mask in _pair_batches(model, tokenizer, pairs, batch_size):
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1].float()
         delta = (hidden[:n] - hidden[n:]).norm(dim=-1)
         real = mask[:n].float()
-        total += float((delta * real).sum())
-        count += int(real.sum())
-    return total / count
+        sums.append((delta * real).sum(1).cpu())
+        counts.append(real.sum(1).cpu())
+    sums, counts = torch.cat(sums), torch.cat(counts)
+    return sums / counts if per_pair else float(sums.sum() / counts.sum())
 
 
 @torch.no_grad()
