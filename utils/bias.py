@@ -634,6 +634,18 @@ def stereotype_attribution(model: nn.Module, tokenizer, probes: Sequence[dict], 
     return (total / len(probes)).float()
 
 
+def _templates_by_axis(probes: Sequence[dict]) -> dict[str, list[str]]:
+    """Each axis's templates, in the order they first appear."""
+    order: dict[str, list[str]] = {}
+    for p in probes:
+        if not isinstance(p, dict) or "template" not in p:
+            raise ValueError("every probe needs a 'template' (use utils.load_bias_probes).")
+        seen = order.setdefault(p.get("axis", ""), [])
+        if p["template"] not in seen:
+            seen.append(p["template"])
+    return order
+
+
 def split_templates(probes: Sequence[dict], *, every: int = 2) -> tuple[list[dict], list[dict]]:
     """Split probes in two by **template**, axis by axis: of each axis's templates (in file order), every
     ``every``-th one (the 1st, 3rd, ... for 2) goes to the first part, the rest to the second. All the probes of
@@ -641,14 +653,7 @@ def split_templates(probes: Sequence[dict], *, every: int = 2) -> tuple[list[dic
     if not isinstance(every, int) or every < 2:
         raise ValueError(f"every must be an integer of at least 2, got {every!r}.")
     probes = list(probes)
-    if any(not isinstance(p, dict) or "template" not in p for p in probes):
-        raise ValueError("every probe needs a 'template' (use utils.load_bias_probes).")
-    order: dict[str, list[str]] = {}
-    for p in probes:
-        seen = order.setdefault(p.get("axis", ""), [])
-        if p["template"] not in seen:
-            seen.append(p["template"])
-    first = {t for templates in order.values() for t in templates[::every]}
+    first = {t for templates in _templates_by_axis(probes).values() for t in templates[::every]}
     return [p for p in probes if p["template"] in first], [p for p in probes if p["template"] not in first]
 
 
@@ -659,14 +664,7 @@ def first_templates(probes: Sequence[dict], n: int | None) -> list[dict]:
         return list(probes)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer or None (all templates), got {n!r}.")
-    order: dict[str, list[str]] = {}
-    for p in probes:
-        if not isinstance(p, dict) or "template" not in p:
-            raise ValueError("every probe needs a 'template' (use utils.load_bias_probes).")
-        seen = order.setdefault(p.get("axis", ""), [])
-        if p["template"] not in seen:
-            seen.append(p["template"])
-    keep = {t for templates in order.values() for t in templates[:n]}
+    keep = {t for templates in _templates_by_axis(probes).values() for t in templates[:n]}
     return [p for p in probes if p["template"] in keep]
 
 
