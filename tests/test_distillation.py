@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import utils
-from utils.distillation import feature_loss, soft_target_loss
+from utils.distillation import feature_dynamics_loss, feature_loss, soft_target_loss
 
 
 def _logits(seed: int, shape=(2, 5, 11)) -> torch.Tensor:
@@ -159,6 +159,121 @@ def test_loss_rejects_shape_and_vocab_mismatch():
         utils.distillation_loss(_logits(0), _logits(1), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="same width"):
         feature_loss([(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))])
+
+
+# --- skew KL and feature dynamics -------------------------------------------------------------
+
+def _reference_skew(s, t, mask, temperature, skew):
+    """KL(p || skew p + (1 - skew) q) written directly in probabilities, with plain autograd."""
+    p, q = F.softmax(t / temperature, -1), F.softmax(s / temperature, -1)
+    m = skew * p + (1 - skew) * q
+    kl = (p * (p.log() - m.log())).sum(-1)
+    mask = mask.float()
+    return (kl * mask).sum() / mask.sum() * temperature**2
+
+
+@pytest.mark.parametrize("skew", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("chunk_elements", [11, 2**25])
+def test_skew_kl_matches_the_formula_in_value_and_gradient(monkeypatch, skew, chunk_elements):
+    monkeypatch.setattr(utils.distillation, "CHUNK_ELEMENTS", chunk_elements)
+    s, t, labels = _logits(1).double(), _logits(2).double(), _labels()
+    mask = labels != -100
+    s_ref, s_new = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    expected = _reference_skew(s_ref, t, mask, 2.0, skew)
+    got = soft_target_loss(s_new, t, mask, temperature=2.0, skew=skew)
+    expected.backward()
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(s_new.grad, s_ref.grad)
+
+
+def test_skew_kl_gradient_passes_gradcheck():
+    s = _logits(3, (1, 3, 5)).double().requires_grad_(True)
+    t, labels = _logits(4, (1, 3, 5)).double(), torch.tensor([[1, 4, -100]])
+    assert torch.autograd.gradcheck(
+        lambda x: utils.distillation_loss(x, t, labels, temperature=1.5, alpha=0.4, skew=0.3), (s,))
+
+
+def test_skew_kl_tends_to_the_plain_kl_and_stays_bounded():
+    s, t = _logits(0).double() / 3, _logits(1).double() / 3
+    plain = soft_target_loss(s, t, temperature=1.0)
+    assert soft_target_loss(s, t, temperature=1.0, skew=0.0).item() == plain.item()
+    gaps = [abs(soft_target_loss(s, t, temperature=1.0, skew=k).item() - plain.item()) for k in (1e-2, 1e-4, 1e-6)]
+    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-4 * plain.item()
+    s, t = s * 9, t * 9  # far apart: a large plain KL, which the skew KL caps
+    plain = soft_target_loss(s, t, temperature=1.0)
+    for k in (0.1, 0.5, 0.9):  # KL(p || k p + ...) <= -log k, whatever the student
+        value = soft_target_loss(s, t, temperature=1.0, skew=k).item()
+        assert 0 < value <= -math.log(k) + 1e-9 and value < plain.item()
+    z = _logits(2)
+    assert soft_target_loss(z, z.clone(), skew=0.5).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_dynamics_compares_the_steps_between_mapped_blocks():
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    same_steps = [(h[i], h[i] + 7.0) for i in range(3)]  # shifted states, identical steps
+    assert feature_dynamics_loss(same_steps).item() == pytest.approx(0.0, abs=1e-6)
+    assert feature_loss(same_steps).item() > 0.01  # the states themselves differ
+    reversed_steps = [(h[i], -h[i]) for i in range(3)]  # every teacher step points the other way
+    assert feature_dynamics_loss(reversed_steps).item() == pytest.approx(2.0, abs=1e-5)
+    s, t = [torch.randn(2, 5, 8, generator=g) for _ in range(3)], [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    by_hand = torch.stack([(1 - F.cosine_similarity(s[i + 1] - s[i], t[i + 1] - t[i], dim=-1)).mean()
+                           for i in range(2)]).mean()
+    torch.testing.assert_close(feature_dynamics_loss(list(zip(s, t))), by_hand)
+    labels = _labels()
+    s2 = [x.clone() for x in s]
+    s2[1][1, 3:] = 99.0  # padding positions
+    masked = labels != -100
+    torch.testing.assert_close(feature_dynamics_loss(list(zip(s2, t)), masked),
+                               feature_dynamics_loss(list(zip(s, t)), masked))
+
+
+def test_loss_adds_the_dynamics_term_with_gamma():
+    s, t, labels = _logits(0), _logits(1), _labels()
+    g = torch.Generator().manual_seed(3)
+    pairs = [(torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)) for _ in range(3)]
+    base = utils.distillation_loss(s, t, labels, alpha=0.5)
+    both, parts = utils.distillation_loss(s, t, labels, alpha=0.5, hidden_pairs=pairs, beta=0.2, gamma=0.3,
+                                          return_parts=True)
+    expected = base + 0.2 * feature_loss(pairs, labels != -100) + 0.3 * feature_dynamics_loss(pairs, labels != -100)
+    torch.testing.assert_close(both, expected)
+    assert set(parts) == {"soft", "ce", "feature", "dynamics"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"skew": 1.0}, "skew"),
+    ({"skew": -0.1}, "skew"),
+    ({"skew": "0.1"}, "skew"),
+    ({"gamma": -1.0}, "gamma"),
+    ({"gamma": 0.5}, "hidden_pairs"),
+])
+def test_loss_rejects_bad_skew_and_gamma(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        utils.distillation_loss(_logits(0), _logits(1), _labels(), **kwargs)
+
+
+def test_feature_dynamics_rejects_one_pair_and_mismatched_shapes():
+    h = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="at least two"):
+        feature_dynamics_loss([(h, h)])
+    with pytest.raises(ValueError, match="same"):
+        feature_dynamics_loss([(h, h), (h, torch.zeros(1, 2, 4))])
+
+
+def test_distill_trains_with_the_compound_loss():
+    teacher = _tiny_llama()
+    student = _drop_block(copy.deepcopy(teacher), 2)
+    data = _batches(2)
+    history = utils.distill(student, teacher, data * 5, max_steps=6, lr=3e-3, skew=0.1, beta=0.5, gamma=0.5,
+                            layer_map=utils.kept_blocks(4, [2]), progress=False)
+    assert history["settings"]["skew"] == 0.1 and history["settings"]["gamma"] == 0.5
+    assert len(history["dynamics"]) == 6 and all(v > 0 for v in history["dynamics"])
+    assert history["loss"][-1] < history["loss"][0]
+    with pytest.raises(ValueError, match="layer_map"):
+        utils.distill(copy.deepcopy(student), teacher, data, max_steps=1, gamma=0.5, progress=False)
+    with pytest.raises(ValueError, match="skew"):
+        utils.distill(copy.deepcopy(student), teacher, data, max_steps=1, skew=1.5, progress=False)
 
 
 # --- layer maps ------------------------------------------------------------------------------

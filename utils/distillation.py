@@ -7,6 +7,16 @@ ordinary cross-entropy on the text and with a *feature* term that pulls chosen s
 hidden states towards teacher blocks' (Romero et al., 2015, *FitNets*; Sun et al., 2019,
 *Patient Knowledge Distillation*).
 
+Two refinements the book's recovery chapter uses, both off by default here:
+
+* the **skew KL** (Ko et al., 2024, *DistiLLM*): the soft target is compared with a *mixture* of the
+  teacher's and the student's distributions, ``KL(p || skew * p + (1 - skew) * q)``, which stays
+  bounded (at most ``-log skew``) when the freshly pruned student is far from the teacher;
+  ``skew = 0`` is the plain KL;
+* the **feature dynamics** term: besides *where* each mapped block's hidden state is (the feature
+  term), match *how it moves* from one mapped block to the next, the direction of
+  ``h[l+1] - h[l]`` in the student against the teacher's.
+
     from utils import distill, distillation_loss, plot_history
     history = distill(student, teacher, train_dl, max_steps=30, eval_dataloader=test_dl)
 """
@@ -42,11 +52,13 @@ DEFAULT_LR = 5e-4
 DEFAULT_WARMUP_STEPS = 3
 DEFAULT_ALPHA = 0.5
 DEFAULT_TEMPERATURE = 2.0
+#: The skew KL's teacher share. 0 (plain KL) until CH06_NB02's comparison of the compound loss says otherwise.
+DEFAULT_SKEW = 0.0
 
 
 # --- the loss --------------------------------------------------------------------------------
 
-def _check_weights(temperature: float, alpha: float, beta: float) -> None:
+def _check_weights(temperature: float, alpha: float, beta: float, skew: float = 0.0, gamma: float = 0.0) -> None:
     if not isinstance(temperature, (int, float)) or not temperature > 0 or math.isinf(temperature):
         raise ValueError(f"temperature must be a positive number (2.0 is a good start), got {temperature!r}.")
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -54,6 +66,12 @@ def _check_weights(temperature: float, alpha: float, beta: float) -> None:
                          f"cross-entropy), got {alpha!r}.")
     if not isinstance(beta, (int, float)) or beta < 0 or math.isinf(beta):
         raise ValueError(f"beta must be >= 0 (weight of the feature loss; 0 switches it off), got {beta!r}.")
+    if not isinstance(skew, (int, float)) or not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must be in [0, 1): the teacher's share in the mixture the student is compared with "
+                         f"(0 = plain KL; DistiLLM uses 0.1), got {skew!r}.")
+    if not isinstance(gamma, (int, float)) or gamma < 0 or math.isinf(gamma):
+        raise ValueError(f"gamma must be >= 0 (weight of the feature-dynamics loss; 0 switches it off), "
+                         f"got {gamma!r}.")
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -68,8 +86,15 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 CHUNK_ELEMENTS = 2**25
 
 
+def _log_target_mixture(log_pt: torch.Tensor, log_ps: torch.Tensor, skew: float) -> torch.Tensor:
+    """``log(skew * p + (1 - skew) * q)`` from the two log-distributions (``log q`` itself when skew is 0)."""
+    if skew == 0:
+        return log_ps
+    return torch.logaddexp(log_pt + math.log(skew), log_ps + math.log1p(-skew))
+
+
 class _SoftAndCrossEntropy(torch.autograd.Function):
-    """Soft-target KL and next-token cross-entropy of flattened ``[N, vocab]`` logits, computed in
+    """Soft-target (skew) KL and next-token cross-entropy of flattened ``[N, vocab]`` logits, computed in
     chunks of positions, forward and backward.
 
     Autograd would keep several vocabulary-sized tensors per batch alive until the backward pass
@@ -77,10 +102,14 @@ class _SoftAndCrossEntropy(torch.autograd.Function):
     with Gemma 3's 262k vocabulary at 8 x 128 tokens each one is a gigabyte. Here only the two logits
     tensors are kept; the backward pass recomputes each chunk and writes the closed-form gradient
     ``T * (softmax(z_s / T) - softmax(z_t / T))`` (soft term) and ``softmax(z_s) - onehot`` (CE).
+
+    With ``skew`` = s > 0 the soft term is ``KL(p || m)``, ``m = s p + (1 - s) q``, and its gradient with
+    respect to the student's logits is ``T (1 - s) q * (sum_k q_k r_k - r)`` with ``r = p / m`` (the chain
+    rule through the softmax; at s = 0, r = p / q and it reduces to ``T (q - p)``).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, soft_weights, ce_targets, ce_weight, temperature):
+    def forward(ctx, student, teacher, soft_weights, ce_targets, ce_weight, temperature, skew=0.0):
         n, vocab = student.shape
         chunk = max(1, CHUNK_ELEMENTS // vocab)
         dtype = torch.promote_types(student.dtype, torch.float32)  # at least float32 for the softmaxes
@@ -89,24 +118,30 @@ class _SoftAndCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk):
             zs, zt = student[start:start + chunk].to(dtype), teacher[start:start + chunk].to(dtype)
             log_ps, log_pt = F.log_softmax(zs / temperature, -1), F.log_softmax(zt / temperature, -1)
-            kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+            kl = (log_pt.exp() * (log_pt - _log_target_mixture(log_pt, log_ps, skew))).sum(-1)
             soft += (kl * soft_weights[start:start + chunk]).sum()
             targets = ce_targets[start:start + chunk]
             if (targets != IGNORE_INDEX).any():
                 ce += F.cross_entropy(zs, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         ctx.save_for_backward(student, teacher, soft_weights, ce_targets)
-        ctx.temperature, ctx.ce_weight, ctx.chunk = temperature, ce_weight, chunk
+        ctx.temperature, ctx.ce_weight, ctx.chunk, ctx.skew = temperature, ce_weight, chunk, skew
         return soft * temperature**2, ce * ce_weight
 
     @staticmethod
     def backward(ctx, grad_soft, grad_ce):
         student, teacher, soft_weights, ce_targets = ctx.saved_tensors
-        t, chunk = ctx.temperature, ctx.chunk
+        t, chunk, skew = ctx.temperature, ctx.chunk, ctx.skew
         grad = torch.empty_like(student)
         dtype = torch.promote_types(student.dtype, torch.float32)
         for start in range(0, student.shape[0], chunk):
             zs, zt = student[start:start + chunk].to(dtype), teacher[start:start + chunk].to(dtype)
-            g = (F.softmax(zs / t, -1) - F.softmax(zt / t, -1)) * (soft_weights[start:start + chunk, None] * t)
+            if skew == 0:
+                g = F.softmax(zs / t, -1) - F.softmax(zt / t, -1)
+            else:
+                log_ps, log_pt = F.log_softmax(zs / t, -1), F.log_softmax(zt / t, -1)
+                q, r = log_ps.exp(), (log_pt - _log_target_mixture(log_pt, log_ps, skew)).exp()
+                g = (1.0 - skew) * q * ((q * r).sum(-1, keepdim=True) - r)
+            g = g * (soft_weights[start:start + chunk, None] * t)
             g = g * grad_soft
             targets = ce_targets[start:start + chunk]
             valid = targets != IGNORE_INDEX
@@ -116,11 +151,12 @@ class _SoftAndCrossEntropy(torch.autograd.Function):
                 p[rows, targets[rows]] -= 1.0
                 g = g + p * (grad_ce * ctx.ce_weight)
             grad[start:start + chunk] = g.to(grad.dtype)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _soft_and_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
-                 labels: torch.Tensor | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 labels: torch.Tensor | None, temperature: float,
+                 skew: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(soft, CE) of ``[batch, seq, vocab]`` logits; see :class:`_SoftAndCrossEntropy`."""
     vocab = student_logits.size(-1)
     positions = student_logits.shape[:-1]
@@ -133,19 +169,23 @@ def _soft_and_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mas
         targets[:, :-1] = labels[:, 1:]  # position t predicts the label at t + 1
     ce_weight = 1.0 / max(1, int((targets != IGNORE_INDEX).sum()))
     return _SoftAndCrossEntropy.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab),
-                                      weights.reshape(-1), targets.reshape(-1), ce_weight, float(temperature))
+                                      weights.reshape(-1), targets.reshape(-1), ce_weight, float(temperature),
+                                      float(skew))
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                     mask: torch.Tensor | None = None, *, temperature: float = 2.0) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over counted positions.
+                     mask: torch.Tensor | None = None, *, temperature: float = 2.0, skew: float = 0.0) -> torch.Tensor:
+    """``T^2 * KL(p || skew * p + (1 - skew) * q)``, averaged over counted positions, where
+    ``p = softmax(teacher / T)`` and ``q = softmax(student / T)``.
 
-    ``mask`` (same shape as the logits without the vocabulary axis) marks the positions that
-    count. The ``T^2`` factor keeps the gradients' size independent of ``T`` (Hinton et al., 2015).
-    Computed in chunks of positions, so no extra vocabulary-sized tensor stays alive for the backward
-    pass (see :class:`_SoftAndCrossEntropy`).
+    ``skew = 0`` (the default) is the plain ``KL(p || q)`` of Hinton et al. (2015); ``skew > 0`` is the skew KL
+    of DistiLLM (Ko et al., 2024), bounded by ``-T^2 log(skew)`` however far the student is. ``mask`` (same
+    shape as the logits without the vocabulary axis) marks the positions that count. The ``T^2`` factor keeps
+    the gradients' size independent of ``T``. Computed in chunks of positions, so no extra vocabulary-sized
+    tensor stays alive for the backward pass (see :class:`_SoftAndCrossEntropy`).
     """
-    return _soft_and_ce(student_logits, teacher_logits, mask, None, temperature)[0]
+    _check_weights(temperature, 0.5, 0.0, skew)
+    return _soft_and_ce(student_logits, teacher_logits, mask, None, temperature, skew)[0]
 
 
 def feature_loss(hidden_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
@@ -165,31 +205,62 @@ def feature_loss(hidden_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
     return torch.stack(terms).mean()
 
 
+def feature_dynamics_loss(hidden_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """How the representation *moves*: mean over consecutive pairs of ``1 - cosine(Δ student, Δ teacher)``,
+    per counted position, where ``Δ`` is the step from one mapped block's output to the next one's.
+
+    ``hidden_pairs`` are (student, teacher) hidden states in block order (as :func:`feature_loss` takes
+    them). Pair ``i`` and ``i + 1`` give the student's step ``h_s[i+1] - h_s[i]`` and the teacher's
+    ``h_t[i+1] - h_t[i]`` (across however many teacher blocks the map skips there); the loss is 0 when
+    every step points the same way, whatever its length.
+
+    Raises:
+        ValueError: fewer than two pairs (a step needs two states), or shapes that differ.
+    """
+    if len(hidden_pairs) < 2:
+        raise ValueError(f"feature_dynamics_loss needs at least two (student, teacher) pairs in block order, "
+                         f"got {len(hidden_pairs)}: the dynamics are the steps between consecutive mapped blocks.")
+    steps = []
+    for i in range(len(hidden_pairs) - 1):
+        (s0, t0), (s1, t1) = hidden_pairs[i], hidden_pairs[i + 1]
+        if not s0.shape == t0.shape == s1.shape == t1.shape:
+            raise ValueError(f"hidden_pairs[{i}] and [{i + 1}] hold different shapes "
+                             f"({[tuple(x.shape) for x in (s0, t0, s1, t1)]}): feature dynamics need the same "
+                             "width in student and teacher.")
+        steps.append((s1.float() - s0.float(), t1.float() - t0.float()))
+    return feature_loss(steps, mask)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       labels: torch.Tensor | None = None, *, temperature: float = DEFAULT_TEMPERATURE,
                       alpha: float = DEFAULT_ALPHA,
                       hidden_pairs: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                      beta: float = 0.0, return_parts: bool = False):
+                      beta: float = 0.0, skew: float = 0.0, gamma: float = 0.0, return_parts: bool = False):
     """The distillation loss of one batch of a causal language model.
 
-    ``loss = alpha * soft + (1 - alpha) * CE + beta * feature`` where
+    ``loss = alpha * soft + (1 - alpha) * CE + beta * feature + gamma * dynamics`` where
 
     * ``soft`` = :func:`soft_target_loss`: KL divergence between the teacher's and the student's
-      next-token distributions softened by ``temperature``, times ``temperature**2``;
+      next-token distributions softened by ``temperature``, times ``temperature**2`` (the skew KL
+      with ``skew > 0``);
     * ``CE`` = cross-entropy of the student on ``labels`` (Hugging Face convention: ``labels``
       has the shape of ``input_ids``; position ``t``'s logits predict ``labels[t + 1]``);
-    * ``feature`` = :func:`feature_loss` on ``hidden_pairs`` (only when ``beta > 0``).
+    * ``feature`` = :func:`feature_loss` on ``hidden_pairs`` (only when ``beta > 0``);
+    * ``dynamics`` = :func:`feature_dynamics_loss` on ``hidden_pairs`` (only when ``gamma > 0``).
 
-    Positions whose label is ``-100`` (padding) are left out of the soft and feature terms, and
-    CE ignores them as targets. With ``labels=None`` every position counts and there is no CE
-    term: ``loss = soft + beta * feature``.
+    Positions whose label is ``-100`` (padding) are left out of the soft, feature and dynamics terms,
+    and CE ignores them as targets. With ``labels=None`` every position counts and there is no CE
+    term: ``loss = soft + beta * feature + gamma * dynamics``.
 
     Args:
         student_logits, teacher_logits: ``[batch, seq, vocab]`` tensors of the same shape.
         labels: ``[batch, seq]`` token ids with ``-100`` where nothing should be learned.
-        return_parts: also return a dict of the parts as floats (``soft``, ``ce``, ``feature``).
+        skew: the teacher's share in the mixture of the skew KL, in [0, 1) (0 = plain KL).
+        return_parts: also return a dict of the parts as floats (``soft``, ``ce``, ``feature``,
+            ``dynamics``).
     """
-    _check_weights(temperature, alpha, beta)
+    _check_weights(temperature, alpha, beta, skew, gamma)
     if student_logits.dim() != 3 or teacher_logits.dim() != 3:
         raise ValueError("Logits must be [batch, seq, vocab]; got student "
                          f"{tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)}.")
@@ -206,7 +277,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
             raise ValueError(f"labels must be [batch, seq] = {tuple(student_logits.shape[:2])}, "
                              f"got {tuple(labels.shape)}.")
         mask = labels != IGNORE_INDEX
-    soft, ce = _soft_and_ce(student_logits, teacher_logits, mask, labels, temperature)
+    soft, ce = _soft_and_ce(student_logits, teacher_logits, mask, labels, temperature, skew)
     parts = {"soft": soft}
     if labels is not None:
         parts["ce"] = ce
@@ -219,6 +290,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         feat = feature_loss(hidden_pairs, mask)
         parts["feature"] = feat
         loss = loss + beta * feat
+    if gamma > 0:
+        if not hidden_pairs:
+            raise ValueError("gamma > 0 needs hidden_pairs: a list of (student_hidden, teacher_hidden) in block order.")
+        dynamics = feature_dynamics_loss(hidden_pairs, mask)
+        parts["dynamics"] = dynamics
+        loss = loss + gamma * dynamics
     if return_parts:
         return loss, {k: float(v.detach()) for k, v in parts.items()}
     return loss
@@ -329,26 +406,34 @@ def train_options(options: dict) -> dict:
     unknown = sorted(set(options) - set(TRAIN_OPTIONS))
     if unknown:
         raise TypeError(f"distill got unknown option(s) {', '.join(unknown)}. Its own are temperature, alpha, beta, "
-                        f"layer_map, eval_dataloader and train_embeddings; it passes these on to utils.train: "
+                        f"skew, gamma, layer_map, eval_dataloader and train_embeddings; it passes these on to "
+                        f"utils.train: "
                         f"{', '.join(TRAIN_OPTIONS)}.")
     return {"lr": DEFAULT_LR, "warmup_steps": DEFAULT_WARMUP_STEPS, **options}
 
 
 def _check_pair(student: torch.nn.Module, teacher: torch.nn.Module, *, temperature: float, alpha: float,
-                beta: float, layer_map) -> list[int] | None:
+                beta: float, layer_map, skew: float = 0.0, gamma: float = 0.0) -> list[int] | None:
     """Check that ``student`` can learn from ``teacher`` with these weights; the resolved layer map
-    (``None`` without a feature term)."""
-    _check_weights(temperature, alpha, beta)
+    (``None`` without a feature or dynamics term)."""
+    _check_weights(temperature, alpha, beta, skew, gamma)
     if student is teacher:
         raise ValueError("student and teacher are the same object: deep-copy the model before pruning "
                          "(student = copy.deepcopy(teacher)).")
     if _vocab_size(student) != _vocab_size(teacher):
         raise ValueError(f"Vocabulary mismatch: student {_vocab_size(student)} tokens, teacher "
                          f"{_vocab_size(teacher)}. Distil from the model the student was pruned from.")
-    if beta > 0 and layer_map is None:
-        raise ValueError("beta > 0 (feature loss) needs a layer_map: 'uniform', 'last', 'kept' or a list of "
-                         "teacher block indices, e.g. kept_blocks(num_teacher_layers, removed).")
-    return _resolve_layer_map(layer_map, student, teacher) if beta > 0 else None
+    if (beta > 0 or gamma > 0) and layer_map is None:
+        raise ValueError("beta > 0 (feature loss) or gamma > 0 (feature dynamics) needs a layer_map: 'uniform', "
+                         "'last', 'kept' or a list of teacher block indices, e.g. kept_blocks(num_teacher_layers, "
+                         "removed).")
+    if not (beta > 0 or gamma > 0):
+        return None
+    mapping = _resolve_layer_map(layer_map, student, teacher)
+    if gamma > 0 and len(mapping) < 2:
+        raise ValueError("gamma > 0 (feature dynamics) needs a student with at least two blocks: the dynamics are "
+                         "the steps between consecutive mapped blocks.")
+    return mapping
 
 
 class _FrozenTeacher:
@@ -385,7 +470,7 @@ def _student_params(student: torch.nn.Module, train_embeddings: bool) -> list[to
 
 def _distill_loss_fn(teacher: torch.nn.Module, device: torch.device, mapping: list[int] | None,
                      hooks: tuple[_BlockOutputs, _BlockOutputs] | None, *, temperature: float, alpha: float,
-                     beta: float):
+                     beta: float, skew: float = 0.0, gamma: float = 0.0):
     """``loss_fn(student, batch)`` for :func:`utils.train`: :func:`distillation_loss` and its parts,
     the teacher's logits computed without gradients, block outputs read from ``hooks``."""
     def loss_fn(model, batch):
@@ -397,13 +482,14 @@ def _distill_loss_fn(teacher: torch.nn.Module, device: torch.device, mapping: li
         pairs = ([(hooks[0].outputs[i], hooks[1].outputs[j]) for i, j in enumerate(mapping)]
                  if mapping else None)
         return distillation_loss(student_logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
-                                 hidden_pairs=pairs, beta=beta, return_parts=True)
+                                 hidden_pairs=pairs, beta=beta, skew=skew, gamma=gamma, return_parts=True)
     return loss_fn
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
             temperature: float = DEFAULT_TEMPERATURE, alpha: float = DEFAULT_ALPHA, beta: float = 0.0,
-            layer_map=None, eval_dataloader=None, train_embeddings: bool = False, **options) -> dict:
+            skew: float = DEFAULT_SKEW, gamma: float = 0.0, layer_map=None, eval_dataloader=None,
+            train_embeddings: bool = False, **options) -> dict:
     """Train ``student`` to imitate ``teacher`` on ``dataloader``; return the history.
 
     The teacher is frozen (eval mode, no gradients). The training itself is :func:`utils.train`:
@@ -416,11 +502,12 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
     Args:
         dataloader: batches of dicts with ``input_ids`` and ``attention_mask``
             (e.g. :func:`utils.make_dataloader`); padding is excluded from every term.
-        temperature, alpha, beta: see :func:`distillation_loss` (``alpha`` weighs the soft loss).
+        temperature, alpha, beta, skew, gamma: see :func:`distillation_loss` (``alpha`` weighs the soft loss,
+            ``skew`` makes it the skew KL, ``beta`` weighs the feature term and ``gamma`` the feature dynamics).
         layer_map: ``None`` (logits only), ``"uniform"``, ``"last"``, ``"kept"`` (a student made by
             :func:`utils.remove_blocks`, which records the removed blocks in its config), or a list
             with one teacher block index per student block (e.g. :func:`kept_blocks`). With a map
-            and ``beta > 0``, the feature loss compares those blocks' outputs.
+            and ``beta > 0`` or ``gamma > 0``, the feature terms compare those blocks' outputs.
         eval_dataloader: held-out text; perplexity is measured before training, after each
             epoch, and at the end when ``max_steps`` stops early.
         **options: passed on to :func:`utils.train` (:data:`TRAIN_OPTIONS`): ``epochs=1``,
@@ -429,7 +516,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
             ``micro_batch_size=None``, ``weight_decay=0.0``, ``max_grad_norm=1.0``, ``progress=True``.
 
     Returns:
-        A dict: ``step``, ``loss``, ``soft``, ``ce``, ``feature``, ``lr`` (one entry per
+        A dict: ``step``, ``loss``, ``soft``, ``ce``, ``feature``, ``dynamics``, ``lr`` (one entry per
         optimizer step), ``eval_step``/``eval_epoch``/``eval_ppl`` (evaluations), ``layer_map``,
         ``seconds`` and ``settings``.
 
@@ -437,7 +524,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
         TypeError: an option that is neither distill's own nor one of :data:`TRAIN_OPTIONS`.
     """
     forwarded = train_options(options)
-    weights = {"temperature": temperature, "alpha": alpha, "beta": beta}
+    weights = {"temperature": temperature, "alpha": alpha, "beta": beta, "skew": skew, "gamma": gamma}
     mapping = _check_pair(student, teacher, layer_map=layer_map, **weights)
     device = device_of(student)
     if next(teacher.parameters()).device != device:
@@ -456,7 +543,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
         finally:
             for block_outputs in hooks or ():
                 block_outputs.remove()
-    for key in ("soft", "ce", "feature"):
+    for key in ("soft", "ce", "feature", "dynamics"):
         history.setdefault(key, [0.0] * len(history["step"]))
     history["eval_ppl"] = history.pop("eval")
     history["layer_map"] = mapping
@@ -498,7 +585,8 @@ def plot_history(history: dict, *, title: str = "Distillation", ax=None):
         axes = ax
         fig = axes[0].figure
     styles = {"loss": ("-", "o", "total"), "soft": ("--", None, "soft (KL, x T^2)"),
-              "ce": (":", None, "cross-entropy"), "feature": ("-.", None, "feature (1 - cos)")}
+              "ce": (":", None, "cross-entropy"), "feature": ("-.", None, "feature (1 - cos)"),
+              "dynamics": ((0, (1, 3)), None, "feature dynamics (1 - cos of steps)")}
     for key, (line, marker, label) in styles.items():
         values = history.get(key) or []
         if values and any(v != 0 for v in values):
