@@ -241,6 +241,27 @@ def test_loss_adds_the_dynamics_term_with_gamma():
     assert set(parts) == {"soft", "ce", "feature", "dynamics"}
 
 
+def test_feature_terms_match_optipfair_on_the_same_positions():
+    """optipfair's compound loss has the same two feature terms (trajectory = our feature term, derivative = our
+    dynamics term). It counts position t when label t + 1 is real (and never the last position): given that
+    mask, ours must agree."""
+    from optipfair.distillation.loss import compute_distillation_loss
+
+    g = torch.Generator().manual_seed(5)
+    labels = _labels()
+    student_h = [torch.randn(2, 5, 8, generator=g) for _ in range(3)]
+    teacher_h = [torch.randn(2, 5, 8, generator=g) for _ in range(5)]
+    mapping = [0, 2, 4]
+    logits = _logits(0)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    pairs = [(student_h[i], teacher_h[j]) for i, j in enumerate(mapping)]
+    for gamma, delta, ours in ((1.0, 0.0, feature_loss), (0.0, 1.0, feature_dynamics_loss)):
+        theirs, _ = compute_distillation_loss(logits, logits, student_h, teacher_h, labels, layer_map=mapping,
+                                              alpha=0.0, beta=0.0, gamma=gamma, delta=delta)
+        torch.testing.assert_close(ours(pairs, mask), theirs)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"skew": 1.0}, "skew"),
     ({"skew": -0.1}, "skew"),
