@@ -579,8 +579,9 @@ def _ch06_setup(ctx: Context, name: str, p: dict):
 
 
 def ch06_nb01_features(ctx: Context) -> None:
-    """CH06_NB01 §3: ``utils.distill`` with logits + features through the kept-block map (the heaviest of
-    its three runs), then perplexity; the notebook still holds the hidden states and logits of §2."""
+    """CH06_NB01 §5: ``utils.distill`` with the compound loss (skew KL + features + feature dynamics through the
+    kept-block map, the heaviest of its runs), then perplexity; the notebook still holds the hidden states of
+    §3-4 and the logits of §3."""
     p = ctx.params("CH06_NB01")
     teacher, removed, _, eval_dl = _ch06_setup(ctx, "CH06_NB01", p)
     n_blocks = teacher.config.num_hidden_layers
@@ -593,14 +594,15 @@ def ch06_nb01_features(ctx: Context) -> None:
         held = ctx.held("CH06_NB01", ["s_h", "t_h", "_"], "distill(student, teacher",
                         {"s_h": (hidden, dtype, len(kept)), "t_h": (hidden, dtype, len(kept)), "_": (logits, dtype, 1)})
     train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
-    with ctx.meter.phase("utils.distill (logits + features)"):
+    with ctx.meter.phase("utils.distill (compound loss)"):
         student = utils.remove_blocks(copy.deepcopy(teacher), removed)  # the loop's new student, old one alive
         utils.distill(student, teacher, train_dl, **_distill_kwargs(ctx, "CH06_NB01", p),
-                      layer_map=utils.make_layer_map(len(kept), n_blocks, "kept", removed=removed), beta=p["BETA"])
+                      layer_map=utils.make_layer_map(len(kept), n_blocks, "kept", removed=removed), beta=p["BETA"],
+                      skew=p["SKEW"], gamma=p["GAMMA"])
     with ctx.meter.phase("perplexity"):
         utils.perplexity(student, eval_dl, progress=False)
     ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps, "
-                           f"beta {p['BETA']}")
+                           f"beta {p['BETA']}, skew {p['SKEW']}, gamma {p['GAMMA']}")
     del held
 
 
@@ -1156,7 +1158,7 @@ STEPS: list[Step] = [
     Step("CH05_NB01:static", "4 models (3 pruned copies) + perplexity", ch05_nb01_static),
     Step("CH05_NB02:scores", "activation_norms + optipfair hybrid", ch05_nb02_scores),
     Step("CH05_NB02:repair", "prune_glu(dataloader): Gram + repair", ch05_nb02_repair),
-    Step("CH06_NB01:features", "utils.distill logits + features", ch06_nb01_features),
+    Step("CH06_NB01:features", "utils.distill, compound loss", ch06_nb01_features),
     Step("CH06_NB01:optipfair", "optipfair.distill_model", ch06_nb01_optipfair),
     Step("CH06_NB02:width", "prune_glu student + utils.distill", ch06_nb02_width),
     Step("CH07_NB01:quantization", "LoRA/DoRA vs peft copies, fake-quantised copy + perplexity (float32)",
