@@ -45,6 +45,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "ce-only": ("alpha=0 (cross-entropy only: no teacher)", {"alpha": 0.0}),
     "T1": ("temperature=1", {"temperature": 1.0}),
     "features": ("+ features through the kept-block map (beta=1)", {"layer_map": "kept", "beta": 1.0}),
+    "skew0.1": ("skew KL, skew=0.1 (DistiLLM's setting)", {"skew": 0.1}),
+    "compound": ("compound: skew KL 0.1 + features + feature dynamics (kept map, beta=gamma=1)",
+                 {"skew": 0.1, "layer_map": "kept", "beta": 1.0, "gamma": 1.0}),
 }
 
 
@@ -80,7 +83,7 @@ def run(names: list[str]) -> dict:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
         del student
     defaults = {"lr": utils.distillation.DEFAULT_LR, "alpha": utils.distillation.DEFAULT_ALPHA,
-                "temperature": utils.distillation.DEFAULT_TEMPERATURE,
+                "temperature": utils.distillation.DEFAULT_TEMPERATURE, "skew": utils.distillation.DEFAULT_SKEW,
                 "warmup_steps": utils.distillation.DEFAULT_WARMUP_STEPS}
     return {"model": teacher.name_or_path, "removed_blocks": sorted(removed), "steps": STEPS,
             "batch": f"{BATCH}x{MAX_LENGTH} tokens", "defaults": defaults, "table": rows}
