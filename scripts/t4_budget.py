@@ -586,7 +586,8 @@ def ch06_nb01_features(ctx: Context) -> None:
     teacher, removed, _, eval_dl = _ch06_setup(ctx, "CH06_NB01", p)
     n_blocks = teacher.config.num_hidden_layers
     kept = utils.kept_blocks(n_blocks, removed)
-    student = utils.remove_blocks(copy.deepcopy(teacher), removed)
+    pruned = utils.remove_blocks(copy.deepcopy(teacher), removed)  # the notebook's `pruned`, copied for each run
+    student = copy.deepcopy(pruned)
     hidden = (p["BATCH_SIZE"], p["MAX_LENGTH"], teacher.config.hidden_size)
     logits = (p["BATCH_SIZE"], p["MAX_LENGTH"], teacher.config.vocab_size)
     dtype = next(teacher.parameters()).dtype
@@ -595,7 +596,7 @@ def ch06_nb01_features(ctx: Context) -> None:
                         {"s_h": (hidden, dtype, len(kept)), "t_h": (hidden, dtype, len(kept)), "_": (logits, dtype, 1)})
     train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
     with ctx.meter.phase("utils.distill (compound loss)"):
-        student = utils.remove_blocks(copy.deepcopy(teacher), removed)  # the loop's new student, old one alive
+        student = copy.deepcopy(pruned)  # the loop's new student, the old one still alive
         utils.distill(student, teacher, train_dl, **_distill_kwargs(ctx, "CH06_NB01", p),
                       layer_map=utils.make_layer_map(len(kept), n_blocks, "kept", removed=removed), beta=p["BETA"],
                       skew=p["SKEW"], gamma=p["GAMMA"])

@@ -17,6 +17,7 @@ from utils.depth import (
     STRATEGIES,
     angular_distances,
     block_importance,
+    can_fold_linear_replacements,
     choose_blocks_to_remove,
     fold_linear_replacements,
     linear_replacements,
@@ -377,3 +378,13 @@ def test_linear_replacement_bad_inputs(tokenizer, loader):
     with pytest.raises(ValueError, match="linear_replacement=False"):
         prune_depth(gemma, 2, loader, progress=False)
     assert len(decoder_blocks(gemma)) == gemma.config.num_hidden_layers  # nothing was removed
+
+
+def test_can_fold_linear_replacements_says_which_families_take_the_map(tokenizer, loader):
+    for family in ("llama", "qwen3", "gpt2"):
+        assert can_fold_linear_replacements(_tiny(FAMILIES[family], tokenizer)), family
+    gemma = _tiny(FAMILIES["gemma3"], tokenizer)
+    assert not can_fold_linear_replacements(gemma)
+    n = len(decoder_blocks(gemma))
+    pruned = prune_depth(gemma, 2, loader, linear_replacement=can_fold_linear_replacements(gemma), progress=False)
+    assert len(decoder_blocks(pruned)) == n - 2 == pruned.config.num_hidden_layers

@@ -420,6 +420,18 @@ def _output_projection(block) -> torch.nn.Module:
     raise ValueError(f"Cannot find the output projection of {type(block).__name__}'s MLP (down_proj or c_proj).")
 
 
+def can_fold_linear_replacements(model) -> bool:
+    """Whether :func:`fold_linear_replacements` (and so ``prune_depth(..., linear_replacement=True)``) works on
+    ``model``: every block's MLP output must reach the residual stream through a plain linear layer. Gemma's
+    blocks normalise it first, so the answer there is ``False``: cut with ``linear_replacement=False``."""
+    try:
+        for block in decoder_blocks(model):
+            _output_projection(block)
+    except ValueError:
+        return False
+    return True
+
+
 @torch.no_grad()
 def linear_replacements(model, indices: Iterable[int], dataloader: Iterable[dict], *,
                         damping: float = DEFAULT_REPLACEMENT_DAMPING, progress: bool = True) -> dict[int, torch.Tensor]:
