@@ -1,0 +1,121 @@
+"""Tests of utils.exercises: every check passes on its solution (solutions/), fails helpfully on the starter and
+on a wrong answer, and every exercise is wired into its notebook."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from tiny_families import _tiny
+
+from utils import exercises
+from utils.depth import block_importance
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _starter(*args, **kwargs):
+    raise NotImplementedError
+
+
+@pytest.fixture(scope="module")
+def contexts(tokenizer, loader):
+    """The objects each exercise's check gets in its notebook, built from tiny models."""
+    llama = _tiny("llama", tokenizer)
+    qwen = _tiny("qwen3", tokenizer)
+    assert llama.config.num_key_value_heads < llama.config.num_attention_heads  # GQA: the hint can tell
+    return {
+        "CH04_NB01.mlp_importance": {"model": qwen, "dataloader": loader},
+        # the ends score lowest, as they often do under one-shot cosine: the protection has to act
+        "CH04_NB01.choose_protected": {"scores": [0.01, *block_importance(qwen, loader, progress=False)[1:-1], 0.0],
+                                       "n": 2},
+        "CH08_NB01.kv_bytes": {"model": llama},
+        "CH08_NB01.tokens_that_fit": {"model": llama},
+    }
+
+
+#: A plausible wrong answer per exercise: the check must say what is wrong, not crash.
+WRONG = {
+    "CH04_NB01.mlp_importance": lambda model, dataloader: [0.5] * model.config.num_hidden_layers,
+    "CH04_NB01.choose_protected": lambda scores, n: sorted(range(len(scores)), key=lambda i: scores[i])[:n] or [0],
+    "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
+                                                     * (config.hidden_size // config.num_attention_heads) * b * tokens),
+    "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+}
+
+
+def _solution(exercise_id):
+    ex = exercises.EXERCISES[exercise_id]
+    module = importlib.import_module(f"solutions.{ex.notebook}")
+    return getattr(module, ex.name)
+
+
+def test_every_exercise_has_a_test_context_and_a_wrong_answer(contexts):
+    assert set(contexts) == set(exercises.EXERCISES) == set(WRONG)
+
+
+@pytest.mark.parametrize("exercise_id", sorted(exercises.EXERCISES))
+def test_solution_passes_starter_and_wrong_answer_fail_with_a_hint(exercise_id, contexts, capsys):
+    context = contexts[exercise_id]
+    good = exercises.check(exercise_id, _solution(exercise_id), **context)
+    assert good.passed, str(good)
+    assert "Correct" in capsys.readouterr().out
+    starter = exercises.check(exercise_id, _starter, **context)
+    assert not starter.passed and "Not started" in starter.message and starter.hint
+    assert "Hint:" in str(starter)
+    wrong = exercises.check(exercise_id, WRONG[exercise_id], quiet=True, **context)
+    assert not wrong.passed and wrong.message and "Hint:" in str(wrong)
+
+
+def test_the_wrong_kv_answer_is_told_about_query_heads(contexts):
+    wrong = exercises.check("CH08_NB01.kv_bytes", WRONG["CH08_NB01.kv_bytes"], quiet=True,
+                            **contexts["CH08_NB01.kv_bytes"])
+    assert "key/value heads" in wrong.message
+
+
+def test_an_error_in_the_answer_is_reported_not_raised(contexts):
+    def broken(model, gigabytes):
+        return model.no_such_attribute
+    feedback = exercises.check("CH08_NB01.tokens_that_fit", broken, quiet=True, **contexts["CH08_NB01.tokens_that_fit"])
+    assert not feedback.passed and "AttributeError" in feedback.message
+
+
+def test_check_rejects_unknown_ids_and_missing_context():
+    with pytest.raises(ValueError, match="Unknown exercise"):
+        exercises.check("CH99_NB01.nothing", _starter)
+    with pytest.raises(ValueError, match="model="):
+        exercises.check("CH08_NB01.kv_bytes", _starter)
+    with pytest.raises(ValueError, match="<notebook>.<name>"):
+        exercises.exercise("no-dot", "t", "h")
+
+
+def _notebook(notebook: str) -> str:
+    found = list((ROOT / "notebooks").glob(f"*/{notebook}_*.ipynb"))
+    assert len(found) == 1, (notebook, found)
+    cells = json.loads(found[0].read_text())["cells"]
+    return "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("exercise_id", sorted(exercises.EXERCISES))
+def test_every_exercise_is_in_its_notebook_with_a_starter_and_a_check(exercise_id):
+    ex = exercises.EXERCISES[exercise_id]
+    source = _notebook(ex.notebook)
+    assert f'exercises.check("{exercise_id}"' in source
+    assert f"def {ex.name}(" in source and "raise NotImplementedError" in source
+
+
+def test_notebooks_check_only_known_exercises():
+    import re
+    for path in sorted((ROOT / "notebooks").glob("*/*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        source = "\n".join("".join(c["source"]) for c in cells)
+        for exercise_id in re.findall(r'exercises\.check\("([^"]+)"', source):
+            assert exercise_id in exercises.EXERCISES, (path.name, exercise_id)
+            assert path.name.startswith(exercise_id.split(".")[0]), (path.name, exercise_id)
+
+
+def test_list_exercises():
+    assert {e.id for e in exercises.list_exercises("CH08_NB01")} == {"CH08_NB01.kv_bytes", "CH08_NB01.tokens_that_fit"}
+    assert len(exercises.list_exercises()) == len(exercises.EXERCISES)

@@ -1,0 +1,240 @@
+"""Checked exercises: the reader writes a small piece of code, one call says whether it is right.
+
+    from utils import exercises
+    exercises.check("CH08_NB01.kv_bytes", kv_bytes, model=model)
+
+Every exercise has an id ``"<notebook>.<name>"``, a title, a hint and a *checker*. The checker receives the
+reader's answer and the notebook's own objects (model, dataloader ...) and compares the answer with what
+``utils`` computes or measures on the same objects, so the check holds in every profile. :func:`check` never
+raises for an unfinished or wrong answer: it prints and returns a :class:`Feedback` that says what is right,
+what is wrong, and gives the hint.
+
+Reference solutions live outside the notebooks, in ``solutions/<notebook>.py`` (one function per exercise,
+named like it). The tests run every check on its solution (it must pass) and on the starter, which raises
+``NotImplementedError`` (it must fail with the hint, not crash).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .precision import device_of
+
+
+@dataclass
+class Feedback:
+    """The verdict of :func:`check`: ``passed``, what the check found (``message``) and, unless passed, a hint."""
+
+    exercise: str
+    passed: bool
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        head = f"[{self.exercise}] " + ("Correct. " if self.passed else "Not yet. ")
+        return head + self.message + ("" if self.passed or not self.hint else f"\nHint: {self.hint}")
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def _ipython_display_(self) -> None:
+        """Shown as a cell's result: nothing more, :func:`check` has printed the verdict already."""
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One exercise: ``checker(answer, **context)`` returns ``(passed, message)``."""
+
+    id: str
+    title: str
+    hint: str
+    checker: Callable[..., tuple[bool, str]]
+    context: tuple[str, ...] = ()
+
+    @property
+    def notebook(self) -> str:
+        return self.id.split(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.id.split(".", 1)[1]
+
+
+#: Every exercise of the course, by id. Filled by the ``@exercise`` definitions below.
+EXERCISES: dict[str, Exercise] = {}
+
+
+def exercise(exercise_id: str, title: str, hint: str, context: tuple[str, ...] = ()):
+    """Register the decorated checker as exercise ``exercise_id`` (``"<notebook>.<name>"``)."""
+    if exercise_id.count(".") != 1:
+        raise ValueError(f"An exercise id is '<notebook>.<name>', got {exercise_id!r}.")
+
+    def register(checker: Callable[..., tuple[bool, str]]):
+        if exercise_id in EXERCISES:
+            raise ValueError(f"Exercise {exercise_id!r} is defined twice.")
+        EXERCISES[exercise_id] = Exercise(exercise_id, title, hint, checker, tuple(context))
+        return checker
+    return register
+
+
+def check(exercise_id: str, answer, *, quiet: bool = False, **context) -> Feedback:
+    """Check the reader's ``answer`` to exercise ``exercise_id`` on the notebook's objects (``context``).
+
+    Prints the verdict (unless ``quiet``) and returns it as a :class:`Feedback`, which is truthy when passed.
+    An answer that still raises ``NotImplementedError`` is "not started"; one that raises anything else, or
+    returns something of the wrong kind, is "not yet", with the error and the hint.
+
+    Raises:
+        ValueError: an unknown exercise id, or a context without the objects the exercise needs (both are
+            mistakes in the notebook, not in the answer).
+    """
+    if exercise_id not in EXERCISES:
+        raise ValueError(f"Unknown exercise {exercise_id!r}. Known: {', '.join(sorted(EXERCISES))}.")
+    ex = EXERCISES[exercise_id]
+    missing = [name for name in ex.context if name not in context]
+    if missing:
+        raise ValueError(f"exercises.check({exercise_id!r}, ...) needs {', '.join(missing)}= from the notebook.")
+    try:
+        passed, message = ex.checker(answer, **context)
+    except NotImplementedError:
+        passed, message = False, ("Not started: the cell above still raises NotImplementedError. Replace that line "
+                                  "with your code and run both cells again.")
+    except Exception as error:  # the reader's code failed: report it, do not crash the notebook
+        passed, message = False, f"Your code raised {type(error).__name__}: {error}"
+    feedback = Feedback(exercise_id, bool(passed), message, ex.hint)
+    if not quiet:
+        print(feedback)
+    return feedback
+
+
+def list_exercises(notebook: str | None = None) -> list[Exercise]:
+    """The exercises of one notebook (its name, e.g. ``"CH08_NB01"``), or of the whole course."""
+    return [ex for ex in EXERCISES.values() if notebook is None or ex.notebook == notebook]
+
+
+# --- helpers of the checkers -----------------------------------------------------------------
+
+def _close(got, expected, *, rel: float, abs_: float = 0.0) -> bool:
+    return math.isclose(float(got), float(expected), rel_tol=rel, abs_tol=abs_)
+
+
+def _as_floats(values, n: int, what: str) -> list[float] | str:
+    """``values`` as n floats, or a sentence saying why it is not."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().flatten().tolist()
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return f"{what} should be a list of {n} numbers, got {type(values).__name__}."
+    if len(values) != n:
+        return f"{what} should hold {n} numbers (one per block), got {len(values)}."
+    return values
+
+
+# --- CH04_NB01: depth pruning ----------------------------------------------------------------
+
+@exercise("CH04_NB01.mlp_importance", "Score the MLP sublayer of every block: 1 - cos(MLP input, block output)",
+          "Register a forward pre-hook on `structure.mlp_input_norm(block)`, the norm in front of the MLP "
+          "(`post_attention_layernorm` in Llama and Qwen): its first argument is the stream entering the MLP. Add a "
+          "forward hook on the block for its output (`structure.output_of(output)`). Take 1 - cosine per "
+          "token, keep the real tokens (attention_mask == 1) and average over all of them, not per batch.",
+          context=("model", "dataloader"))
+def _check_mlp_importance(answer, *, model, dataloader):
+    from .attention import sublayer_importance
+    expected = sublayer_importance(model, dataloader, progress=False)["mlp"]
+    got = _as_floats(answer(model, dataloader), len(expected), "mlp_importance(model, dataloader)")
+    if isinstance(got, str):
+        return False, got
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=1e-3, abs_=1e-5)]
+    if wrong:
+        i = wrong[0]
+        return False, (f"{len(wrong)} of {len(expected)} blocks differ from utils.sublayer_importance's MLP scores; "
+                       f"block {i}: yours {got[i]:.5f}, expected {expected[i]:.5f}.")
+    return True, (f"all {len(expected)} MLP scores match utils.sublayer_importance (lowest: block "
+                  f"{min(range(len(got)), key=got.__getitem__)}).")
+
+
+@exercise("CH04_NB01.choose_protected", "Pick the n least important blocks, never the protected ones",
+          "Sort the block indices by score, skip the protected ones (the first and the last block by default) and "
+          "keep the first n that remain. Return plain ints.",
+          context=("scores", "n"))
+def _check_choose_protected(answer, *, scores, n):
+    scores = [float(s) for s in scores]
+    last = len(scores) - 1
+    got = answer(scores, n)
+    try:
+        got = sorted(int(i) for i in got)
+    except (TypeError, ValueError):
+        return False, f"choose_protected(scores, n) should return block indices, got {got!r}."
+    if len(got) != n or len(set(got)) != n:
+        return False, f"expected {n} different blocks, got {got}."
+    if 0 in got or last in got:
+        return False, f"{got} holds a protected block (0 or {last}): the first and the last block must stay."
+    allowed = sorted(range(1, last), key=lambda i: scores[i])
+    worst_kept = max(scores[i] for i in got)
+    better = [i for i in allowed[:n] if i not in got and scores[i] < worst_kept]
+    if better:
+        return False, (f"block {better[0]} (score {scores[better[0]]:.4f}) is less important than one you chose "
+                       f"(highest chosen score {worst_kept:.4f}).")
+    return True, f"blocks {got}: the {n} lowest scores outside the first and last block."
+
+
+# --- CH08_NB01: the KV cache -----------------------------------------------------------------
+
+@exercise("CH08_NB01.kv_bytes", "KV-cache bytes of a prompt, by formula, checked against a measured cache",
+          "Every attention layer stores a key and a value (2) per token, per key/value head (num_key_value_heads, "
+          "not num_attention_heads), each head_dim numbers of bytes_per_value bytes: "
+          "2 x layers x kv_heads x head_dim x bytes x tokens. head_dim may be missing from the config: then it is "
+          "hidden_size // num_attention_heads.",
+          context=("model",))
+def _check_kv_bytes(answer, *, model):
+    from .kv_cache import cache_arg, cache_bytes, make_cache
+    from .structure import text_config
+
+    config = text_config(model)
+    bytes_per_value = next(model.parameters()).element_size()
+    rows = []
+    window = getattr(config, "sliding_window", None)  # sliding layers keep at most a window of tokens
+    for tokens in ((7, 33) if not window else (min(7, window - 1), window - 1)):
+        ids = torch.randint(0, int(config.vocab_size), (1, tokens), generator=torch.Generator().manual_seed(tokens))
+        cache = make_cache(model)
+        with torch.no_grad():
+            model(input_ids=ids.to(device_of(model)), use_cache=True, **{cache_arg(model): cache})
+        measured = cache_bytes(cache)
+        got = answer(config, tokens, bytes_per_value)
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            return False, f"kv_bytes(config, tokens, bytes_per_value) should return a number, got {got!r}."
+        if got != measured:
+            ratio = got / measured if measured else float("nan")
+            groups = int(config.num_attention_heads) / int(getattr(config, "num_key_value_heads", None)
+                                                            or config.num_attention_heads)
+            guess = ("; count key/value heads, not query heads" if groups > 1 and math.isclose(ratio, groups) else
+                     "; did you count both the key and the value?" if math.isclose(ratio, 0.5) else "")
+            return False, (f"for {tokens} tokens you give {got:,} bytes; the cache measured {measured:,} "
+                           f"(yours is x{ratio:.2f}{guess}).")
+        rows.append(f"{tokens} tokens: {measured:,} bytes")
+    return True, "your formula equals the measured cache: " + "; ".join(rows) + "."
+
+
+@exercise("CH08_NB01.tokens_that_fit", "How many tokens of cache fit in a memory budget?",
+          "Divide the budget (in bytes: gigabytes x 1e9) by the bytes one token costs "
+          "(utils.kv_bytes_per_token(model), or your kv_bytes for one token) and round down.",
+          context=("model",))
+def _check_tokens_that_fit(answer, *, model):
+    from .kv_cache import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(model)
+    for gigabytes in (0.5, 2.0):
+        expected = int(gigabytes * 1e9 // per_token)
+        got = answer(model, gigabytes)
+        if not isinstance(got, int) or isinstance(got, bool):
+            return False, f"tokens_that_fit(model, {gigabytes}) should return a whole number of tokens, got {got!r}."
+        if got != expected:
+            return False, (f"for {gigabytes} GB you give {got:,} tokens; {per_token:,.0f} bytes a token fit "
+                           f"{expected:,} times (rounded down).")
+    return True, (f"{int(2e9 // per_token):,} tokens of cache fit in 2 GB for this model "
+                  f"({per_token:,.0f} bytes a token).")
