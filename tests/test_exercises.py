@@ -33,6 +33,8 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
+        "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
     }
 
 
@@ -43,7 +45,17 @@ WRONG = {
     "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
                                                      * (config.hidden_size // config.num_attention_heads) * b * tokens),
     "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+    # the smallest magnitude instead of the largest; the mean instead of the median
+    "CH10_NB02.largest_entry": lambda stream: _unravel(int((-stream.abs()).argmax()), stream.shape),
+    "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values
+                                             / stream.abs().flatten(1).mean(1)).tolist(),
 }
+
+
+def _unravel(flat, shape):
+    rows, tokens, hidden = shape
+    row, rest = divmod(flat, tokens * hidden)
+    return (row, *divmod(rest, hidden))
 
 
 def _solution(exercise_id):

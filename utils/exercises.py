@@ -238,3 +238,57 @@ def _check_tokens_that_fit(answer, *, model):
                            f"{expected:,} times (rounded down).")
     return True, (f"{int(2e9 // per_token):,} tokens of cache fit in 2 GB for this model "
                   f"({per_token:,.0f} bytes a token).")
+
+
+# --- CH10_NB02: the residual stream ------------------------------------------------------------
+
+def _stream_of(model, tokenizer, prompt: str) -> torch.Tensor:
+    from .activations import residual_stream
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt= must be a non-empty string: the text whose residual stream is searched.")
+    return residual_stream(model, tokenizer, prompt)
+
+
+@exercise("CH10_NB02.largest_entry", "Find the largest entry of a prompt's residual stream: row, token, dimension",
+          "Take stream.abs(), find the position of its maximum over all three axes at once (argmax of the flattened "
+          "tensor), then turn the flat index back into (row, token, dimension) with divmod by tokens x hidden and "
+          "by hidden. Return three ints.",
+          context=("model", "tokenizer", "prompt"))
+def _check_largest_entry(answer, *, model, tokenizer, prompt):
+    from .activations import find_massive
+    stream = _stream_of(model, tokenizer, prompt)
+    found = find_massive(stream)
+    expected = (found["layer"], found["token"], found["dimension"])
+    got = answer(stream)
+    try:
+        got = tuple(int(v) for v in got)
+    except (TypeError, ValueError):
+        return False, f"largest_entry(stream) should return (row, token, dimension), got {got!r}."
+    if len(got) != 3:
+        return False, f"largest_entry(stream) should return 3 numbers (row, token, dimension), got {len(got)}."
+    if got != expected:
+        value = float(stream[got].abs()) if all(0 <= g < n for g, n in zip(got, stream.shape)) else float("nan")
+        return False, (f"you found {got} (|value| {value:.3g}); the largest |value| is {abs(found['value']):.3g} at "
+                       f"{expected} (row, token, dimension).")
+    return True, (f"row {expected[0]}, token {expected[1]}, dimension {expected[2]}: value {found['value']:.4g}, "
+                  f"{found['ratio']:.3g} x the row's median (massive by Sun et al.'s test: {found['massive']}).")
+
+
+@exercise("CH10_NB02.peak_ratios", "The peak-to-median ratio of every row of the stream",
+          "For each row (one stream index): reshape its |values| to one vector, divide the maximum by the median "
+          "(torch.median, not the mean: the mean is pulled up by the very entries we look for).",
+          context=("model", "tokenizer", "prompt"))
+def _check_peak_ratios(answer, *, model, tokenizer, prompt):
+    from .activations import find_massive
+    stream = _stream_of(model, tokenizer, prompt)
+    expected = find_massive(stream)["per_layer"]["ratio"]
+    got = _as_floats(answer(stream), len(expected), "peak_ratios(stream)")
+    if isinstance(got, str):
+        return False, got
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=1e-4)]
+    if wrong:
+        i = wrong[0]
+        return False, (f"{len(wrong)} of {len(expected)} rows differ; row {i}: yours {got[i]:.4g}, expected "
+                       f"{expected[i]:.4g} (max |value| / median |value| of that row).")
+    top = max(range(len(got)), key=got.__getitem__)
+    return True, f"all {len(got)} rows match; the highest ratio, {got[top]:.3g}, is at stream index {top}."
