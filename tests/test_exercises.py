@@ -33,6 +33,8 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "CH07_NB02.lora_params": {"config": llama.config},
+        "CH07_NB02.rank1_forward": {"config": llama.config},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
         "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
     }
@@ -45,6 +47,11 @@ WRONG = {
     "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
                                                      * (config.hidden_size // config.num_attention_heads) * b * tokens),
     "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+    # attention projections all counted as hidden -> hidden (wrong under grouped-query attention)
+    "CH07_NB02.lora_params": lambda config, rank, targets: (rank * 2 * config.hidden_size * len(targets)
+                                                            * config.num_hidden_layers),
+    # the update without alpha
+    "CH07_NB02.rank1_forward": lambda x, weight, bias, a, b, alpha: x @ weight.T + bias + (x @ a)[..., None] * b,
     # the smallest magnitude instead of the largest; the mean instead of the median
     "CH10_NB02.largest_entry": lambda stream: _unravel(int((-stream.abs()).argmax()), stream.shape),
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values

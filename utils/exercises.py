@@ -292,3 +292,60 @@ def _check_peak_ratios(answer, *, model, tokenizer, prompt):
                        f"{expected[i]:.4g} (max |value| / median |value| of that row).")
     top = max(range(len(got)), key=got.__getitem__)
     return True, f"all {len(got)} rows match; the highest ratio, {got[top]:.3g}, is at stream index {top}."
+
+
+# --- CH07_NB02: LoRA ---------------------------------------------------------------------------
+
+@exercise("CH07_NB02.lora_params", "Trainable parameters a LoRA adapter adds, from the config",
+          "A LoRA on an in -> out Linear adds A (r x in) and B (out x r): r x (in + out). Per block, q_proj maps "
+          "hidden -> heads x head_dim, k_proj and v_proj hidden -> kv_heads x head_dim, o_proj back to hidden; "
+          "gate_proj and up_proj hidden -> intermediate_size, down_proj back. Sum over targets and blocks.",
+          context=("config",))
+def _check_lora_params(answer, *, config):
+    from .lora import lora_parameter_count
+
+    for rank, targets in ((1, ["q_proj", "v_proj"]), (8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                          (16, ["gate_proj", "up_proj", "down_proj"])):
+        expected = lora_parameter_count(config, rank, targets)
+        got = answer(config, rank, list(targets))
+        if not isinstance(got, int) or isinstance(got, bool):
+            return False, f"lora_params(config, {rank}, {targets}) should return an int, got {got!r}."
+        if got != expected:
+            return False, (f"rank {rank} on {targets}: you count {got:,}, lora.lora_parameter_count says "
+                           f"{expected:,} (x{got / expected:.3f}).")
+    return True, (f"all three settings match; rank 1 on q_proj and v_proj adds "
+                  f"{lora_parameter_count(config, 1, ['q_proj', 'v_proj']):,} parameters to the whole model.")
+
+
+@exercise("CH07_NB02.rank1_forward", "The output of a rank-1 LoRA layer, by hand",
+          "With rank 1, A is one row a (in_features) and B one column b (out_features): the layer returns "
+          "x @ W.T + bias + (alpha / 1) * (x @ a)[..., None] * b. Keep the base path unchanged.",
+          context=("config",))
+def _check_rank1_forward(answer, *, config):
+    from .lora import LoRALinear
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(text.hidden_size)
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(hidden, hidden // 2, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=g) / hidden ** 0.5)
+        base.bias.copy_(torch.randn(base.bias.shape, generator=g))
+    a, b = torch.randn(hidden, generator=g), torch.randn(hidden // 2, generator=g)
+    x = torch.randn(2, 3, hidden, generator=g)
+    alpha = 4.0
+    layer = LoRALinear(base, r=1, alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A.copy_(a[None, :])
+        layer.lora_B.copy_(b[:, None])
+        expected = layer(x)
+        got = answer(x, base.weight.detach().clone(), base.bias.detach().clone(), a, b, alpha)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return False, f"rank1_forward(...) should return a tensor of shape {tuple(expected.shape)}, got {shape}."
+    error = float((got - expected).abs().max())
+    if error > 1e-4 * float(expected.abs().max()):
+        base_only = float((got - base(x)).abs().max()) < 1e-5
+        return False, (f"largest difference from lora.LoRALinear(r=1): {error:.3g}"
+                       + (" (your output equals the base layer's: the update is missing)" if base_only else "") + ".")
+    return True, f"equal to lora.LoRALinear(r=1, alpha={alpha:g}) (largest difference {error:.1e})."
