@@ -3,6 +3,7 @@ on a wrong answer, and every exercise is wired into its notebook."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_families import _tiny
 
-from utils import exercises
+from utils import exercises, width
 from utils.depth import block_importance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +34,9 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "CH05_NB01.params_removed": {"model": llama, "pruned": width.prune_glu(copy.deepcopy(llama), 0.25,
+                                                                                progress=False)},
+        "CH05_NB01.width_for_expansion": {"model": llama},
         "CH07_NB02.lora_params": {"config": llama.config},
         "CH07_NB02.rank1_forward": {"config": llama.config},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
@@ -47,6 +51,12 @@ WRONG = {
     "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
                                                      * (config.hidden_size // config.num_attention_heads) * b * tokens),
     "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+    # the gate and up rows counted, the down column forgotten
+    "CH05_NB01.params_removed": lambda model, keep: 2 * model.config.hidden_size * model.config.num_hidden_layers
+    * (model.config.intermediate_size - keep),
+    # rounded to the nearest multiple instead of down
+    "CH05_NB01.width_for_expansion": lambda hidden, expansion, divisor: round(expansion * hidden / divisor) * divisor
+    + divisor,
     # attention projections all counted as hidden -> hidden (wrong under grouped-query attention)
     "CH07_NB02.lora_params": lambda config, rank, targets: (rank * 2 * config.hidden_size * len(targets)
                                                             * config.num_hidden_layers),

@@ -349,3 +349,56 @@ def _check_rank1_forward(answer, *, config):
         return False, (f"largest difference from lora.LoRALinear(r=1): {error:.3g}"
                        + (" (your output equals the base layer's: the update is missing)" if base_only else "") + ".")
     return True, f"equal to lora.LoRALinear(r=1, alpha={alpha:g}) (largest difference {error:.1e})."
+
+
+# --- CH05_NB01: width pruning ------------------------------------------------------------------
+
+@exercise("CH05_NB01.params_removed", "Parameters a width cut removes, counted before you cut",
+          "Each neuron of a GLU MLP owns one row of gate_proj, one row of up_proj and one column of down_proj: "
+          "3 x hidden_size weights (plus a bias entry per row or column where the layers have biases). Multiply "
+          "by the neurons removed per block and by the number of blocks.",
+          context=("model", "pruned"))
+def _check_params_removed(answer, *, model, pruned):
+    from .evaluation import count_parameters
+    from .structure import glu_mlps
+
+    widths = {m.gate_proj.out_features for m in glu_mlps(pruned)}
+    if len(widths) != 1:
+        raise ValueError("pruned= must keep the same number of neurons in every block (utils.width.prune_glu).")
+    keep = widths.pop()
+    expected = count_parameters(model) - count_parameters(pruned)
+    got = answer(model, keep)
+    if not isinstance(got, int) or isinstance(got, bool):
+        return False, f"params_removed(model, {keep}) should return an int, got {got!r}."
+    if got != expected:
+        return False, (f"keeping {keep} neurons per block you count {got:,} parameters removed; the pruned model "
+                       f"really has {expected:,} fewer (x{got / expected:.3f}).")
+    return True, (f"{expected:,} parameters removed ({expected / count_parameters(model):.1%} of the model), "
+                  f"counted before the cut and measured after it.")
+
+
+@exercise("CH05_NB01.width_for_expansion", "The MLP width for a target expansion ratio, GPU-friendly",
+          "Keep round(expansion x hidden) neurons, then round down to a multiple of divisor: (keep // divisor) x "
+          "divisor.",
+          context=("model",))
+def _check_width_for_expansion(answer, *, model):
+    from .structure import text_config
+    from .width import target_width
+
+    config = text_config(model)
+    d_ff, hidden = int(config.intermediate_size), int(config.hidden_size)
+    checked = 0
+    for expansion in (1.5, 2.0, d_ff / hidden - 0.5):
+        for divisor in (8, 32, 64):
+            try:
+                expected = target_width(d_ff, hidden, expansion_ratio=expansion, divisor=divisor)
+            except ValueError:
+                continue  # wider than the model, or rounded down to nothing on a tiny model
+            got = answer(hidden, expansion, divisor)
+            if got != expected:
+                return False, (f"expansion {expansion:.2f} with divisor {divisor}: you keep {got!r}, "
+                               f"width.target_width keeps {expected}.")
+            checked += 1
+    if not checked:
+        raise ValueError(f"No expansion ratio could be checked for hidden {hidden}, intermediate {d_ff}.")
+    return True, f"matches width.target_width on {checked} settings for hidden size {hidden}."
