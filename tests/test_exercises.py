@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_families import _tiny
 
-from utils import exercises, width
+from utils import architectures, exercises, width
 from utils.depth import block_importance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +27,8 @@ def contexts(tokenizer, loader):
     llama = _tiny("llama", tokenizer)
     qwen = _tiny("qwen3", tokenizer)
     assert llama.config.num_key_value_heads < llama.config.num_attention_heads  # GQA: the hint can tell
+    skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
+                                                             "Qwen/Qwen3-0.6B")}
     return {
         "CH04_NB01.mlp_importance": {"model": qwen, "dataloader": loader},
         # the ends score lowest, as they often do under one-shot cosine: the protection has to act
@@ -34,6 +36,8 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "CH03_NB01.mlp_params": {"skeletons": skeletons},
+        "CH03_NB01.attention_params": {"skeletons": skeletons},
         "CH05_NB01.params_removed": {"model": llama, "pruned": width.prune_glu(copy.deepcopy(llama), 0.25,
                                                                                 progress=False)},
         "CH05_NB01.width_for_expansion": {"model": llama},
@@ -51,6 +55,9 @@ WRONG = {
     "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
                                                      * (config.hidden_size // config.num_attention_heads) * b * tokens),
     "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+    # two matrices instead of three; query heads for the key/value projections too
+    "CH03_NB01.mlp_params": lambda spec: 2 * spec.hidden_size * spec.intermediate_size * spec.num_layers,
+    "CH03_NB01.attention_params": lambda spec: 4 * spec.hidden_size * spec.num_heads * spec.head_dim * spec.num_layers,
     # the gate and up rows counted, the down column forgotten
     "CH05_NB01.params_removed": lambda model, keep: 2 * model.config.hidden_size * model.config.num_hidden_layers
     * (model.config.intermediate_size - keep),

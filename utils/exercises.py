@@ -402,3 +402,45 @@ def _check_width_for_expansion(answer, *, model):
     if not checked:
         raise ValueError(f"No expansion ratio could be checked for hidden {hidden}, intermediate {d_ff}.")
     return True, f"matches width.target_width on {checked} settings for hidden size {hidden}."
+
+
+# --- CH03_NB01: anatomy ------------------------------------------------------------------------
+
+def _check_part(answer, skeletons: dict, part: str, name: str) -> tuple[bool, str]:
+    """``answer(spec)`` against :func:`utils.anatomy.parameter_breakdown`'s ``part`` of every GLU skeleton."""
+    from .anatomy import parameter_breakdown
+    from .architectures import get_spec
+
+    checked = []
+    for model_id, skeleton in skeletons.items():
+        spec = get_spec(model_id)
+        if spec.mlp != "glu":
+            continue  # GPT-2's biased two-matrix MLP: the GLU models are the exercise
+        expected = parameter_breakdown(skeleton)[part]
+        got = answer(spec)
+        if not isinstance(got, int) or isinstance(got, bool):
+            return False, f"{name}(spec) should return an int, got {got!r} for {model_id}."
+        if got != expected:
+            return False, (f"{model_id}: you count {got:,} {part} parameters, the meta model holds {expected:,} "
+                           f"(x{got / expected:.3f}).")
+        checked.append(f"{model_id.split('/')[-1]} {expected / 1e6:,.1f}M")
+    if not checked:
+        raise ValueError("skeletons= holds no GLU model to check against.")
+    return True, "equal to the meta models' count: " + ", ".join(checked) + "."
+
+
+@exercise("CH03_NB01.mlp_params", "The MLP parameters of a whole GLU model, from its published shape",
+          "A GLU MLP has three matrices: gate and up (hidden -> intermediate) and down (intermediate -> hidden), no "
+          "biases in these models. Count one block, multiply by the number of blocks (spec.num_layers).",
+          context=("skeletons",))
+def _check_mlp_params(answer, *, skeletons):
+    return _check_part(answer, skeletons, "mlp", "mlp_params")
+
+
+@exercise("CH03_NB01.attention_params", "The attention parameters of a whole model, grouped-query attention included",
+          "Per block: q_proj hidden -> heads x head_dim, k_proj and v_proj hidden -> kv_heads x head_dim each, o_proj "
+          "heads x head_dim -> hidden. Use spec.head_dim (Gemma's heads are wider than hidden / heads). The small "
+          "q_norm / k_norm of Qwen 3 and Gemma 3 count as norms, not attention.",
+          context=("skeletons",))
+def _check_attention_params(answer, *, skeletons):
+    return _check_part(answer, skeletons, "attention", "attention_params")
