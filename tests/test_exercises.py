@@ -9,9 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_families import _tiny
 
 from utils import architectures, exercises, width
+from utils.data import load_texts, make_dataloader
 from utils.depth import block_importance
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +29,7 @@ def contexts(tokenizer, loader):
     llama = _tiny("llama", tokenizer)
     qwen = _tiny("qwen3", tokenizer)
     assert llama.config.num_key_value_heads < llama.config.num_attention_heads  # GQA: the hint can tell
+    padded = make_dataloader(load_texts("sms_spam", n=4), tokenizer, batch_size=4, max_length=40)  # short texts
     skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
                                                              "Qwen/Qwen3-0.6B")}
     return {
@@ -36,6 +39,8 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "CH02_NB01.perplexity_by_hand": {"model": llama, "dataloader": padded},
+        "CH02_NB01.drop_blocks": {"model": _tiny("gemma3", tokenizer), "dataloader": loader},
         "CH03_NB01.mlp_params": {"skeletons": skeletons},
         "CH03_NB01.attention_params": {"skeletons": skeletons},
         "CH05_NB01.params_removed": {"model": llama, "pruned": width.prune_glu(copy.deepcopy(llama), 0.25,
@@ -55,6 +60,9 @@ WRONG = {
     "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
                                                      * (config.hidden_size // config.num_attention_heads) * b * tokens),
     "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+    # padding counted as targets; the blocks removed without renumbering the cache slots
+    "CH02_NB01.perplexity_by_hand": lambda model, dataloader: _ppl_with_padding(model, dataloader),
+    "CH02_NB01.drop_blocks": lambda model, indices: _drop_without_renumbering(model, indices),
     # two matrices instead of three; query heads for the key/value projections too
     "CH03_NB01.mlp_params": lambda spec: 2 * spec.hidden_size * spec.intermediate_size * spec.num_layers,
     "CH03_NB01.attention_params": lambda spec: 4 * spec.hidden_size * spec.num_heads * spec.head_dim * spec.num_layers,
@@ -74,6 +82,27 @@ WRONG = {
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values
                                              / stream.abs().flatten(1).mean(1)).tolist(),
 }
+
+
+@torch.no_grad()
+def _ppl_with_padding(model, dataloader):
+    import math
+
+    import torch.nn.functional as F
+    total, count = 0.0, 0
+    for batch in dataloader:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = batch["input_ids"][:, 1:].reshape(-1)
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets, reduction="sum"))
+        count += batch["input_ids"][:, 1:].numel()
+    return math.exp(total / count)
+
+
+def _drop_without_renumbering(model, indices):
+    import torch
+    model.model.layers = torch.nn.ModuleList([b for i, b in enumerate(model.model.layers) if i not in indices])
+    model.config.num_hidden_layers = len(model.model.layers)
+    return model
 
 
 def _unravel(flat, shape):

@@ -444,3 +444,63 @@ def _check_mlp_params(answer, *, skeletons):
           context=("skeletons",))
 def _check_attention_params(answer, *, skeletons):
     return _check_part(answer, skeletons, "attention", "attention_params")
+
+
+# --- CH02_NB01: the first cut ------------------------------------------------------------------
+
+@exercise("CH02_NB01.perplexity_by_hand", "Perplexity, written out",
+          "For each batch: logits = model(input_ids, attention_mask).logits; position t predicts token t + 1, so "
+          "compare logits[:, :-1] with input_ids[:, 1:], skipping targets where attention_mask[:, 1:] == 0. Add up "
+          "the summed cross-entropy and the number of real targets over all batches; perplexity = exp(total / count). "
+          "Use torch.no_grad() and put each batch on the model's device.",
+          context=("model", "dataloader"))
+def _check_perplexity_by_hand(answer, *, model, dataloader):
+    from .evaluation import perplexity
+
+    expected = perplexity(model, dataloader, progress=False)
+    got = answer(model, dataloader)
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = float(got)
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
+        return False, f"perplexity_by_hand(model, dataloader) should return a number, got {type(got).__name__}."
+    rel = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-3
+    if not _close(got, expected, rel=rel):
+        hint = (" (much lower: are padding positions counted?)" if got < 0.9 * expected else
+                " (the mean per batch instead of per token?)" if 0.9 * expected < got < 1.1 * expected else "")
+        return False, f"you get {got:.4f}, evaluation.perplexity gets {expected:.4f}{hint}."
+    return True, f"{got:.4f}, equal to evaluation.perplexity ({expected:.4f})."
+
+
+@exercise("CH02_NB01.drop_blocks", "Remove any blocks by hand, not only the last ones",
+          "Keep the blocks whose index is not in `indices` in a new torch.nn.ModuleList, renumber every kept "
+          "block's self_attn.layer_idx to its new position, and update config.num_hidden_layers (and "
+          "config.layer_types, when the config has one, to the kept entries). Return the model.",
+          context=("model", "dataloader"))
+def _check_drop_blocks(answer, *, model, dataloader):
+    import copy
+
+    from .depth import remove_blocks
+    from .structure import decoder_blocks
+
+    n = len(decoder_blocks(model))
+    indices = sorted({1, n // 2})
+    reference = remove_blocks(copy.deepcopy(model), indices)
+    got = answer(copy.deepcopy(model), list(indices))
+    if not isinstance(got, torch.nn.Module):
+        return False, f"drop_blocks(model, indices) should return the model, got {type(got).__name__}."
+    left = n - len(indices)
+    if len(decoder_blocks(got)) != left:
+        return False, f"removing {indices} of {n} blocks should leave {left}, got {len(decoder_blocks(got))}."
+    if got.config.num_hidden_layers != left:
+        return False, f"config.num_hidden_layers is {got.config.num_hidden_layers}, the model has {left} blocks."
+    slots = [getattr(b.self_attn, "layer_idx", i) for i, b in enumerate(decoder_blocks(got))]
+    if slots != list(range(len(slots))):
+        return False, f"the kept blocks' self_attn.layer_idx are {slots}: renumber them 0, 1, 2 ... in order."
+    batch = {k: v.to(device_of(model)) for k, v in next(iter(dataloader)).items()
+             if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        same = torch.equal(got(**batch).logits, reference(**batch).logits)
+    if not same:
+        return False, ("the logits differ from depth.remove_blocks on the same indices: are the right blocks kept, "
+                       "in order?")
+    return True, f"blocks {indices} removed; logits identical to depth.remove_blocks."
