@@ -46,6 +46,8 @@ def contexts(tokenizer, loader):
         "CH05_NB01.params_removed": {"model": llama, "pruned": width.prune_glu(copy.deepcopy(llama), 0.25,
                                                                                 progress=False)},
         "CH05_NB01.width_for_expansion": {"model": llama},
+        "CH06_NB01.uniform_map": {"n_teacher": 18},
+        "CH06_NB01.recovered": {},
         "CH07_NB02.lora_params": {"config": llama.config},
         "CH07_NB02.rank1_forward": {"config": llama.config},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
@@ -72,6 +74,11 @@ WRONG = {
     # rounded to the nearest multiple instead of down
     "CH05_NB01.width_for_expansion": lambda hidden, expansion, divisor: round(expansion * hidden / divisor) * divisor
     + divisor,
+    # rounded down instead of to the nearest; the share of raw perplexity
+    "CH06_NB01.uniform_map": lambda n_student, n_teacher: [(i + 1) * n_teacher // n_student - 1
+                                                           for i in range(n_student)],
+    "CH06_NB01.recovered": lambda base, pruned, recovered_ppl: (pruned - recovered_ppl) / (pruned - base)
+    if pruned > base else float("nan"),
     # attention projections all counted as hidden -> hidden (wrong under grouped-query attention)
     "CH07_NB02.lora_params": lambda config, rank, targets: (rank * 2 * config.hidden_size * len(targets)
                                                             * config.num_hidden_layers),

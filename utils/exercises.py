@@ -504,3 +504,48 @@ def _check_drop_blocks(answer, *, model, dataloader):
         return False, ("the logits differ from depth.remove_blocks on the same indices: are the right blocks kept, "
                        "in order?")
     return True, f"blocks {indices} removed; logits identical to depth.remove_blocks."
+
+
+# --- CH06_NB01: distillation through the layers ------------------------------------------------
+
+@exercise("CH06_NB01.uniform_map", "The uniform layer map, written out",
+          "Spread the student's blocks evenly over the teacher's depth and make the last student block imitate the "
+          "last teacher block: student block i -> teacher block round((i + 1) x T / S) - 1.",
+          context=("n_teacher",))
+def _check_uniform_map(answer, *, n_teacher):
+    from .distillation import make_layer_map
+
+    for n_student in sorted({1, max(1, n_teacher // 2), max(1, n_teacher - 4), n_teacher}):
+        expected = make_layer_map(n_student, n_teacher, "uniform")
+        got = answer(n_student, n_teacher)
+        try:
+            got = [int(i) for i in got]
+        except (TypeError, ValueError):
+            return False, f"uniform_map({n_student}, {n_teacher}) should return a list of teacher indices, got {got!r}."
+        if got != expected:
+            return False, (f"{n_student} student blocks on {n_teacher} teacher blocks: you map {got}, "
+                           f"distillation.make_layer_map gives {expected}.")
+    return True, f"equal to distillation.make_layer_map(..., 'uniform') for students of 1 to {n_teacher} blocks."
+
+
+@exercise("CH06_NB01.recovered", "How much of the loss did recovery win back?",
+          "Work on log-perplexities: (log pruned - log recovered) / (log pruned - log base). 1 means back to the base "
+          "model, 0 no better than the pruned one. When pruning lost nothing (pruned <= base) return float('nan').",
+          context=())
+def _check_recovered(answer):
+    from .distillation import recovered_share
+
+    cases = [(20.0, 40.0, 25.0), (20.0, 1000.0, 33.0), (10.0, 12.0, 13.0), (15.0, 15.0, 14.0)]
+    for base, pruned, recovered in cases:
+        expected = recovered_share(base, pruned, recovered)
+        got = answer(base, pruned, recovered)
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            return False, f"recovered({base}, {pruned}, {recovered}) should return a number, got {got!r}."
+        if math.isnan(expected) != math.isnan(got) or (not math.isnan(expected) and not _close(got, expected,
+                                                                                              rel=1e-9)):
+            return False, (f"base {base}, pruned {pruned}, recovered {recovered}: you give {got:.4f}, "
+                           f"distillation.recovered_share gives {expected:.4f}.")
+    raw = (1000.0 - 33.0) / (1000.0 - 20.0)
+    return True, ("equal to distillation.recovered_share: from 50x the base perplexity back to 1.65x wins back "
+                  f"{recovered_share(20.0, 1000.0, 33.0):.0%} of the lost log-likelihood, not the {raw:.0%} raw "
+                  "perplexities suggest.")
