@@ -14,7 +14,7 @@ from tiny_families import _tiny
 
 from utils import architectures, exercises, width
 from utils.data import load_texts, make_dataloader
-from utils.depth import block_importance
+from utils.depth import block_importance, remove_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +29,7 @@ def contexts(tokenizer, loader):
     llama = _tiny("llama", tokenizer)
     qwen = _tiny("qwen3", tokenizer)
     assert llama.config.num_key_value_heads < llama.config.num_attention_heads  # GQA: the hint can tell
+    qwen_student = remove_blocks(copy.deepcopy(qwen), [3, 4, 5])
     padded = make_dataloader(load_texts("sms_spam", n=4), tokenizer, batch_size=4, max_length=40)  # short texts
     skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
                                                              "Qwen/Qwen3-0.6B")}
@@ -41,6 +42,8 @@ def contexts(tokenizer, loader):
         "CH08_NB01.tokens_that_fit": {"model": llama},
         "CH02_NB01.perplexity_by_hand": {"model": llama, "dataloader": padded},
         "CH02_NB01.drop_blocks": {"model": _tiny("gemma3", tokenizer), "dataloader": loader},
+        "CH02_NB02.teacher_entropy": {"teacher": llama, "dataloader": padded},
+        "CH02_NB02.top1_agreement": {"student": qwen_student, "teacher": qwen, "dataloader": padded},
         "CH03_NB01.mlp_params": {"skeletons": skeletons},
         "CH03_NB01.attention_params": {"skeletons": skeletons},
         "CH05_NB01.params_removed": {"model": llama, "pruned": width.prune_glu(copy.deepcopy(llama), 0.25,
@@ -65,6 +68,10 @@ WRONG = {
     # padding counted as targets; the blocks removed without renumbering the cache slots
     "CH02_NB01.perplexity_by_hand": lambda model, dataloader: _ppl_with_padding(model, dataloader),
     "CH02_NB01.drop_blocks": lambda model, indices: _drop_without_renumbering(model, indices),
+    # the temperature forgotten; padding counted
+    "CH02_NB02.teacher_entropy": lambda teacher, dataloader, temperature: _entropy_at_t1(teacher, dataloader),
+    "CH02_NB02.top1_agreement": lambda student, teacher, dataloader: _agreement_with_padding(student, teacher,
+                                                                                             dataloader),
     # two matrices instead of three; query heads for the key/value projections too
     "CH03_NB01.mlp_params": lambda spec: 2 * spec.hidden_size * spec.intermediate_size * spec.num_layers,
     "CH03_NB01.attention_params": lambda spec: 4 * spec.hidden_size * spec.num_heads * spec.head_dim * spec.num_layers,
@@ -110,6 +117,22 @@ def _drop_without_renumbering(model, indices):
     model.model.layers = torch.nn.ModuleList([b for i, b in enumerate(model.model.layers) if i not in indices])
     model.config.num_hidden_layers = len(model.model.layers)
     return model
+
+
+@torch.no_grad()
+def _entropy_at_t1(teacher, dataloader):
+    from solutions.CH02_NB02 import teacher_entropy
+    return teacher_entropy(teacher, dataloader, 1.0)
+
+
+@torch.no_grad()
+def _agreement_with_padding(student, teacher, dataloader):
+    same, count = 0, 0
+    for batch in dataloader:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        agree = student(**inputs).logits.argmax(-1) == teacher(**inputs).logits.argmax(-1)
+        same, count = same + int(agree.sum()), count + agree.numel()
+    return same / count
 
 
 def _unravel(flat, shape):

@@ -549,3 +549,70 @@ def _check_recovered(answer):
     return True, ("equal to distillation.recovered_share: from 50x the base perplexity back to 1.65x wins back "
                   f"{recovered_share(20.0, 1000.0, 33.0):.0%} of the lost log-likelihood, not the {raw:.0%} raw "
                   "perplexities suggest.")
+
+
+# --- CH02_NB02: healing the cut ----------------------------------------------------------------
+
+def _real_next_positions(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, mask of positions whose next token is real) of one batch on ``device``."""
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    real_next = torch.zeros_like(mask, dtype=torch.bool)
+    real_next[:, :-1] = mask[:, 1:].bool() & mask[:, :-1].bool()
+    return ids, mask, real_next
+
+
+@torch.no_grad()
+def _teacher_entropy_reference(teacher, dataloader, temperature: float) -> float:
+    total, count = 0.0, 0
+    for batch in dataloader:
+        ids, mask, real = _real_next_positions(batch, device_of(teacher))
+        logp = torch.log_softmax(teacher(input_ids=ids, attention_mask=mask).logits.float() / temperature, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        total += float(entropy[real].sum())
+        count += int(real.sum())
+    return total / count
+
+
+@exercise("CH02_NB02.teacher_entropy", "How much does temperature soften the teacher?",
+          "For every position whose next token is real (attention_mask at t and t + 1): p = softmax(logits / T), "
+          "entropy = -(p * log p).sum(-1), in nats. Average over all those positions of all batches (not per batch).",
+          context=("teacher", "dataloader"))
+def _check_teacher_entropy(answer, *, teacher, dataloader):
+    rows = []
+    for temperature in (1.0, 2.0):
+        expected = _teacher_entropy_reference(teacher, dataloader, temperature)
+        got = answer(teacher, dataloader, temperature)
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = float(got)
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            return False, f"teacher_entropy(teacher, dataloader, {temperature}) should return a number, got {got!r}."
+        rel = 1e-5 if next(teacher.parameters()).dtype == torch.float32 else 1e-3
+        if not _close(got, expected, rel=rel):
+            return False, f"at T = {temperature:g} you get {got:.5f} nats, the answer key {expected:.5f}."
+        rows.append(f"T={temperature:g}: {expected:.3f} nats")
+    return True, "; ".join(rows) + " -- a softer target carries more of the teacher's second choices."
+
+
+@exercise("CH02_NB02.top1_agreement", "How often does the student pick the teacher's first choice?",
+          "Run both models on each batch; at every position whose next token is real, compare "
+          "student_logits.argmax(-1) with teacher_logits.argmax(-1). Return the share of agreements over all "
+          "those positions, between 0 and 1.",
+          context=("student", "teacher", "dataloader"))
+@torch.no_grad()
+def _check_top1_agreement(answer, *, student, teacher, dataloader):
+    same, count = 0, 0
+    for batch in dataloader:
+        ids, mask, real = _real_next_positions(batch, device_of(teacher))
+        t = teacher(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        s = student(input_ids=ids.to(device_of(student)), attention_mask=mask.to(device_of(student))).logits.argmax(-1)
+        same += int((s.to(t.device) == t)[real].sum())
+        count += int(real.sum())
+    expected = same / count
+    got = answer(student, teacher, dataloader)
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = float(got)
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
+        return False, f"top1_agreement(student, teacher, dataloader) should return a share, got {got!r}."
+    if not _close(got, expected, rel=1e-6, abs_=1e-9):
+        return False, f"you get {got:.4f}, the answer key {expected:.4f} ({count} positions with a real next token)."
+    return True, f"the student picks the teacher's first choice at {expected:.1%} of {count} positions."
