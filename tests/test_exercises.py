@@ -13,6 +13,7 @@ import torch
 from tiny_families import _tiny
 
 from utils import architectures, exercises, width
+from utils.attention import remove_attention
 from utils.data import load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
 
@@ -29,6 +30,7 @@ def contexts(tokenizer, loader):
     llama = _tiny("llama", tokenizer)
     qwen = _tiny("qwen3", tokenizer)
     assert llama.config.num_key_value_heads < llama.config.num_attention_heads  # GQA: the hint can tell
+    llama_cut = remove_attention(copy.deepcopy(llama), [2, 5])
     qwen_student = remove_blocks(copy.deepcopy(qwen), [3, 4, 5])
     padded = make_dataloader(load_texts("sms_spam", n=4), tokenizer, batch_size=4, max_length=40)  # short texts
     skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
@@ -53,6 +55,8 @@ def contexts(tokenizer, loader):
         "CH06_NB01.recovered": {},
         "CH07_NB02.lora_params": {"config": llama.config},
         "CH07_NB02.rank1_forward": {"config": llama.config},
+        "CH08_NB02.attention_params_removed": {"model": llama, "cut": llama_cut},
+        "CH08_NB02.cut_cache_bytes": {"cut": llama_cut},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
         "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
     }
@@ -91,6 +95,9 @@ WRONG = {
                                                             * config.num_hidden_layers),
     # the update without alpha
     "CH07_NB02.rank1_forward": lambda x, weight, bias, a, b, alpha: x @ weight.T + bias + (x @ a)[..., None] * b,
+    # only the query and output projections; every layer still counted
+    "CH08_NB02.attention_params_removed": lambda model, blocks: len(blocks) * 2 * model.config.hidden_size ** 2,
+    "CH08_NB02.cut_cache_bytes": lambda config, removed, tokens, b: _solution("CH08_NB01.kv_bytes")(config, tokens, b),
     # the smallest magnitude instead of the largest; the mean instead of the median
     "CH10_NB02.largest_entry": lambda stream: _unravel(int((-stream.abs()).argmax()), stream.shape),
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values

@@ -616,3 +616,57 @@ def _check_top1_agreement(answer, *, student, teacher, dataloader):
     if not _close(got, expected, rel=1e-6, abs_=1e-9):
         return False, f"you get {got:.4f}, the answer key {expected:.4f} ({count} positions with a real next token)."
     return True, f"the student picks the teacher's first choice at {expected:.1%} of {count} positions."
+
+
+# --- CH08_NB02: removing attention -------------------------------------------------------------
+
+@exercise("CH08_NB02.attention_params_removed", "Parameters saved by removing attention sublayers",
+          "Each removed attention takes its four projections with it: q_proj and o_proj (hidden x heads x head_dim "
+          "each) and k_proj and v_proj (hidden x kv_heads x head_dim each), plus any bias or q/k norm weights the "
+          "module holds, and the norm in front of it (input_layernorm), which has nothing left to feed (Gemma 3 also "
+          "loses the norm after it, post_attention_layernorm). Summing p.numel() over those modules is simplest.",
+          context=("model", "cut"))
+def _check_attention_params_removed(answer, *, model, cut):
+    from .attention import removed_attention
+    from .evaluation import count_parameters
+
+    removed = removed_attention(cut)
+    if not removed:
+        raise ValueError("cut= must be a model made by attention.remove_attention (it records what it removed).")
+    expected = count_parameters(model) - count_parameters(cut)
+    got = answer(model, list(removed))
+    if not isinstance(got, int) or isinstance(got, bool):
+        return False, f"attention_params_removed(model, {list(removed)}) should return an int, got {got!r}."
+    if got != expected:
+        return False, (f"removing attention from blocks {list(removed)} you count {got:,}; the cut model has "
+                       f"{expected:,} parameters fewer (x{got / expected:.3f}).")
+    return True, (f"{expected:,} parameters ({expected / count_parameters(model):.1%} of the model) for "
+                  f"{len(removed)} attention sublayers.")
+
+
+@exercise("CH08_NB02.cut_cache_bytes", "The KV cache of a model without some attentions",
+          "Only the attentions that are left hold a cache: 2 (K and V) x (layers - removed) x kv_heads x head_dim x "
+          "bytes per value x tokens.",
+          context=("cut",))
+def _check_cut_cache_bytes(answer, *, cut):
+    from .attention import removed_attention
+    from .kv_cache import cache_arg, cache_bytes, make_cache
+    from .structure import text_config
+
+    config = text_config(cut)
+    removed = list(removed_attention(cut))
+    bytes_per_value = next(cut.parameters()).element_size()
+    tokens = 9
+    ids = torch.randint(0, int(config.vocab_size), (1, tokens), generator=torch.Generator().manual_seed(0))
+    cache = make_cache(cut)
+    with torch.no_grad():
+        cut(input_ids=ids.to(device_of(cut)), use_cache=True, **{cache_arg(cut): cache})
+    measured = cache_bytes(cache)
+    got = answer(config, removed, tokens, bytes_per_value)
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
+        return False, f"cut_cache_bytes(config, removed, tokens, bytes_per_value) should return a number, got {got!r}."
+    if got != measured:
+        return False, (f"for {tokens} tokens you give {got:,} bytes; the cut model's cache measured {measured:,} "
+                       f"(x{got / measured:.3f}).")
+    layers = int(config.num_hidden_layers)
+    return True, f"{measured:,} bytes for {tokens} tokens: {layers - len(removed)} of {layers} attentions hold a cache."
