@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_families import _tiny
 
-from utils import architectures, exercises, width
+from utils import architectures, exercises, moe, width
 from utils.attention import remove_attention
 from utils.data import load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
@@ -30,6 +30,9 @@ def contexts(tokenizer, loader):
     llama = _tiny("llama", tokenizer)
     qwen = _tiny("qwen3", tokenizer)
     assert llama.config.num_key_value_heads < llama.config.num_attention_heads  # GQA: the hint can tell
+    moe_model = copy.deepcopy(llama)
+    moe.moefy(moe_model, 4, 2, dataloader=loader, progress=False)
+    gram = moe.gram_matrices(llama, loader, layers=[1], progress=False)[1]
     llama_cut = remove_attention(copy.deepcopy(llama), [2, 5])
     qwen_student = remove_blocks(copy.deepcopy(qwen), [3, 4, 5])
     padded = make_dataloader(load_texts("sms_spam", n=4), tokenizer, batch_size=4, max_length=40)  # short texts
@@ -57,6 +60,8 @@ def contexts(tokenizer, loader):
         "CH07_NB02.rank1_forward": {"config": llama.config},
         "CH08_NB02.attention_params_removed": {"model": llama, "cut": llama_cut},
         "CH08_NB02.cut_cache_bytes": {"cut": llama_cut},
+        "CH09_NB01.within_coactivation": {"gram": gram, "experts": moe.partition_neurons(gram, 4)[0]},
+        "CH09_NB01.active_share": {"moe_model": moe_model},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
         "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
     }
@@ -98,6 +103,11 @@ WRONG = {
     # only the query and output projections; every layer still counted
     "CH08_NB02.attention_params_removed": lambda model, blocks: len(blocks) * 2 * model.config.hidden_size ** 2,
     "CH08_NB02.cut_cache_bytes": lambda config, removed, tokens, b: _solution("CH08_NB01.kv_bytes")(config, tokens, b),
+    # the diagonal kept in; every expert counted as idle
+    "CH09_NB01.within_coactivation": lambda gram, experts: float(sum(
+        (gram.abs() / gram.diagonal().sqrt()[:, None] / gram.diagonal().sqrt()[None, :])[m][:, m].mean()
+        for m in experts) / len(experts)),
+    "CH09_NB01.active_share": lambda moe_model: 0.5,
     # the smallest magnitude instead of the largest; the mean instead of the median
     "CH10_NB02.largest_entry": lambda stream: _unravel(int((-stream.abs()).argmax()), stream.shape),
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values

@@ -670,3 +670,46 @@ def _check_cut_cache_bytes(answer, *, cut):
                        f"(x{got / measured:.3f}).")
     layers = int(config.num_hidden_layers)
     return True, f"{measured:,} bytes for {tokens} tokens: {layers - len(removed)} of {layers} attentions hold a cache."
+
+
+# --- CH09_NB01: a mixture of experts from a dense model ----------------------------------------
+
+@exercise("CH09_NB01.within_coactivation", "How tightly do an expert's neurons fire together?",
+          "From the Gram matrix G: coactivation = |G_ij| / sqrt(G_ii G_jj). For each expert (a tensor of neuron "
+          "indices) add up the coactivation of every ordered pair of two *different* members (drop the diagonal), "
+          "then divide the grand total by the number of such pairs over all experts.",
+          context=("gram", "experts"))
+def _check_within_coactivation(answer, *, gram, experts):
+    from .moe import within_expert_coactivation
+
+    expected = within_expert_coactivation(gram, experts)
+    got = answer(gram, experts)
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = float(got)
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
+        return False, f"within_coactivation(gram, experts) should return a number, got {got!r}."
+    if not _close(got, expected, rel=1e-4):
+        extra = " (is the diagonal, 1 for every neuron, still in?)" if got > expected else ""
+        return False, f"you get {got:.5f}, moe.within_expert_coactivation gets {expected:.5f}{extra}."
+    return True, f"{expected:.4f}, equal to moe.within_expert_coactivation."
+
+
+@exercise("CH09_NB01.active_share", "What share of the model does one token use?",
+          "Per MoE layer, one expert holds (gate + up + down parameters) / num_experts; a token skips "
+          "num_experts - top_k of them. Active = total parameters minus the skipped experts' parameters over all "
+          "layers; return active / total.",
+          context=("moe_model",))
+def _check_active_share(answer, *, moe_model):
+    from .moe import active_parameters
+
+    counts = active_parameters(moe_model)
+    expected = counts["active"] / counts["total"]
+    got = answer(moe_model)
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = float(got)
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
+        return False, f"active_share(moe_model) should return a share, got {got!r}."
+    if not _close(got, expected, rel=1e-6):
+        return False, (f"you get {got:.4f}, moe.active_parameters gives {expected:.4f} "
+                       f"({counts['active']:,} of {counts['total']:,}).")
+    return True, f"a token uses {expected:.1%} of the model's {counts['total']:,} parameters."
