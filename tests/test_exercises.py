@@ -62,6 +62,9 @@ def contexts(tokenizer, loader):
         "CH08_NB02.cut_cache_bytes": {"cut": llama_cut},
         "CH09_NB01.within_coactivation": {"gram": gram, "experts": moe.partition_neurons(gram, 4)[0]},
         "CH09_NB01.active_share": {"moe_model": moe_model},
+        "CH10_NB01.negative_gate_share": {"model": llama, "dataloader": padded},
+        "CH10_NB01.loudest_neurons": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast.",
+                                      "layer": 1},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
         "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
     }
@@ -108,6 +111,9 @@ WRONG = {
         (gram.abs() / gram.diagonal().sqrt()[:, None] / gram.diagonal().sqrt()[None, :])[m][:, m].mean()
         for m in experts) / len(experts)),
     "CH09_NB01.active_share": lambda moe_model: 0.5,
+    # padding counted; the quietest neurons
+    "CH10_NB01.negative_gate_share": lambda model, dataloader: [0.5] * model.config.num_hidden_layers,
+    "CH10_NB01.loudest_neurons": lambda model, tokenizer, prompt, layer, k: list(range(k)),
     # the smallest magnitude instead of the largest; the mean instead of the median
     "CH10_NB02.largest_entry": lambda stream: _unravel(int((-stream.abs()).argmax()), stream.shape),
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values

@@ -713,3 +713,53 @@ def _check_active_share(answer, *, moe_model):
         return False, (f"you get {got:.4f}, moe.active_parameters gives {expected:.4f} "
                        f"({counts['active']:,} of {counts['total']:,}).")
     return True, f"a token uses {expected:.1%} of the model's {counts['total']:,} parameters."
+
+
+# --- CH10_NB01: capture points -----------------------------------------------------------------
+
+@exercise("CH10_NB01.negative_gate_share", "How often would a ReLU have zeroed the gate?",
+          "Hook each block's mlp.gate_proj (a forward hook: its output is the gate's pre-activation). Count, over the "
+          "real tokens (attention_mask == 1) of all batches, how many entries are < 0, and divide by all entries "
+          "(real tokens x neurons). One share per block.",
+          context=("model", "dataloader"))
+def _check_negative_gate_share(answer, *, model, dataloader):
+    from .activations import glu_statistics
+
+    expected = glu_statistics(model, dataloader, progress=False)["negative_gate"]
+    got = _as_floats(answer(model, dataloader), len(expected), "negative_gate_share(model, dataloader)")
+    if isinstance(got, str):
+        return False, got
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=1e-4, abs_=1e-6)]
+    if wrong:
+        i = wrong[0]
+        return False, (f"{len(wrong)} of {len(expected)} blocks differ from activations.glu_statistics; block {i}: "
+                       f"yours {got[i]:.4f}, expected {expected[i]:.4f}.")
+    return True, (f"between {min(got):.1%} and {max(got):.1%} of the gates are negative: what a ReLU would zero, and "
+                  "a SiLU or GELU only makes small.")
+
+
+@exercise("CH10_NB01.loudest_neurons", "The loudest neurons of one block on your own prompt",
+          "Capture what down_proj receives (activations.capture_activations(model, tokenizer, prompt, "
+          "'down_proj_input', layers=[layer]) gives [1, tokens, neurons]), take the mean |value| over the tokens "
+          "and return the indices of the k largest, loudest first.",
+          context=("model", "tokenizer", "prompt", "layer"))
+def _check_loudest_neurons(answer, *, model, tokenizer, prompt, layer):
+    from .activations import capture_activations
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt= must be a non-empty string.")
+    k = 5
+    values = capture_activations(model, tokenizer, prompt, "down_proj_input", layers=[layer])["down_proj_input"][0]
+    loudness = values.abs().mean(0)
+    expected = torch.topk(loudness, k).indices.tolist()
+    got = answer(model, tokenizer, prompt, layer, k)
+    try:
+        got = [int(i) for i in got]
+    except (TypeError, ValueError):
+        return False, f"loudest_neurons(...) should return {k} neuron indices, got {got!r}."
+    if len(got) != k:
+        return False, f"expected {k} neuron indices, got {len(got)}."
+    if got != expected:
+        shown = ", ".join(f"{i} ({float(loudness[i]):.3g})" for i in expected)
+        return False, f"you found {got}; the loudest {k} by mean |value| are {shown}."
+    return True, f"block {layer}: neurons {expected}, loudest first (mean |value| {float(loudness[expected[0]]):.3g})."
