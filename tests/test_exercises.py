@@ -45,6 +45,8 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "APPC_NB01.decode_cost_per_token": {},
+        "APPC_NB01.kwh_per_million_tokens": {},
         "CH02_NB01.perplexity_by_hand": {"model": llama, "dataloader": padded},
         "CH02_NB01.drop_blocks": {"model": _tiny("gemma3", tokenizer), "dataloader": loader},
         "CH02_NB02.teacher_entropy": {"teacher": llama, "dataloader": padded},
@@ -77,6 +79,9 @@ WRONG = {
     "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
                                                      * (config.hidden_size // config.num_attention_heads) * b * tokens),
     "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+    # the batch forgotten; kilowatts for kilowatt-hours
+    "APPC_NB01.decode_cost_per_token": lambda first, second, n, batch: (second - first) / (n - 1),
+    "APPC_NB01.kwh_per_million_tokens": lambda joules: joules * 1e6 / 1000,
     # padding counted as targets; the blocks removed without renumbering the cache slots
     "CH02_NB01.perplexity_by_hand": lambda model, dataloader: _ppl_with_padding(model, dataloader),
     "CH02_NB01.drop_blocks": lambda model, indices: _drop_without_renumbering(model, indices),

@@ -763,3 +763,35 @@ def _check_loudest_neurons(answer, *, model, tokenizer, prompt, layer):
         shown = ", ".join(f"{i} ({float(loudness[i]):.3g})" for i in expected)
         return False, f"you found {got}; the loudest {k} by mean |value| are {shown}."
     return True, f"block {layer}: neurons {expected}, loudest first (mean |value| {float(loudness[expected[0]]):.3g})."
+
+
+# --- APPC: energy and cost per token -----------------------------------------------------------
+
+@exercise("APPC_NB01.decode_cost_per_token", "Decoding cost per token from two generate calls",
+          "The first call (prefill + 1 token) and the second (prefill + n tokens) share the prefill and the first "
+          "token: their difference is the cost of the n - 1 later tokens of every sequence in the batch. Divide "
+          "by (n - 1) x batch.",
+          context=())
+def _check_decode_cost_per_token(answer):
+    cases = [(2.0, 5.0, 16, 1), (0.8, 3.2, 9, 4), (10.0, 10.5, 2, 8)]
+    for first, second, n, batch in cases:
+        expected = (second - first) / ((n - 1) * batch)
+        got = answer(first, second, n, batch)
+        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+            return False, (f"first call {first}, second {second}, {n} new tokens, batch {batch}: you give {got!r}, "
+                           f"the answer key {expected:.6g}.")
+    return True, "right: the prefill and the first token cancel out, the rest is spread over every decoded token."
+
+
+@exercise("APPC_NB01.kwh_per_million_tokens", "From joules per token to kilowatt-hours per million tokens",
+          "1 kWh = 3.6 million joules (1000 W for 3600 s). Multiply joules per token by one million tokens, then "
+          "divide by 3.6e6.",
+          context=())
+def _check_kwh_per_million_tokens(answer):
+    for joules in (0.05, 1.0, 12.5):
+        expected = joules * 1e6 / 3.6e6
+        got = answer(joules)
+        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+            return False, (f"{joules} J per token: you give {got!r} kWh per million tokens, the answer key "
+                           f"{expected:.6g}.")
+    return True, f"right: at 1 J per token a million tokens cost {1e6 / 3.6e6:.3f} kWh."
