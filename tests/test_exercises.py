@@ -14,6 +14,7 @@ from tiny_families import _tiny
 
 from utils import architectures, exercises, moe, width
 from utils.attention import remove_attention
+from utils.benchmarks import local_task
 from utils.data import load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
 
@@ -34,6 +35,7 @@ def contexts(tokenizer, loader):
     moe.moefy(moe_model, 4, 2, dataloader=loader, progress=False)
     gram = moe.gram_matrices(llama, loader, layers=[1], progress=False)[1]
     llama_cut = remove_attention(copy.deepcopy(llama), [2, 5])
+    mc_items = local_task("wikitext_cloze", n=12)
     qwen_student = remove_blocks(copy.deepcopy(qwen), [3, 4, 5])
     padded = make_dataloader(load_texts("sms_spam", n=4), tokenizer, batch_size=4, max_length=40)  # short texts
     skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
@@ -45,6 +47,8 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "APPB_NB01.accuracy_stderr": {"items": mc_items, "predictions": [i % 2 for i in range(len(mc_items))]},
+        "APPB_NB01.mcnemar": {},
         "APPC_NB01.decode_cost_per_token": {},
         "APPC_NB01.kwh_per_million_tokens": {},
         "CH02_NB01.perplexity_by_hand": {"model": llama, "dataloader": padded},
@@ -79,6 +83,10 @@ WRONG = {
     "CH08_NB01.kv_bytes": lambda config, tokens, b: (2 * config.num_hidden_layers * config.num_attention_heads
                                                      * (config.hidden_size // config.num_attention_heads) * b * tokens),
     "CH08_NB01.tokens_that_fit": lambda model, gigabytes: 1.5,
+    # the population standard deviation (n, not n - 1); a one-sided p-value
+    "APPB_NB01.accuracy_stderr": lambda items, preds: _population_stderr(items, preds),
+    "APPB_NB01.mcnemar": lambda only_a, only_b: _solution("APPB_NB01.mcnemar")(only_a, only_b) / 2
+    if only_a + only_b else 1.0,
     # the batch forgotten; kilowatts for kilowatt-hours
     "APPC_NB01.decode_cost_per_token": lambda first, second, n, batch: (second - first) / (n - 1),
     "APPC_NB01.kwh_per_million_tokens": lambda joules: joules * 1e6 / 1000,
@@ -161,6 +169,12 @@ def _agreement_with_padding(student, teacher, dataloader):
         agree = student(**inputs).logits.argmax(-1) == teacher(**inputs).logits.argmax(-1)
         same, count = same + int(agree.sum()), count + agree.numel()
     return same / count
+
+
+def _population_stderr(items, predictions):
+    correct = [float(p == item["label"]) for item, p in zip(items, predictions)]
+    mean = sum(correct) / len(correct)
+    return mean, (sum((c - mean) ** 2 for c in correct) / len(correct)) ** 0.5 / len(correct) ** 0.5
 
 
 def _unravel(flat, shape):

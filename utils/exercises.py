@@ -795,3 +795,45 @@ def _check_kwh_per_million_tokens(answer):
             return False, (f"{joules} J per token: you give {got!r} kWh per million tokens, the answer key "
                            f"{expected:.6g}.")
     return True, f"right: at 1 J per token a million tokens cost {1e6 / 3.6e6:.3f} kWh."
+
+
+# --- APPB_NB01: benchmarks ----------------------------------------------------------------------
+
+@exercise("APPB_NB01.accuracy_stderr", "Accuracy and its standard error, as lm-eval reports them",
+          "correct = 1 where the prediction equals item['label'], else 0. accuracy = mean(correct); standard error = "
+          "sample standard deviation of `correct` (divide by n - 1) / sqrt(n).",
+          context=("items", "predictions"))
+def _check_accuracy_stderr(answer, *, items, predictions):
+    from .benchmarks import accuracy
+
+    expected = accuracy(items, predictions)
+    got = answer(items, predictions)
+    try:
+        acc, stderr = (float(v) for v in got)
+    except (TypeError, ValueError):
+        return False, f"accuracy_stderr(items, predictions) should return (accuracy, standard error), got {got!r}."
+    if not _close(acc, expected["acc"], rel=1e-9, abs_=1e-12):
+        return False, f"accuracy: you give {acc:.4f}, benchmarks.accuracy gives {expected['acc']:.4f}."
+    if not _close(stderr, expected["acc_stderr"], rel=1e-6):
+        ratio = stderr / expected["acc_stderr"] if expected["acc_stderr"] else float("nan")
+        return False, (f"standard error: you give {stderr:.5f}, benchmarks.accuracy gives {expected['acc_stderr']:.5f} "
+                       f"(x{ratio:.3f}: n - 1 in the variance, and the square root of n?).")
+    return True, f"{acc:.3f} ± {stderr:.3f} over {len(items)} items, equal to benchmarks.accuracy."
+
+
+@exercise("APPB_NB01.mcnemar", "The exact McNemar test of two models on the same items",
+          "Only the items where exactly one model is right carry information: under 'no difference' each is a fair "
+          "coin flip. With a = items only model A gets right and b = only B, n = a + b: p = 2 x P(X <= min(a, b)) "
+          "for X ~ Binomial(n, 1/2) (math.comb), at most 1; p = 1 when n = 0.",
+          context=())
+def _check_mcnemar(answer):
+    from .benchmarks import mcnemar_exact
+
+    for only_a, only_b in ((0, 0), (3, 3), (10, 2), (1, 9), (40, 25)):
+        expected = mcnemar_exact(only_a, only_b)
+        got = answer(only_a, only_b)
+        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9,
+                                                                                     abs_=1e-12):
+            return False, f"only A right {only_a}, only B right {only_b}: you give {got!r}, expected {expected:.6g}."
+    return True, (f"equal to benchmarks.mcnemar_exact; 10 against 2 disagreements gives p = "
+                  f"{mcnemar_exact(10, 2):.3f}, 40 against 25 p = {mcnemar_exact(40, 25):.3f}.")
