@@ -62,6 +62,8 @@ def contexts(tokenizer, loader):
         "CH05_NB01.width_for_expansion": {"model": llama},
         "CH06_NB01.uniform_map": {"n_teacher": 18},
         "CH06_NB01.recovered": {},
+        "CH07_NB01.int_quantize_blocks": {"weight": llama.model.layers[0].mlp.up_proj.weight},
+        "CH07_NB01.bits_per_weight": {},
         "CH07_NB02.lora_params": {"config": llama.config},
         "CH07_NB02.rank1_forward": {"config": llama.config},
         "CH08_NB02.attention_params_removed": {"model": llama, "cut": llama_cut},
@@ -111,6 +113,10 @@ WRONG = {
                                                            for i in range(n_student)],
     "CH06_NB01.recovered": lambda base, pruned, recovered_ppl: (pruned - recovered_ppl) / (pruned - base)
     if pruned > base else float("nan"),
+    # one absmax for the whole tensor; the constants forgotten
+    "CH07_NB01.int_quantize_blocks": lambda w, bits, block: _solution("CH07_NB01.int_quantize_blocks")(w, bits,
+                                                                                                         w.numel()),
+    "CH07_NB01.bits_per_weight": lambda bits, block, double: float(bits),
     # attention projections all counted as hidden -> hidden (wrong under grouped-query attention)
     "CH07_NB02.lora_params": lambda config, rank, targets: (rank * 2 * config.hidden_size * len(targets)
                                                             * config.num_hidden_layers),

@@ -837,3 +837,53 @@ def _check_mcnemar(answer):
             return False, f"only A right {only_a}, only B right {only_b}: you give {got!r}, expected {expected:.6g}."
     return True, (f"equal to benchmarks.mcnemar_exact; 10 against 2 disagreements gives p = "
                   f"{mcnemar_exact(10, 2):.3f}, 40 against 25 p = {mcnemar_exact(40, 25):.3f}.")
+
+
+# --- CH07_NB01: low rank and quantisation ------------------------------------------------------
+
+@exercise("CH07_NB01.int_quantize_blocks", "Blockwise symmetric int quantisation, by hand",
+          "Cut the flattened weights into blocks of block_size (pad the last one with zeros), take each block's "
+          "absmax, and store round(w / absmax x L) with L = 2^(bits - 1) - 1 (7 for int4); restore with "
+          "code / L x absmax, then drop the padding and give back the original shape.",
+          context=("weight",))
+def _check_int_quantize_blocks(answer, *, weight):
+    from .quantization import dequantize_blockwise, quantize_blockwise
+
+    flat = weight.detach().float().cpu().reshape(-1)
+    if flat.numel() < 64:
+        raise ValueError("weight= must hold at least 64 values: pass a layer's weight, e.g. layer.weight.")
+    w = flat[: min(flat.numel(), 4096) // 64 * 64].reshape(-1, 64)
+    for bits, block in ((4, 64), (8, 32), (4, 16)):
+        expected = dequantize_blockwise(quantize_blockwise(w, "int", bits, block_size=block)).reshape(w.shape)
+        got = answer(w.clone(), bits, block)
+        if not isinstance(got, torch.Tensor) or got.shape != w.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return False, (f"int_quantize_blocks(w, {bits}, {block}) should return a tensor shaped "
+                           f"{tuple(w.shape)}, got {shape}.")
+        error = float((got.float() - expected).abs().max())
+        if error > 1e-6 * float(w.abs().max()):
+            return False, (f"int{bits}, blocks of {block}: largest difference from quantization.quantize_blockwise "
+                           f"{error:.3g} (one absmax per block, levels -L..L with L = 2^(bits-1) - 1?).")
+    restored = dequantize_blockwise(quantize_blockwise(w, "int", 4, block_size=64)).reshape(w.shape)
+    err = float((restored - w).abs().mean())
+    return True, (f"equal to quantization.quantize_blockwise; int4 in blocks of 64 moves a weight by {err:.2e} "
+                  "on average.")
+
+
+@exercise("CH07_NB01.bits_per_weight", "What a 4-bit format really costs per weight",
+          "Every block of block_size codes of `bits` bits stores one float32 absmax (32 bits): "
+          "bits + 32 / block_size. "
+          "With double quantisation the absmax is an 8-bit code instead, and every 256 absmax codes share one "
+          "float32: bits + 8 / block_size + 32 / (block_size x 256).",
+          context=())
+def _check_bits_per_weight(answer):
+    from .quantization import bits_per_parameter
+
+    for bits, block, double in ((4, 64, False), (4, 64, True), (8, 32, False), (4, 128, True)):
+        expected = bits_per_parameter(bits, block, double_quant=double)
+        got = answer(bits, block, double)
+        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+            return False, (f"{bits} bits, blocks of {block}, double quantisation {double}: you give {got!r}, "
+                           f"quantization.bits_per_parameter gives {expected:.4f}.")
+    return True, (f"NF4 in blocks of 64 costs {bits_per_parameter(4, 64):.3f} bits a weight, "
+                  f"{bits_per_parameter(4, 64, double_quant=True):.3f} with double quantisation.")
