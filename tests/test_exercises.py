@@ -70,6 +70,8 @@ def contexts(tokenizer, loader):
         "CH08_NB02.cut_cache_bytes": {"cut": llama_cut},
         "CH09_NB01.within_coactivation": {"gram": gram, "experts": moe.partition_neurons(gram, 4)[0]},
         "CH09_NB01.active_share": {"moe_model": moe_model},
+        "CH08_NB04.decode_flops": {"model": llama},
+        "CH08_NB04.realised_share": {},
         "CH10_NB01.negative_gate_share": {"model": llama, "dataloader": padded},
         "CH10_NB01.loudest_neurons": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast.",
                                       "layer": 1},
@@ -130,6 +132,9 @@ WRONG = {
         (gram.abs() / gram.diagonal().sqrt()[:, None] / gram.diagonal().sqrt()[None, :])[m][:, m].mean()
         for m in experts) / len(experts)),
     "CH09_NB01.active_share": lambda moe_model: 0.5,
+    # the attention term forgotten; the plain ratio
+    "CH08_NB04.decode_flops": lambda model, context: _solution("CH08_NB04.decode_flops")(model, 0),
+    "CH08_NB04.realised_share": lambda measured, ideal: measured / ideal,
     # padding counted; the quietest neurons
     "CH10_NB01.negative_gate_share": lambda model, dataloader: [0.5] * model.config.num_hidden_layers,
     "CH10_NB01.loudest_neurons": lambda model, tokenizer, prompt, layer, k: list(range(k)),

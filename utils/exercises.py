@@ -887,3 +887,44 @@ def _check_bits_per_weight(answer):
                            f"quantization.bits_per_parameter gives {expected:.4f}.")
     return True, (f"NF4 in blocks of 64 costs {bits_per_parameter(4, 64):.3f} bits a weight, "
                   f"{bits_per_parameter(4, 64, double_quant=True):.3f} with double quantisation.")
+
+
+# --- CH08_NB04: decoding speed ------------------------------------------------------------------
+
+@exercise("CH08_NB04.decode_flops", "The FLOPs of one decoding step, on paper",
+          "2 x every weight of a Linear layer (each weight is one multiply and one add; the LM head included, "
+          "embeddings excluded), plus, for every attention layer, 4 x context x heads x head_dim (the new query "
+          "against `context` keys, the weights against `context` values). This model has no sliding-window layers.",
+          context=("model",))
+def _check_decode_flops(answer, *, model):
+    from .attention import decode_flops_per_token
+    from .structure import text_config
+
+    if getattr(text_config(model), "sliding_window", None) and getattr(text_config(model), "layer_types", None):
+        raise ValueError("decode_flops exercise: pass a model without sliding-window layers (Llama, Qwen, SmolLM2).")
+    for context in (0, 100, 1000):
+        expected = decode_flops_per_token(model, context)
+        got = answer(model, context)
+        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+            return False, (f"context {context}: you give {got!r}, attention.decode_flops_per_token gives "
+                           f"{expected:,.0f}.")
+    share = 1 - decode_flops_per_token(model, 0) / decode_flops_per_token(model, 1000)
+    return True, (f"equal to attention.decode_flops_per_token; at 1,000 tokens of context attention's term is "
+                  f"{share:.1%}.")
+
+
+@exercise("CH08_NB04.realised_share", "How much of the ideal speed-up did the machine deliver?",
+          "(measured - 1) / (ideal - 1): 1 = all of the ideal gain, 0 = no gain, negative = slower. When the ideal "
+          "is 1 (nothing to gain) there is no share: return float('nan').",
+          context=())
+def _check_realised_share(answer):
+    for measured, ideal in ((1.2, 1.4), (1.0, 1.3), (0.9, 1.5), (1.3, 1.3), (1.1, 1.0)):
+        expected = (measured - 1) / (ideal - 1) if ideal != 1 else float("nan")
+        got = answer(measured, ideal)
+        if not isinstance(got, (int, float)) or isinstance(got, bool):
+            return False, f"realised_share({measured}, {ideal}) should return a number, got {got!r}."
+        if math.isnan(expected) != math.isnan(got) or (not math.isnan(expected) and not _close(got, expected,
+                                                                                                rel=1e-9)):
+            return False, (f"measured x{measured} against an ideal x{ideal}: you give {got!r}, the answer key "
+                           f"{expected}.")
+    return True, "right: x1.2 against an ideal x1.4 delivers half of the possible gain, not 86 % (1.2 / 1.4)."
