@@ -60,6 +60,9 @@ def contexts(tokenizer, loader):
         "CH05_NB01.params_removed": {"model": llama, "pruned": width.prune_glu(copy.deepcopy(llama), 0.25,
                                                                                 progress=False)},
         "CH05_NB01.width_for_expansion": {"model": llama},
+        "CH05_NB02.padded_norms": {"model": llama, "dataloader": padded},
+        "CH05_NB02.kept_overlap": {"scores_a": width.neuron_importance(llama, method="maw"),
+                                   "scores_b": width.neuron_importance(llama, method="l2"), "keep": 40},
         "CH06_NB01.uniform_map": {"n_teacher": 18},
         "CH06_NB01.recovered": {},
         "CH07_NB01.int_quantize_blocks": {"weight": llama.model.layers[0].mlp.up_proj.weight},
@@ -110,6 +113,10 @@ WRONG = {
     # rounded to the nearest multiple instead of down
     "CH05_NB01.width_for_expansion": lambda hidden, expansion, divisor: round(expansion * hidden / divisor) * divisor
     + divisor,
+    # padding left out; the overlap counted against all neurons instead of the kept ones
+    "CH05_NB02.padded_norms": lambda model, dataloader: width.activation_norms(model, dataloader, progress=False),
+    "CH05_NB02.kept_overlap": lambda a, b, keep: _solution("CH05_NB02.kept_overlap")(a, b, keep) * keep
+    / a[0].numel(),
     # rounded down instead of to the nearest; the share of raw perplexity
     "CH06_NB01.uniform_map": lambda n_student, n_teacher: [(i + 1) * n_teacher // n_student - 1
                                                            for i in range(n_student)],

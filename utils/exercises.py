@@ -928,3 +928,47 @@ def _check_realised_share(answer):
             return False, (f"measured x{measured} against an ideal x{ideal}: you give {got!r}, the answer key "
                            f"{expected}.")
     return True, "right: x1.2 against an ideal x1.4 delivers half of the possible gain, not 86 % (1.2 / 1.4)."
+
+
+# --- CH05_NB02: data-driven width pruning ------------------------------------------------------
+
+@exercise("CH05_NB02.padded_norms", "Activation norms that count the padding, as optipfair does",
+          "A forward pre-hook on each block's mlp.down_proj reads its input [batch, tokens, neurons]. Add up the "
+          "squares over *every* position of every batch, padding included (no mask), then take the square root: "
+          "one vector per block.",
+          context=("model", "dataloader"))
+def _check_padded_norms(answer, *, model, dataloader):
+    from .width import activation_norms
+
+    expected = activation_norms(model, dataloader, padding=True, progress=False)
+    real_only = activation_norms(model, dataloader, padding=False, progress=False)
+    got = answer(model, dataloader)
+    if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+        return False, (f"padded_norms(model, dataloader) should return one vector per block ({len(expected)}), "
+                       f"got {type(got).__name__}.")
+    for i, (g, e, r) in enumerate(zip(got, expected, real_only)):
+        g = torch.as_tensor(g).detach().double().cpu().flatten()
+        if g.shape != e.shape:
+            return False, f"block {i}: expected {e.numel()} norms (one per neuron), got {g.numel()}."
+        if not torch.allclose(g, e.double(), rtol=1e-4, atol=1e-6):
+            hint = (" (these are the real-token norms: count the padding too)"
+                    if torch.allclose(g, r.double(), rtol=1e-4, atol=1e-6) else "")
+            return False, f"block {i} differs from width.activation_norms(padding=True){hint}."
+    return True, "equal to width.activation_norms(..., padding=True) in every block."
+
+
+@exercise("CH05_NB02.kept_overlap", "How much do two rankings agree on what to keep?",
+          "For each layer, keep the `keep` neurons with the highest score under each ranking (torch.topk), count "
+          "the neurons both keep and divide by `keep`; return the mean over layers.",
+          context=("scores_a", "scores_b", "keep"))
+def _check_kept_overlap(answer, *, scores_a, scores_b, keep):
+    from .width import kept_indices
+
+    a, b = kept_indices(scores_a, keep), kept_indices(scores_b, keep)
+    expected = sum(len(set(x.tolist()) & set(y.tolist())) / keep for x, y in zip(a, b)) / len(a)
+    got = answer(scores_a, scores_b, keep)
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = float(got)
+    if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9, abs_=1e-12):
+        return False, f"you give {got!r}, the answer key (width.kept_indices on both rankings) {expected:.4f}."
+    return True, f"the two rankings keep {expected:.1%} of the same neurons, on average over {len(a)} layers."
