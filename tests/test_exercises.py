@@ -15,7 +15,7 @@ from tiny_families import _tiny
 from utils import architectures, exercises, moe, width
 from utils.attention import remove_attention
 from utils.benchmarks import local_task
-from utils.data import load_texts, make_dataloader
+from utils.data import load_records, load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,8 @@ def contexts(tokenizer, loader):
                                        "n": 2},
         "CH08_NB01.kv_bytes": {"model": llama},
         "CH08_NB01.tokens_that_fit": {"model": llama},
+        "CH12_NB01.symptom_f1": {"records": load_records("clinical_notes", split="test", n=30)},
+        "CH12_NB01.hallucination_rate": {"records": load_records("clinical_notes", split="test", n=30)},
         "APPB_NB01.accuracy_stderr": {"items": mc_items, "predictions": [i % 2 for i in range(len(mc_items))]},
         "APPB_NB01.mcnemar": {},
         "APPC_NB01.decode_cost_per_token": {},
@@ -94,6 +96,11 @@ WRONG = {
     "APPB_NB01.accuracy_stderr": lambda items, preds: _population_stderr(items, preds),
     "APPB_NB01.mcnemar": lambda only_a, only_b: _solution("APPB_NB01.mcnemar")(only_a, only_b) / 2
     if only_a + only_b else 1.0,
+    # F1 averaged per note; invented values counted against all fields
+    "CH12_NB01.symptom_f1": lambda predictions, records: sum(
+        _solution("CH12_NB01.symptom_f1")([p], [r]) for p, r in zip(predictions, records)) / len(records),
+    "CH12_NB01.hallucination_rate": lambda predictions, records: _solution("CH12_NB01.hallucination_rate")(
+        predictions, records) / 2,
     # the batch forgotten; kilowatts for kilowatt-hours
     "APPC_NB01.decode_cost_per_token": lambda first, second, n, batch: (second - first) / (n - 1),
     "APPC_NB01.kwh_per_million_tokens": lambda joules: joules * 1e6 / 1000,

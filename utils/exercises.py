@@ -972,3 +972,65 @@ def _check_kept_overlap(answer, *, scores_a, scores_b, keep):
     if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9, abs_=1e-12):
         return False, f"you give {got!r}, the answer key (width.kept_indices on both rankings) {expected:.4f}."
     return True, f"the two rankings keep {expected:.1%} of the same neurons, on average over {len(a)} layers."
+
+
+# --- CH12_NB01: the capstone ---------------------------------------------------------------------
+
+def _perturbed_answers(records) -> list[dict]:
+    """The gold labels of ``records`` with deterministic mistakes: every third loses its first symptom, every
+    fourth gains an invented one, every fifth invents a temperature where the gold has none."""
+    import copy
+
+    answers = []
+    for k, record in enumerate(records):
+        label = copy.deepcopy(record["label"])
+        if k % 3 == 0 and label.get("symptoms"):
+            label["symptoms"] = label["symptoms"][1:]
+        if k % 4 == 0:
+            label["symptoms"] = [*label.get("symptoms", []), "Mild Dizziness"]
+        vitals = label.get("vital_signs")
+        if k % 5 == 0 and isinstance(vitals, dict) and vitals.get("temperature") is None:
+            vitals["temperature"] = 38.2
+        answers.append(label)
+    return answers
+
+
+@exercise("CH12_NB01.symptom_f1", "Micro F1 of the extracted symptoms",
+          "Normalise every symptom (lower case, single spaces: ' '.join(s.lower().split())), then add up over all "
+          "notes: tp = symptoms in both the prediction and the gold set, and the sizes of both sets. "
+          "F1 = 2 tp / (predicted + gold); 1.0 when both are empty everywhere.",
+          context=("records",))
+def _check_symptom_f1(answer, *, records):
+    from .extraction import score_extraction
+
+    records = list(records)
+    predictions = _perturbed_answers(records)
+    expected = score_extraction(predictions, records)["symptom_f1"]
+    got = answer(predictions, records)
+    if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9, abs_=1e-12):
+        return False, (f"on {len(records)} notes with planted mistakes you give {got!r}, extraction.score_extraction "
+                       f"gives {expected:.4f} (micro F1: counts summed over notes, not an average of per-note F1).")
+    return True, f"{expected:.4f}, equal to extraction.score_extraction on {len(records)} notes with planted mistakes."
+
+
+@exercise("CH12_NB01.hallucination_rate", "How often does the model invent a value the note does not hold?",
+          "Count the *null slots*: for every note with a prediction (a dict), each of the five scalar fields "
+          "(patient_age, and temperature, heart_rate, blood_pressure inside vital_signs, duration_days) whose gold "
+          "value is None, plus the medications list when the gold list is empty. A slot is hallucinated when the "
+          "prediction has a value there (not None, '', [] or {}). Rate = hallucinated / null slots.",
+          context=("records",))
+def _check_hallucination_rate(answer, *, records):
+    from .extraction import score_extraction
+
+    records = list(records)
+    predictions = _perturbed_answers(records)
+    scores = score_extraction(predictions, records)
+    expected = scores["hallucination_rate"]
+    got = answer(predictions, records)
+    if expected is None:
+        raise ValueError("records= holds no null slot to judge: pass the test records of the task.")
+    if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9, abs_=1e-12):
+        return False, (f"you give {got!r}; extraction.score_extraction counts {scores['hallucinated_values']} "
+                       f"invented values in {scores['null_slots']} null slots = {expected:.4f}.")
+    return True, (f"{scores['hallucinated_values']} invented values in {scores['null_slots']} null slots "
+                  f"({expected:.1%}), equal to extraction.score_extraction.")
