@@ -77,6 +77,8 @@ def contexts(tokenizer, loader):
         "CH09_NB01.active_share": {"moe_model": moe_model},
         "CH08_NB04.decode_flops": {"model": llama},
         "CH08_NB04.realised_share": {},
+        "CH09_NB02.routing_entropy": {"moe_model": moe_model, "dataloader": padded},
+        "CH09_NB02.balance_loss": {},
         "CH10_NB01.negative_gate_share": {"model": llama, "dataloader": padded},
         "CH10_NB01.loudest_neurons": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast.",
                                       "layer": 1},
@@ -149,6 +151,10 @@ WRONG = {
     # the attention term forgotten; the plain ratio
     "CH08_NB04.decode_flops": lambda model, context: _solution("CH08_NB04.decode_flops")(model, 0),
     "CH08_NB04.realised_share": lambda measured, ideal: measured / ideal,
+    # natural logarithm instead of bits; padding counted
+    "CH09_NB02.routing_entropy": lambda load: [float(-(p[p > 0] * p[p > 0].log()).sum()) for p in load],
+    "CH09_NB02.balance_loss": lambda logits, top_k, mask: _solution("CH09_NB02.balance_loss")(
+        logits, top_k, torch.ones_like(mask)),
     # padding counted; the quietest neurons
     "CH10_NB01.negative_gate_share": lambda model, dataloader: [0.5] * model.config.num_hidden_layers,
     "CH10_NB01.loudest_neurons": lambda model, tokenizer, prompt, layer, k: list(range(k)),

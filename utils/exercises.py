@@ -1034,3 +1034,56 @@ def _check_hallucination_rate(answer, *, records):
                        f"invented values in {scores['null_slots']} null slots = {expected:.4f}.")
     return True, (f"{scores['hallucinated_values']} invented values in {scores['null_slots']} null slots "
                   f"({expected:.1%}), equal to extraction.score_extraction.")
+
+
+# --- CH09_NB02: upcycling and router training ----------------------------------------------------
+
+@exercise("CH09_NB02.routing_entropy", "How evenly does the router spread the tokens?",
+          "For each layer's row of `load` (shares of the picks per expert, summing to 1): entropy in bits = "
+          "-sum(p x log2 p), where an expert with share 0 adds nothing (0 log 0 = 0). log2(E) means perfectly even, "
+          "0 means one expert takes everything.",
+          context=("moe_model", "dataloader"))
+def _check_routing_entropy(answer, *, moe_model, dataloader):
+    from .moe import moe_layers, routing_stats, set_top_k
+
+    before = {layer: layer.top_k for layer in moe_layers(moe_model).values()}
+    set_top_k(moe_model, 1)  # top-1 picks: with top_k = E every expert would get an equal share
+    try:
+        stats = routing_stats(moe_model, dataloader)
+    finally:
+        for layer, k in before.items():
+            layer.top_k = k
+    expected = [float(v) for v in stats["entropy"]]
+    got = _as_floats(answer(stats["load"].clone()), len(expected), "routing_entropy(load)")
+    if isinstance(got, str):
+        return False, got.replace("one per block", "one per MoE layer")
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=1e-6, abs_=1e-9)]
+    if wrong:
+        i = wrong[0]
+        return False, (f"layer {stats['layers'][i]}: you give {got[i]:.4f} bits, moe.routing_stats gives "
+                       f"{expected[i]:.4f} (log base 2? zero shares skipped?).")
+    return True, (f"equal to moe.routing_stats: {min(expected):.3f} to {max(expected):.3f} bits, of at most "
+                  f"{stats['max_entropy']:.3f}.")
+
+
+@exercise("CH09_NB02.balance_loss", "Switch Transformer's load-balancing loss for one layer",
+          "softmax the router logits [tokens, E] -> P_e = mean probability of expert e over the real tokens; "
+          "f_e = share of the real tokens' top-k picks that go to e (the shares sum to top_k); loss = E x sum_e "
+          "f_e x P_e. Leave out padding (attention_mask == 0).",
+          context=())
+def _check_balance_loss(answer):
+    from .moe import load_balancing_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2 * 6, 4, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    for top_k in (1, 2):
+        expected = float(load_balancing_loss([logits], top_k, mask))
+        got = answer(logits.clone(), top_k, mask.clone())
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = float(got)
+        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-5):
+            return False, (f"top_k = {top_k}: you give {got!r}, moe.load_balancing_loss gives {expected:.5f} "
+                           "(padding left out? f_e summing to top_k?).")
+    return True, "equal to moe.load_balancing_loss at top-1 and top-2, padding left out."
