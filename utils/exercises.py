@@ -118,6 +118,18 @@ def list_exercises(notebook: str | None = None) -> list[Exercise]:
 
 # --- helpers of the checkers -----------------------------------------------------------------
 
+def _as_number(got):
+    """A one-element tensor as a float; anything else as it is."""
+    return float(got) if isinstance(got, torch.Tensor) and got.numel() == 1 else got
+
+
+def _is_number(got, *, integer: bool = False) -> bool:
+    """Whether the reader returned a number (an int when ``integer``); ``True``/``False`` do not count."""
+    if isinstance(got, bool):
+        return False
+    return isinstance(got, int) if integer else isinstance(got, (int, float))
+
+
 def _close(got, expected, *, rel: float, abs_: float = 0.0) -> bool:
     return math.isclose(float(got), float(expected), rel_tol=rel, abs_tol=abs_)
 
@@ -206,7 +218,7 @@ def _check_kv_bytes(answer, *, model):
             model(input_ids=ids.to(device_of(model)), use_cache=True, **{cache_arg(model): cache})
         measured = cache_bytes(cache)
         got = answer(config, tokens, bytes_per_value)
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
+        if not _is_number(got):
             return False, f"kv_bytes(config, tokens, bytes_per_value) should return a number, got {got!r}."
         if got != measured:
             ratio = got / measured if measured else float("nan")
@@ -231,7 +243,7 @@ def _check_tokens_that_fit(answer, *, model):
     for gigabytes in (0.5, 2.0):
         expected = int(gigabytes * 1e9 // per_token)
         got = answer(model, gigabytes)
-        if not isinstance(got, int) or isinstance(got, bool):
+        if not _is_number(got, integer=True):
             return False, f"tokens_that_fit(model, {gigabytes}) should return a whole number of tokens, got {got!r}."
         if got != expected:
             return False, (f"for {gigabytes} GB you give {got:,} tokens; {per_token:,.0f} bytes a token fit "
@@ -308,7 +320,7 @@ def _check_lora_params(answer, *, config):
                           (16, ["gate_proj", "up_proj", "down_proj"])):
         expected = lora_parameter_count(config, rank, targets)
         got = answer(config, rank, list(targets))
-        if not isinstance(got, int) or isinstance(got, bool):
+        if not _is_number(got, integer=True):
             return False, f"lora_params(config, {rank}, {targets}) should return an int, got {got!r}."
         if got != expected:
             return False, (f"rank {rank} on {targets}: you count {got:,}, lora.lora_parameter_count says "
@@ -368,7 +380,7 @@ def _check_params_removed(answer, *, model, pruned):
     keep = widths.pop()
     expected = count_parameters(model) - count_parameters(pruned)
     got = answer(model, keep)
-    if not isinstance(got, int) or isinstance(got, bool):
+    if not _is_number(got, integer=True):
         return False, f"params_removed(model, {keep}) should return an int, got {got!r}."
     if got != expected:
         return False, (f"keeping {keep} neurons per block you count {got:,} parameters removed; the pruned model "
@@ -418,7 +430,7 @@ def _check_part(answer, skeletons: dict, part: str, name: str) -> tuple[bool, st
             continue  # GPT-2's biased two-matrix MLP: the GLU models are the exercise
         expected = parameter_breakdown(skeleton)[part]
         got = answer(spec)
-        if not isinstance(got, int) or isinstance(got, bool):
+        if not _is_number(got, integer=True):
             return False, f"{name}(spec) should return an int, got {got!r} for {model_id}."
         if got != expected:
             return False, (f"{model_id}: you count {got:,} {part} parameters, the meta model holds {expected:,} "
@@ -459,9 +471,8 @@ def _check_perplexity_by_hand(answer, *, model, dataloader):
 
     expected = perplexity(model, dataloader, progress=False)
     got = answer(model, dataloader)
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = float(got)
-    if not isinstance(got, (int, float)) or isinstance(got, bool):
+    got = _as_number(got)
+    if not _is_number(got):
         return False, f"perplexity_by_hand(model, dataloader) should return a number, got {type(got).__name__}."
     rel = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-3
     if not _close(got, expected, rel=rel):
@@ -539,7 +550,7 @@ def _check_recovered(answer):
     for base, pruned, recovered in cases:
         expected = recovered_share(base, pruned, recovered)
         got = answer(base, pruned, recovered)
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
+        if not _is_number(got):
             return False, f"recovered({base}, {pruned}, {recovered}) should return a number, got {got!r}."
         if math.isnan(expected) != math.isnan(got) or (not math.isnan(expected) and not _close(got, expected,
                                                                                               rel=1e-9)):
@@ -582,9 +593,8 @@ def _check_teacher_entropy(answer, *, teacher, dataloader):
     for temperature in (1.0, 2.0):
         expected = _teacher_entropy_reference(teacher, dataloader, temperature)
         got = answer(teacher, dataloader, temperature)
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = float(got)
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
+        got = _as_number(got)
+        if not _is_number(got):
             return False, f"teacher_entropy(teacher, dataloader, {temperature}) should return a number, got {got!r}."
         rel = 1e-5 if next(teacher.parameters()).dtype == torch.float32 else 1e-3
         if not _close(got, expected, rel=rel):
@@ -609,9 +619,8 @@ def _check_top1_agreement(answer, *, student, teacher, dataloader):
         count += int(real.sum())
     expected = same / count
     got = answer(student, teacher, dataloader)
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = float(got)
-    if not isinstance(got, (int, float)) or isinstance(got, bool):
+    got = _as_number(got)
+    if not _is_number(got):
         return False, f"top1_agreement(student, teacher, dataloader) should return a share, got {got!r}."
     if not _close(got, expected, rel=1e-6, abs_=1e-9):
         return False, f"you get {got:.4f}, the answer key {expected:.4f} ({count} positions with a real next token)."
@@ -635,7 +644,7 @@ def _check_attention_params_removed(answer, *, model, cut):
         raise ValueError("cut= must be a model made by attention.remove_attention (it records what it removed).")
     expected = count_parameters(model) - count_parameters(cut)
     got = answer(model, list(removed))
-    if not isinstance(got, int) or isinstance(got, bool):
+    if not _is_number(got, integer=True):
         return False, f"attention_params_removed(model, {list(removed)}) should return an int, got {got!r}."
     if got != expected:
         return False, (f"removing attention from blocks {list(removed)} you count {got:,}; the cut model has "
@@ -663,7 +672,7 @@ def _check_cut_cache_bytes(answer, *, cut):
         cut(input_ids=ids.to(device_of(cut)), use_cache=True, **{cache_arg(cut): cache})
     measured = cache_bytes(cache)
     got = answer(config, removed, tokens, bytes_per_value)
-    if not isinstance(got, (int, float)) or isinstance(got, bool):
+    if not _is_number(got):
         return False, f"cut_cache_bytes(config, removed, tokens, bytes_per_value) should return a number, got {got!r}."
     if got != measured:
         return False, (f"for {tokens} tokens you give {got:,} bytes; the cut model's cache measured {measured:,} "
@@ -684,9 +693,8 @@ def _check_within_coactivation(answer, *, gram, experts):
 
     expected = within_expert_coactivation(gram, experts)
     got = answer(gram, experts)
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = float(got)
-    if not isinstance(got, (int, float)) or isinstance(got, bool):
+    got = _as_number(got)
+    if not _is_number(got):
         return False, f"within_coactivation(gram, experts) should return a number, got {got!r}."
     if not _close(got, expected, rel=1e-4):
         extra = " (is the diagonal, 1 for every neuron, still in?)" if got > expected else ""
@@ -705,9 +713,8 @@ def _check_active_share(answer, *, moe_model):
     counts = active_parameters(moe_model)
     expected = counts["active"] / counts["total"]
     got = answer(moe_model)
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = float(got)
-    if not isinstance(got, (int, float)) or isinstance(got, bool):
+    got = _as_number(got)
+    if not _is_number(got):
         return False, f"active_share(moe_model) should return a share, got {got!r}."
     if not _close(got, expected, rel=1e-6):
         return False, (f"you get {got:.4f}, moe.active_parameters gives {expected:.4f} "
@@ -777,7 +784,7 @@ def _check_decode_cost_per_token(answer):
     for first, second, n, batch in cases:
         expected = (second - first) / ((n - 1) * batch)
         got = answer(first, second, n, batch)
-        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+        if not _is_number(got) or not _close(got, expected, rel=1e-9):
             return False, (f"first call {first}, second {second}, {n} new tokens, batch {batch}: you give {got!r}, "
                            f"the answer key {expected:.6g}.")
     return True, "right: the prefill and the first token cancel out, the rest is spread over every decoded token."
@@ -791,7 +798,7 @@ def _check_kwh_per_million_tokens(answer):
     for joules in (0.05, 1.0, 12.5):
         expected = joules * 1e6 / 3.6e6
         got = answer(joules)
-        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+        if not _is_number(got) or not _close(got, expected, rel=1e-9):
             return False, (f"{joules} J per token: you give {got!r} kWh per million tokens, the answer key "
                            f"{expected:.6g}.")
     return True, f"right: at 1 J per token a million tokens cost {1e6 / 3.6e6:.3f} kWh."
@@ -832,7 +839,7 @@ def _check_mcnemar(answer):
     for only_a, only_b in ((0, 0), (3, 3), (10, 2), (1, 9), (40, 25)):
         expected = mcnemar_exact(only_a, only_b)
         got = answer(only_a, only_b)
-        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9,
+        if not _is_number(got) or not _close(got, expected, rel=1e-9,
                                                                                      abs_=1e-12):
             return False, f"only A right {only_a}, only B right {only_b}: you give {got!r}, expected {expected:.6g}."
     return True, (f"equal to benchmarks.mcnemar_exact; 10 against 2 disagreements gives p = "
@@ -882,7 +889,7 @@ def _check_bits_per_weight(answer):
     for bits, block, double in ((4, 64, False), (4, 64, True), (8, 32, False), (4, 128, True)):
         expected = bits_per_parameter(bits, block, double_quant=double)
         got = answer(bits, block, double)
-        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+        if not _is_number(got) or not _close(got, expected, rel=1e-9):
             return False, (f"{bits} bits, blocks of {block}, double quantisation {double}: you give {got!r}, "
                            f"quantization.bits_per_parameter gives {expected:.4f}.")
     return True, (f"NF4 in blocks of 64 costs {bits_per_parameter(4, 64):.3f} bits a weight, "
@@ -905,7 +912,7 @@ def _check_decode_flops(answer, *, model):
     for context in (0, 100, 1000):
         expected = decode_flops_per_token(model, context)
         got = answer(model, context)
-        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9):
+        if not _is_number(got) or not _close(got, expected, rel=1e-9):
             return False, (f"context {context}: you give {got!r}, attention.decode_flops_per_token gives "
                            f"{expected:,.0f}.")
     share = 1 - decode_flops_per_token(model, 0) / decode_flops_per_token(model, 1000)
@@ -921,7 +928,7 @@ def _check_realised_share(answer):
     for measured, ideal in ((1.2, 1.4), (1.0, 1.3), (0.9, 1.5), (1.3, 1.3), (1.1, 1.0)):
         expected = (measured - 1) / (ideal - 1) if ideal != 1 else float("nan")
         got = answer(measured, ideal)
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
+        if not _is_number(got):
             return False, f"realised_share({measured}, {ideal}) should return a number, got {got!r}."
         if math.isnan(expected) != math.isnan(got) or (not math.isnan(expected) and not _close(got, expected,
                                                                                                 rel=1e-9)):
@@ -967,9 +974,8 @@ def _check_kept_overlap(answer, *, scores_a, scores_b, keep):
     a, b = kept_indices(scores_a, keep), kept_indices(scores_b, keep)
     expected = sum(len(set(x.tolist()) & set(y.tolist())) / keep for x, y in zip(a, b)) / len(a)
     got = answer(scores_a, scores_b, keep)
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = float(got)
-    if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9, abs_=1e-12):
+    got = _as_number(got)
+    if not _is_number(got) or not _close(got, expected, rel=1e-9, abs_=1e-12):
         return False, f"you give {got!r}, the answer key (width.kept_indices on both rankings) {expected:.4f}."
     return True, f"the two rankings keep {expected:.1%} of the same neurons, on average over {len(a)} layers."
 
@@ -1007,7 +1013,7 @@ def _check_symptom_f1(answer, *, records):
     predictions = _perturbed_answers(records)
     expected = score_extraction(predictions, records)["symptom_f1"]
     got = answer(predictions, records)
-    if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9, abs_=1e-12):
+    if not _is_number(got) or not _close(got, expected, rel=1e-9, abs_=1e-12):
         return False, (f"on {len(records)} notes with planted mistakes you give {got!r}, extraction.score_extraction "
                        f"gives {expected:.4f} (micro F1: counts summed over notes, not an average of per-note F1).")
     return True, f"{expected:.4f}, equal to extraction.score_extraction on {len(records)} notes with planted mistakes."
@@ -1029,7 +1035,7 @@ def _check_hallucination_rate(answer, *, records):
     got = answer(predictions, records)
     if expected is None:
         raise ValueError("records= holds no null slot to judge: pass the test records of the task.")
-    if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-9, abs_=1e-12):
+    if not _is_number(got) or not _close(got, expected, rel=1e-9, abs_=1e-12):
         return False, (f"you give {got!r}; extraction.score_extraction counts {scores['hallucinated_values']} "
                        f"invented values in {scores['null_slots']} null slots = {expected:.4f}.")
     return True, (f"{scores['hallucinated_values']} invented values in {scores['null_slots']} null slots "
@@ -1081,9 +1087,8 @@ def _check_balance_loss(answer):
     for top_k in (1, 2):
         expected = float(load_balancing_loss([logits], top_k, mask))
         got = answer(logits.clone(), top_k, mask.clone())
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = float(got)
-        if not isinstance(got, (int, float)) or isinstance(got, bool) or not _close(got, expected, rel=1e-5):
+        got = _as_number(got)
+        if not _is_number(got) or not _close(got, expected, rel=1e-5):
             return False, (f"top_k = {top_k}: you give {got!r}, moe.load_balancing_loss gives {expected:.5f} "
                            "(padding left out? f_e summing to top_k?).")
     return True, "equal to moe.load_balancing_loss at top-1 and top-2, padding left out."
