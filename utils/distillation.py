@@ -52,7 +52,7 @@ DEFAULT_LR = 5e-4
 DEFAULT_WARMUP_STEPS = 3
 DEFAULT_ALPHA = 0.5
 DEFAULT_TEMPERATURE = 2.0
-#: The skew KL's teacher share. 0 (plain KL) until CH06_NB02's comparison of the compound loss says otherwise.
+#: The skew KL's teacher share. 0 (plain KL) until CH06_NB01's comparison of the compound loss says otherwise.
 DEFAULT_SKEW = 0.0
 
 
@@ -284,18 +284,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         loss = alpha * soft + (1.0 - alpha) * ce
     else:
         loss = soft
-    if beta > 0:
-        if not hidden_pairs:
-            raise ValueError("beta > 0 needs hidden_pairs: a list of (student_hidden, teacher_hidden).")
-        feat = feature_loss(hidden_pairs, mask)
-        parts["feature"] = feat
-        loss = loss + beta * feat
-    if gamma > 0:
-        if not hidden_pairs:
-            raise ValueError("gamma > 0 needs hidden_pairs: a list of (student_hidden, teacher_hidden) in block order.")
-        dynamics = feature_dynamics_loss(hidden_pairs, mask)
-        parts["dynamics"] = dynamics
-        loss = loss + gamma * dynamics
+    for name, weight, weight_name, term in (("feature", beta, "beta", feature_loss),
+                                            ("dynamics", gamma, "gamma", feature_dynamics_loss)):
+        if weight > 0:
+            if not hidden_pairs:
+                raise ValueError(f"{weight_name} > 0 needs hidden_pairs: a list of (student_hidden, teacher_hidden) "
+                                 "in block order.")
+            parts[name] = term(hidden_pairs, mask)
+            loss = loss + weight * parts[name]
     if return_parts:
         return loss, {k: float(v.detach()) for k, v in parts.items()}
     return loss

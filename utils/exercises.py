@@ -157,8 +157,9 @@ def _as_floats(values, n: int, what: str) -> list[float] | str:
           context=("model", "dataloader"))
 def _check_mlp_importance(answer, *, model, dataloader):
     from .attention import sublayer_importance
+    answered = answer(model, dataloader)  # first: an unfinished answer stops the check before the reference pass
     expected = sublayer_importance(model, dataloader, progress=False)["mlp"]
-    got = _as_floats(answer(model, dataloader), len(expected), "mlp_importance(model, dataloader)")
+    got = _as_floats(answered, len(expected), "mlp_importance(model, dataloader)")
     if isinstance(got, str):
         return False, got
     wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=1e-3, abs_=1e-5)]
@@ -197,6 +198,19 @@ def _check_choose_protected(answer, *, scores, n):
 
 # --- CH08_NB01: the KV cache -----------------------------------------------------------------
 
+def _filled_cache_bytes(model, tokens: int, seed: int) -> int:
+    """Bytes a fresh dynamic cache holds after a prefill of ``tokens`` random token ids (measured)."""
+    from .kv_cache import cache_arg, cache_bytes, make_cache
+    from .structure import text_config
+
+    vocab = int(text_config(model).vocab_size)
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    cache = make_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids.to(device_of(model)), use_cache=True, **{cache_arg(model): cache})
+    return cache_bytes(cache)
+
+
 @exercise("CH08_NB01.kv_bytes", "KV-cache bytes of a prompt, by formula, checked against a measured cache",
           "Every attention layer stores a key and a value (2) per token, per key/value head (num_key_value_heads, "
           "not num_attention_heads), each head_dim numbers of bytes_per_value bytes: "
@@ -204,7 +218,6 @@ def _check_choose_protected(answer, *, scores, n):
           "hidden_size // num_attention_heads.",
           context=("model",))
 def _check_kv_bytes(answer, *, model):
-    from .kv_cache import cache_arg, cache_bytes, make_cache
     from .structure import text_config
 
     config = text_config(model)
@@ -212,11 +225,7 @@ def _check_kv_bytes(answer, *, model):
     rows = []
     window = getattr(config, "sliding_window", None)  # sliding layers keep at most a window of tokens
     for tokens in ((7, 33) if not window else (min(7, window - 1), window - 1)):
-        ids = torch.randint(0, int(config.vocab_size), (1, tokens), generator=torch.Generator().manual_seed(tokens))
-        cache = make_cache(model)
-        with torch.no_grad():
-            model(input_ids=ids.to(device_of(model)), use_cache=True, **{cache_arg(model): cache})
-        measured = cache_bytes(cache)
+        measured = _filled_cache_bytes(model, tokens, seed=tokens)
         got = answer(config, tokens, bytes_per_value)
         if not _is_number(got):
             return False, f"kv_bytes(config, tokens, bytes_per_value) should return a number, got {got!r}."
@@ -469,9 +478,8 @@ def _check_attention_params(answer, *, skeletons):
 def _check_perplexity_by_hand(answer, *, model, dataloader):
     from .evaluation import perplexity
 
+    got = _as_number(answer(model, dataloader))
     expected = perplexity(model, dataloader, progress=False)
-    got = answer(model, dataloader)
-    got = _as_number(got)
     if not _is_number(got):
         return False, f"perplexity_by_hand(model, dataloader) should return a number, got {type(got).__name__}."
     rel = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-3
@@ -495,8 +503,8 @@ def _check_drop_blocks(answer, *, model, dataloader):
 
     n = len(decoder_blocks(model))
     indices = sorted({1, n // 2})
-    reference = remove_blocks(copy.deepcopy(model), indices)
     got = answer(copy.deepcopy(model), list(indices))
+    reference = remove_blocks(copy.deepcopy(model), indices)
     if not isinstance(got, torch.nn.Module):
         return False, f"drop_blocks(model, indices) should return the model, got {type(got).__name__}."
     left = n - len(indices)
@@ -591,9 +599,8 @@ def _teacher_entropy_reference(teacher, dataloader, temperature: float) -> float
 def _check_teacher_entropy(answer, *, teacher, dataloader):
     rows = []
     for temperature in (1.0, 2.0):
+        got = _as_number(answer(teacher, dataloader, temperature))
         expected = _teacher_entropy_reference(teacher, dataloader, temperature)
-        got = answer(teacher, dataloader, temperature)
-        got = _as_number(got)
         if not _is_number(got):
             return False, f"teacher_entropy(teacher, dataloader, {temperature}) should return a number, got {got!r}."
         rel = 1e-5 if next(teacher.parameters()).dtype == torch.float32 else 1e-3
@@ -610,6 +617,7 @@ def _check_teacher_entropy(answer, *, teacher, dataloader):
           context=("student", "teacher", "dataloader"))
 @torch.no_grad()
 def _check_top1_agreement(answer, *, student, teacher, dataloader):
+    got = _as_number(answer(student, teacher, dataloader))
     same, count = 0, 0
     for batch in dataloader:
         ids, mask, real = _real_next_positions(batch, device_of(teacher))
@@ -618,8 +626,6 @@ def _check_top1_agreement(answer, *, student, teacher, dataloader):
         same += int((s.to(t.device) == t)[real].sum())
         count += int(real.sum())
     expected = same / count
-    got = answer(student, teacher, dataloader)
-    got = _as_number(got)
     if not _is_number(got):
         return False, f"top1_agreement(student, teacher, dataloader) should return a share, got {got!r}."
     if not _close(got, expected, rel=1e-6, abs_=1e-9):
@@ -659,18 +665,13 @@ def _check_attention_params_removed(answer, *, model, cut):
           context=("cut",))
 def _check_cut_cache_bytes(answer, *, cut):
     from .attention import removed_attention
-    from .kv_cache import cache_arg, cache_bytes, make_cache
     from .structure import text_config
 
     config = text_config(cut)
     removed = list(removed_attention(cut))
     bytes_per_value = next(cut.parameters()).element_size()
     tokens = 9
-    ids = torch.randint(0, int(config.vocab_size), (1, tokens), generator=torch.Generator().manual_seed(0))
-    cache = make_cache(cut)
-    with torch.no_grad():
-        cut(input_ids=ids.to(device_of(cut)), use_cache=True, **{cache_arg(cut): cache})
-    measured = cache_bytes(cache)
+    measured = _filled_cache_bytes(cut, tokens, seed=0)
     got = answer(config, removed, tokens, bytes_per_value)
     if not _is_number(got):
         return False, f"cut_cache_bytes(config, removed, tokens, bytes_per_value) should return a number, got {got!r}."
@@ -732,8 +733,9 @@ def _check_active_share(answer, *, moe_model):
 def _check_negative_gate_share(answer, *, model, dataloader):
     from .activations import glu_statistics
 
+    answered = answer(model, dataloader)
     expected = glu_statistics(model, dataloader, progress=False)["negative_gate"]
-    got = _as_floats(answer(model, dataloader), len(expected), "negative_gate_share(model, dataloader)")
+    got = _as_floats(answered, len(expected), "negative_gate_share(model, dataloader)")
     if isinstance(got, str):
         return False, got
     wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=1e-4, abs_=1e-6)]
@@ -947,9 +949,9 @@ def _check_realised_share(answer):
 def _check_padded_norms(answer, *, model, dataloader):
     from .width import activation_norms
 
+    got = answer(model, dataloader)
     expected = activation_norms(model, dataloader, padding=True, progress=False)
     real_only = activation_norms(model, dataloader, padding=False, progress=False)
-    got = answer(model, dataloader)
     if not isinstance(got, (list, tuple)) or len(got) != len(expected):
         return False, (f"padded_norms(model, dataloader) should return one vector per block ({len(expected)}), "
                        f"got {type(got).__name__}.")
