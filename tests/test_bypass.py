@@ -22,6 +22,7 @@ from utils.bypass import (
     decisions,
     default_protected,
     embedding_spread,
+    matched_counts,
     perplexity_with_skips,
     prompt_attention_scores,
     ranked_rule,
@@ -199,6 +200,23 @@ def test_calibrate_scale_and_ranked_rule():
         calibrate_scale([-1, 2], 1, limit=3)
     with pytest.raises(ValueError, match="mean_skipped"):
         calibrate_scale(lengths, 7, limit=6)
+
+
+def test_matched_counts_reach_the_realised_budget_per_token():
+    tokens = [5, 40, 12, 33, 8, 21, 17, 50]
+    counts = matched_counts(tokens, 6.4, limit=10)
+    assert set(counts) <= {6, 7}
+    assert np.average(counts, weights=tokens) == pytest.approx(6.4, abs=0.2)
+    assert matched_counts(tokens, 6.4, limit=10, seed=0) == counts  # seeded
+    assert matched_counts(tokens, 3, limit=10) == [3] * len(tokens)
+    assert matched_counts(tokens, 10, limit=10) == [10] * len(tokens)
+    assert matched_counts([1, 1, 1, 1], 2.5, limit=4).count(3) == 2  # equal weights: half get one more
+    with pytest.raises(ValueError, match="mean_skipped"):
+        matched_counts(tokens, 11, limit=10)
+    with pytest.raises(ValueError, match="limit"):
+        matched_counts(tokens, 1, limit=-1)
+    with pytest.raises(ValueError, match="weights"):
+        matched_counts([], 1, limit=3)
 
 
 def test_embedding_spread_and_complexity_score():

@@ -12,7 +12,8 @@ The book's second original method, built from forward hooks on an unchanged mode
   ``count(signal)`` blocks of a fixed ranking (the book's rule with :func:`complexity_score`, or a
   length-only control); :class:`ScorePredictor` predicts the later blocks' scores from the first ones.
 * Calibration on training prompts, to a budget counted **per decoded token**: :func:`prompt_attention_scores`,
-  :func:`calibrate_threshold`, :func:`calibrate_scale`.
+  :func:`calibrate_threshold`, :func:`calibrate_scale`; and the control at the budget a rule *realised*
+  on other texts, :func:`matched_counts`.
 * :func:`perplexity_with_skips` -- quality of any per-text skip pattern in one forward pass per batch; it equals
   reading the text through the KV cache under the bypass (a test checks it) and is what makes evaluating
   many methods on hundreds of texts affordable.
@@ -453,6 +454,27 @@ def calibrate_scale(features: Sequence[float], mean_skipped: float, *, limit: in
         middle = (low + high) / 2
         low, high = (middle, high) if mean_count(middle) < mean_skipped else (low, middle)
     return min((low, high), key=lambda c: abs(mean_count(c) - mean_skipped))
+
+
+def matched_counts(weights: Sequence[float], mean_skipped: float, *, limit: int, seed: int = 0) -> list[int]:
+    """Per-prompt counts of a static cut whose mean, weighted by ``weights`` (e.g. each text's scored tokens),
+    matches ``mean_skipped``: every prompt gets ``floor(mean_skipped)`` or one more, the extra ones chosen in a
+    seeded random order. The control that compares an adaptive rule with static removal at the budget the rule
+    *realised* on the texts, not the one it was calibrated to. The match is as close as the weights allow:
+    compute the realised mean with ``np.average(counts, weights=weights)``.
+    """
+    w = _weights(list(weights), weights)
+    if not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a non-negative whole number (the blocks that may be cut), got {limit!r}.")
+    if not isinstance(mean_skipped, (int, float)) or not 0 <= mean_skipped <= limit:
+        raise ValueError(f"mean_skipped must lie in 0..{limit} (the blocks that may be cut), got {mean_skipped!r}.")
+    low = min(int(math.floor(mean_skipped)), limit)
+    counts = np.full(len(w), low)
+    target, reached = (mean_skipped - low) * w.sum(), 0.0
+    for p in np.random.default_rng(seed).permutation(len(w)):
+        if low < limit and abs(reached + w[p] - target) < abs(reached - target):
+            counts[p], reached = low + 1, reached + w[p]
+    return [int(c) for c in counts]
 
 
 class ScorePredictor:
