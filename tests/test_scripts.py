@@ -134,6 +134,20 @@ def test_distillation_sweep_runs_in_tiny():
         sweep_distill.run(["no-such-variant"])
 
 
+def test_recovery_transfer_runs_in_tiny_and_reports_the_worst_other_domain():
+    import recovery_transfer
+
+    results = recovery_transfer.run(["default"], "validation")
+    assert results["split"] == "validation"
+    assert [r["variant"] for r in results["runs"]][:3] == ["base (teacher)", "cut, no recovery", "default"]
+    row = results["runs"][2]
+    assert row["worst_x_base"] == max(row[f"x_base_{d}"] for d in recovery_transfer.OTHER_DOMAINS)
+    summary = {r["variant"]: r for r in results["table"]}
+    assert summary["base (teacher)"]["worst_x_base"] == 1.0 and summary["default"]["worst_x_base_spread"] >= 0
+    with pytest.raises(SystemExit, match="Available: default"):
+        recovery_transfer.run(["no-such-variant"], "validation")
+
+
 def test_sync_setup_cell_rewrites_cell_1_and_inserts_a_missing_one(tmp_path):
     source = sync_setup_cell.setup_source()
     stale, bare = tmp_path / "stale.ipynb", tmp_path / "bare.ipynb"
