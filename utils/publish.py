@@ -138,11 +138,12 @@ def _cell(text: str) -> str:
 
 
 def format_value(value: float | int | str) -> str:
-    """How the card writes a result: ``1,234`` for an int, six significant digits for a float, text as it is."""
+    """How the card writes a result: ``1,234`` for an int, seven significant digits for a float (two perplexities
+    a hair apart stay apart), text as it is."""
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return format(value, ".6g")
+        return format(value, ".7g")
     return _cell(value)
 
 
