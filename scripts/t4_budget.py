@@ -647,6 +647,31 @@ def ch06_nb02_width(ctx: Context) -> None:
                         f"width ratio {ratio:.2f}")
 
 
+def ch06_nb03_challenge(ctx: Context) -> None:
+    """CH06_NB03: the default recipe's student kept (``utils.distill``), the reader's recipe training a second copy
+    of the pruned model inside the check (the reference solution: T=1), perplexity; then the published model
+    written with ``publish.save_with_card`` and reloaded with ``utils.load_model`` beside it (the card check)."""
+    p = ctx.params("CH06_NB03")
+    teacher, removed, _, eval_dl = _ch06_setup(ctx, "CH06_NB03", p)
+    pruned = utils.remove_blocks(copy.deepcopy(teacher), removed)
+    train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    reference = copy.deepcopy(pruned)
+    with ctx.meter.phase("utils.distill (the default recipe)"):
+        utils.distill(reference, teacher, train_dl, **_distill_kwargs(ctx, "CH06_NB03", p))
+    with ctx.meter.phase("utils.distill (a second copy: the reader's recipe)"):
+        student = copy.deepcopy(pruned)
+        utils.distill(student, teacher, train_dl, temperature=1.0, max_steps=OPTIMIZER_STEPS, progress=False)
+    with ctx.meter.phase("perplexity"):
+        utils.perplexity(student, eval_dl, progress=False)
+    with ctx.meter.phase("save_with_card + reload"), tempfile.TemporaryDirectory() as folder:
+        utils.publish.save_with_card(student, _tokenizer(), folder, base_model=p["MODEL_ID"], changes=["cut"],
+                                     results={"perplexity": 1.0})
+        reloaded, _ = utils.load_model(folder, device=ctx.device)
+        del reloaded
+    ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps per "
+                           "recipe; teacher, pruned, reference and the reader's student resident")
+
+
 # --- CH07-CH12 and the appendices ----------------------------------------------------------------
 
 def _tokenizer():
@@ -1162,6 +1187,7 @@ STEPS: list[Step] = [
     Step("CH06_NB01:features", "utils.distill, compound loss", ch06_nb01_features),
     Step("CH06_NB01:optipfair", "optipfair.distill_model", ch06_nb01_optipfair),
     Step("CH06_NB02:width", "prune_glu student + utils.distill", ch06_nb02_width),
+    Step("CH06_NB03:challenge", "2 recovered copies (utils.distill), save_with_card + reload", ch06_nb03_challenge),
     Step("CH07_NB01:quantization", "LoRA/DoRA vs peft copies, fake-quantised copy + perplexity (float32)",
          ch07_nb01_quantization),
     Step("CH07_NB02:lora", "peft LoRA + utils.train, batched generation", ch07_nb02_lora),

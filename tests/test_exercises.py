@@ -40,6 +40,7 @@ def contexts(tokenizer, loader):
     padded = make_dataloader(load_texts("sms_spam", n=4), tokenizer, batch_size=4, max_length=40)  # short texts
     skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
                                                              "Qwen/Qwen3-0.6B")}
+    challenge = _recovery_challenge(tokenizer)
     return {
         "CH04_NB01.mlp_importance": {"model": qwen, "dataloader": loader},
         # the ends score lowest, as they often do under one-shot cosine: the protection has to act
@@ -67,6 +68,10 @@ def contexts(tokenizer, loader):
                                    "scores_b": width.neuron_importance(llama, method="l2"), "keep": 40},
         "CH06_NB01.uniform_map": {"n_teacher": 18},
         "CH06_NB01.recovered": {},
+        "CH06_NB03.recovery_recipe": challenge,
+        "CH06_NB03.write_card": {"model": challenge["pruned"], "tokenizer": tokenizer,
+                                 "numbers": {"perplexity, wikitext test": 1004.25, "target": 1005.5, "steps": 4},
+                                 "base_model": "tiny-random/Qwen/Qwen3-0.6B", "removed": [3, 4, 5]},
         "CH07_NB01.int_quantize_blocks": {"weight": llama.model.layers[0].mlp.up_proj.weight},
         "CH07_NB01.bits_per_weight": {},
         "CH07_NB02.lora_params": {"config": llama.config},
@@ -85,6 +90,27 @@ def contexts(tokenizer, loader):
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
         "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
     }
+
+
+def _recovery_challenge(tokenizer, slack: float = 1e-3) -> dict:
+    """CH06_NB03's challenge on a tiny Qwen 3 with blocks 3-5 removed: 4 steps of cosmopedia, wikitext held out.
+
+    The target is the perplexity the default recipe reaches, plus ``slack``: on random tiny models every recipe is
+    within noise of the others (about 3e-5 apart), so the tests give the target 0.1 % of room: they test the
+    check's logic (budget, training the right model, the comparison), not which recipe wins.
+    """
+    import utils
+    from utils import distillation, evaluation
+
+    teacher, _ = utils.load_model("Qwen/Qwen3-0.6B")  # name_or_path tiny-random/Qwen/Qwen3-0.6B, as in a notebook
+    pruned = remove_blocks(copy.deepcopy(teacher), [3, 4, 5])
+    batches = make_dataloader(load_texts("cosmopedia", split="train", n=8), tokenizer, batch_size=2, max_length=48)
+    held_out = make_dataloader(load_texts("wikitext", split="test", n=4), tokenizer, batch_size=4, max_length=48)
+    reference = copy.deepcopy(pruned)
+    distillation.distill(reference, teacher, batches, progress=False)
+    target = evaluation.perplexity(reference, held_out, progress=False) * (1 + slack)
+    return {"pruned": pruned, "teacher": teacher, "batches": batches, "held_out": held_out, "target": target,
+            "steps": len(batches)}
 
 
 #: A plausible wrong answer per exercise: the check must say what is wrong, not crash.
@@ -131,6 +157,11 @@ WRONG = {
                                                            for i in range(n_student)],
     "CH06_NB01.recovered": lambda base, pruned, recovered_ppl: (pruned - recovered_ppl) / (pruned - base)
     if pruned > base else float("nan"),
+    # two passes over the batches (twice the budget); a card that does not say which blocks went
+    "CH06_NB03.recovery_recipe": lambda student, teacher, batches: _distill(student, teacher, batches, epochs=2,
+                                                                            temperature=1.0, progress=False),
+    "CH06_NB03.write_card": lambda model, tokenizer, folder, numbers: _publish().save_with_card(
+        model, tokenizer, folder, base_model=model.name_or_path, changes=["pruned, then distilled"], results=numbers),
     # one absmax for the whole tensor; the constants forgotten
     "CH07_NB01.int_quantize_blocks": lambda w, bits, block: _solution("CH07_NB01.int_quantize_blocks")(w, bits,
                                                                                                          w.numel()),
@@ -163,6 +194,16 @@ WRONG = {
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values
                                              / stream.abs().flatten(1).mean(1)).tolist(),
 }
+
+
+def _distill(*args, **kwargs):
+    from utils.distillation import distill
+    return distill(*args, **kwargs)
+
+
+def _publish():
+    from utils import publish
+    return publish
 
 
 @torch.no_grad()
@@ -287,3 +328,28 @@ def test_notebooks_check_only_known_exercises():
 def test_list_exercises():
     assert {e.id for e in exercises.list_exercises("CH08_NB01")} == {"CH08_NB01.kv_bytes", "CH08_NB01.tokens_that_fit"}
     assert len(exercises.list_exercises()) == len(exercises.EXERCISES)
+
+
+def test_the_challenge_tells_the_default_recipe_a_copy_and_a_card_without_numbers_apart(contexts, tokenizer):
+    from utils import distillation
+    exact = _recovery_challenge(tokenizer, slack=0.0)  # the target is the default recipe's own perplexity
+    default = exercises.check("CH06_NB03.recovery_recipe",
+                              lambda s, t, b: distillation.distill(s, t, b, progress=False), quiet=True, **exact)
+    assert not default.passed and "default settings" in default.message, default.message
+    assert default.details["perplexity"] == pytest.approx(exact["target"], rel=1e-9)  # same batches: a tie
+
+    def trains_a_copy(student, teacher, batches):
+        return distillation.distill(copy.deepcopy(student), teacher, batches, progress=False)
+    copied = exercises.check("CH06_NB03.recovery_recipe", trains_a_copy, quiet=True, **exact)
+    assert not copied.passed and "not a copy" in copied.message
+    solved = exercises.check("CH06_NB03.recovery_recipe", _solution("CH06_NB03.recovery_recipe"), quiet=True,
+                             **contexts["CH06_NB03.recovery_recipe"])
+    assert solved.passed and solved.details["steps"] == 4 and solved.details["tokens"] > 0
+    assert solved.details["perplexity"] < contexts["CH06_NB03.recovery_recipe"]["target"]
+    assert solved.details["model"] is not contexts["CH06_NB03.recovery_recipe"]["pruned"]  # a trained copy
+    card = contexts["CH06_NB03.write_card"]
+    thin = exercises.check("CH06_NB03.write_card", lambda m, t, f, n: _publish().save_with_card(
+        m, t, f, base_model=m.name_or_path, changes=["removed blocks 3-5, then distilled"], results=n), quiet=True,
+        **card)
+    assert not thin.passed and "parameters of the published model" in thin.message
+    assert exercises._mentioned_numbers(["blocks 12-14 and 20", "x 3 to 5"]) == {3, 4, 5, 12, 13, 14, 20}

@@ -27,7 +27,8 @@ The modules, in layers (utils/README.md has the map and the chapter of each modu
    (CH08: attention sublayers, decode FLOPs), :mod:`~utils.bypass` (CH08: Adaptive Attention Bypass),
    :mod:`~utils.moe` (CH09),
    :mod:`~utils.activations` (CH10), :mod:`~utils.bias` (CH11), :mod:`~utils.benchmarks` (Appendix B),
-   :mod:`~utils.energy` (Appendix C).
+   :mod:`~utils.energy` (Appendix C), :mod:`~utils.publish` (a model folder with its model card, pushed to the
+   Hub on request: CH06_NB03).
 
 The names below are also re-exported at the top level, as earlier versions of the course used them.
 """
@@ -212,3 +213,8 @@ from .moe import (
     to_qwen2_moe,
     upcycle,
 )
+
+# isort: split
+# CH06_NB03: a model folder with its model card (and a push to the Hub, only when asked)
+from . import publish
+from .publish import read_card, save_with_card

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,12 +27,17 @@ from .precision import device_of
 
 @dataclass
 class Feedback:
-    """The verdict of :func:`check`: ``passed``, what the check found (``message``) and, unless passed, a hint."""
+    """The verdict of :func:`check`: ``passed``, what the check found (``message``) and, unless passed, a hint.
+
+    ``details`` holds what a check made and measured when the notebook needs it afterwards (CH06_NB03's challenge:
+    the student your recipe trained, its perplexity, the steps and tokens it used); empty for most checks.
+    """
 
     exercise: str
     passed: bool
     message: str
     hint: str = ""
+    details: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         head = f"[{self.exercise}] " + ("Correct. " if self.passed else "Not yet. ")
@@ -69,7 +74,11 @@ EXERCISES: dict[str, Exercise] = {}
 
 
 def exercise(exercise_id: str, title: str, hint: str, context: tuple[str, ...] = ()):
-    """Register the decorated checker as exercise ``exercise_id`` (``"<notebook>.<name>"``)."""
+    """Register the decorated checker as exercise ``exercise_id`` (``"<notebook>.<name>"``).
+
+    A checker returns ``(passed, message)``, or ``(passed, message, details)`` when the notebook needs what the
+    check made (:attr:`Feedback.details`).
+    """
     if exercise_id.count(".") != 1:
         raise ValueError(f"An exercise id is '<notebook>.<name>', got {exercise_id!r}.")
 
@@ -98,14 +107,16 @@ def check(exercise_id: str, answer, *, quiet: bool = False, **context) -> Feedba
     missing = [name for name in ex.context if name not in context]
     if missing:
         raise ValueError(f"exercises.check({exercise_id!r}, ...) needs {', '.join(missing)}= from the notebook.")
+    details = {}
     try:
-        passed, message = ex.checker(answer, **context)
+        passed, message, *more = ex.checker(answer, **context)
+        details = dict(more[0]) if more else {}
     except NotImplementedError:
         passed, message = False, ("Not started: the cell above still raises NotImplementedError. Replace that line "
                                   "with your code and run both cells again.")
     except Exception as error:  # the reader's code failed: report it, do not crash the notebook
         passed, message = False, f"Your code raised {type(error).__name__}: {error}"
-    feedback = Feedback(exercise_id, bool(passed), message, ex.hint)
+    feedback = Feedback(exercise_id, bool(passed), message, ex.hint, details)
     if not quiet:
         print(feedback)
     return feedback
@@ -568,6 +579,175 @@ def _check_recovered(answer):
     return True, ("equal to distillation.recovered_share: from 50x the base perplexity back to 1.65x wins back "
                   f"{recovered_share(20.0, 1000.0, 33.0):.0%} of the lost log-likelihood, not the {raw:.0%} raw "
                   "perplexities suggest.")
+
+
+# --- CH06_NB03: the recovery challenge -------------------------------------------------------------
+
+class _TrainingTokens:
+    """Counts the real tokens a model reads while in training mode (a forward pre-hook): the data a recipe spent.
+    Evaluation passes (eval mode) are not counted."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.tokens = 0
+        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        if not module.training:
+            return
+        mask, ids = kwargs.get("attention_mask"), kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(mask, torch.Tensor):
+            self.tokens += int(mask.sum())
+        elif isinstance(ids, torch.Tensor):
+            self.tokens += ids.numel()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _real_tokens(loader) -> int:
+    """The real (unpadded) tokens in one pass over ``loader``: the challenge's data budget."""
+    from .data import batch_tensors
+
+    return sum(int(batch_tensors(batch, "cpu")[1].sum()) for batch in loader)
+
+
+def _steps_of(history) -> int | None:
+    """Optimizer steps in a history of utils.distill / utils.train, or None when it is not one."""
+    if not isinstance(history, dict) or not isinstance(history.get("step"), list):
+        return None
+    return int((history.get("settings") or {}).get("steps", len(history["step"])))
+
+
+def _is_default_recipe(history: dict) -> bool:
+    from . import distillation as d
+
+    settings = history.get("settings") or {}
+    defaults = {"temperature": d.DEFAULT_TEMPERATURE, "alpha": d.DEFAULT_ALPHA, "beta": 0.0, "skew": d.DEFAULT_SKEW,
+                "gamma": 0.0, "lr": d.DEFAULT_LR, "warmup_steps": d.DEFAULT_WARMUP_STEPS, "grad_accum": 1}
+    return all(settings.get(k) == v for k, v in defaults.items())
+
+
+@exercise("CH06_NB03.recovery_recipe", "Beat the default recovery at the same budget, on text of another domain",
+          "Start from distillation.distill(student, teacher, batches) (one pass over `batches` is the whole step "
+          "budget) and change one thing at a time: the temperature, the blend alpha, the skew KL (skew=0.1), feature "
+          "terms through the kept-block map (layer_map='kept', beta=..., gamma=...), the learning rate or warm-up. "
+          "Train the `student` you are given (not a copy), stay within the steps and the tokens of `batches`, and "
+          "return distill's history.",
+          context=("pruned", "teacher", "batches", "held_out", "target", "steps"))
+def _check_recovery_recipe(answer, *, pruned, teacher, batches, held_out, target, steps):
+    import copy
+
+    from .evaluation import perplexity
+
+    tokens = _real_tokens(batches() if callable(batches) else batches)
+    student = copy.deepcopy(pruned)
+    counter = _TrainingTokens(student)
+    try:  # first: an unfinished answer costs nothing but the copy
+        history = answer(student, teacher, batches() if callable(batches) else batches)
+    finally:
+        counter.remove()
+    used = _steps_of(history)
+    if used is None:
+        return False, ("recovery_recipe should return the history utils.distill gives back, got "
+                       f"{type(history).__name__}.")
+    if all(torch.equal(a, b) for a, b in zip(student.parameters(), pruned.parameters())):
+        return False, ("the student you were given did not change: train `student` itself, not a copy of it or of "
+                       "`pruned`.")
+    if counter.tokens == 0:
+        return False, ("the student changed, but the check saw no training pass to count: call the model itself, "
+                       "student(input_ids=..., attention_mask=...) in training mode, as utils.train does, not one "
+                       "of its submodules.")
+    if used > steps or counter.tokens > tokens:
+        return False, (f"over budget: {used} optimizer steps on {counter.tokens:,} tokens, for a budget of {steps} "
+                       f"steps and {tokens:,} tokens (one pass over `batches`). More epochs, grad_accum or longer "
+                       "texts buy quality with budget: keep to one pass.")
+    ppl = perplexity(student, held_out, progress=False)
+    details = {"model": student, "perplexity": ppl, "steps": used, "tokens": counter.tokens, "history": history}
+    budget = f"{used} of {steps} steps, {counter.tokens:,} of {tokens:,} tokens"
+    if ppl < target:
+        return True, (f"held-out perplexity {ppl:.3f} < target {target:.3f} ({100 * (1 - ppl / target):.3g} % "
+                      f"lower), in {budget}."), details
+    if _is_default_recipe(history):
+        return False, (f"held-out perplexity {ppl:.3f}, target {target:.3f}: these are distill's default settings, "
+                       "the recipe that set the target. It can tie at best: change something."), details
+    gap = 100 * (ppl / target - 1)
+    return False, (f"held-out perplexity {ppl:.3f} is not below the target {target:.3f} ({gap:+.3g} %), in "
+                   f"{budget}."), details
+
+
+def _mentioned_numbers(texts: list[str]) -> set[int]:
+    """Every integer the texts name, with ranges such as '12-17' or '12 to 17' expanded."""
+    import re
+
+    text = " ".join(texts)
+    found = {int(n) for n in re.findall(r"\d+", text)}
+    for a, b in re.findall(r"(\d+)\s*(?:-|–|to)\s*(\d+)", text):
+        if int(a) <= int(b) <= int(a) + 200:
+            found.update(range(int(a), int(b) + 1))
+    return found
+
+
+def _card_problem(card: dict, numbers: dict, base_model: str, removed, parameters: int) -> str | None:
+    """What a card written for the challenge's model misses, or None."""
+    if card["metadata"].get("base_model") != base_model:
+        return (f"the card's base_model is {card['metadata'].get('base_model')!r}: it should be the model you started "
+                f"from, {base_model!r}.")
+    missing_blocks = sorted(set(int(i) for i in removed) - _mentioned_numbers(card["changes"]))
+    if missing_blocks:
+        return (f"the changes do not name every removed block: {missing_blocks} missing (the changes: "
+                f"{card['changes']}).")
+    if not any("distil" in change.lower() for change in card["changes"]):
+        return "the changes do not say how the model was recovered (by distillation, and with what)."
+    values = [float(v) for v in card["results"].values() if _is_number(v)]
+    required = {**numbers, "parameters of the published model": parameters}
+
+    def written(value) -> bool:  # a NaN (e.g. nothing was lost, so no recovered share) is written as nan
+        value = float(_as_number(value))
+        return any(math.isnan(v) for v in values) if math.isnan(value) else any(
+            _close(v, value, rel=1e-4) for v in values if not math.isnan(v))
+    missing = [name for name, value in required.items() if not written(value)]
+    if missing:
+        return f"the card's table lacks {len(missing)} required number(s): {missing}."
+    return None
+
+
+@exercise("CH06_NB03.write_card", "Publish your model: a folder that reloads, and a card with every number",
+          "Call publish.save_with_card(model, tokenizer, folder, base_model=..., changes=[...], results={...}) and "
+          "return what it returns. base_model: the model you started from (teacher.name_or_path). changes: one "
+          "sentence for the cut (name the removed blocks) and one for the recovery (distillation, and the recipe). "
+          "results: every number in `numbers`, plus the published model's parameter count "
+          "(evaluation.count_parameters(model)).",
+          context=("model", "tokenizer", "numbers", "base_model", "removed"))
+def _check_write_card(answer, *, model, tokenizer, numbers, base_model, removed):
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from .checks import tolerances
+    from .evaluation import count_parameters
+    from .models import load_model
+    from .publish import read_card
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = answer(model, tokenizer, Path(tmp) / "my_model", numbers)
+        if not isinstance(folder, (str, os.PathLike)) or not (Path(folder) / "README.md").is_file():
+            return False, (f"write_card should return the folder it wrote (publish.save_with_card returns it), with a "
+                           f"README.md in it; got {folder!r}.")
+        card = read_card(folder)
+        problem = _card_problem(card, numbers, base_model, removed, count_parameters(model))
+        if problem:
+            return False, problem
+        reloaded, _ = load_model(folder, device=str(device_of(model)))
+        ids = tokenizer("The river rose fast after the storm.", return_tensors="pt")["input_ids"].to(device_of(model))
+        with torch.no_grad():
+            expected, got = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+        del reloaded
+    tol = tolerances(expected)
+    if not torch.allclose(got.to(expected.dtype), expected, atol=tol["atol"], rtol=tol["rtol"]):
+        return False, ("the folder reloads (utils.load_model) to different logits: save the model you were given, "
+                       "after training, with publish.save_with_card.")
+    return True, (f"the card names {base_model}, the removed blocks {sorted(removed)}, the recovery, and all "
+                  f"{len(numbers) + 1} numbers; the folder reloads to the same logits."), {"card": card}
 
 
 # --- CH02_NB02: healing the cut ----------------------------------------------------------------
