@@ -6,17 +6,20 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from tiny_families import _tiny
 
-from utils import architectures, exercises, moe, width
+from utils import architectures, bypass, exercises, moe, width
 from utils.attention import remove_attention
 from utils.benchmarks import local_task
 from utils.data import load_records, load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
+from utils.lora import lora_parameter_count
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +44,17 @@ def contexts(tokenizer, loader):
     skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
                                                              "Qwen/Qwen3-0.6B")}
     challenge = _recovery_challenge(tokenizer)
+    gemma = _tiny("gemma3", tokenizer)
+    dora_model = get_peft_model(copy.deepcopy(llama), LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                                 target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a little training's worth of update
+        for name, p in dora_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    protected = bypass.default_protected(llama)
+    rows = bypass.prompt_attention_scores(llama, loader, prefix_tokens=0.5, decode_first=True, progress=False)
+    bypass_context = {"rows": rows, "protected": protected, "threshold": bypass.calibrate_threshold(
+        rows, 2, protect=protected, weights=[r["scored_tokens"] for r in rows])}
     return {
         "CH04_NB01.mlp_importance": {"model": qwen, "dataloader": loader},
         # the ends score lowest, as they often do under one-shot cosine: the protection has to act
@@ -89,6 +103,12 @@ def contexts(tokenizer, loader):
                                       "layer": 1},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
         "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
+        "CH06_NB02.window_distances": {"model": gemma, "dataloader": loader, "n": 4},
+        "CH06_NB02.width_ratio": {"model": gemma, "blocks": [3, 7, 9, 12]},
+        "CH07_NB03.dora_weight": {"dora_model": dora_model},
+        "CH07_NB03.qlora_bytes": {"model": llama},
+        "CH08_NB03.skipped_per_token": bypass_context,
+        "CH08_NB03.expected_cache_ratio": bypass_context,
     }
 
 
@@ -193,6 +213,17 @@ WRONG = {
     "CH10_NB02.largest_entry": lambda stream: _unravel(int((-stream.abs()).argmax()), stream.shape),
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values
                                              / stream.abs().flatten(1).mean(1)).tolist(),
+    # the arccos not divided by pi; the share of blocks instead of the share of MLP parameters
+    "CH06_NB02.window_distances": lambda model, dataloader, n: [
+        d * math.pi for d in _solution("CH06_NB02.window_distances")(model, dataloader, n)],
+    "CH06_NB02.width_ratio": lambda model, blocks: len(blocks) / model.config.num_hidden_layers,
+    # norms per column instead of per row; AdamW's state forgotten
+    "CH07_NB03.dora_weight": lambda w, a, b, m, s: _dora_per_column(w, a, b, m, s),
+    "CH07_NB03.qlora_bytes": lambda model, rank, targets, dora: _solution("CH07_NB03.qlora_bytes")(
+        model, rank, targets, dora) - 8 * lora_parameter_count(model, rank, targets, dora=dora),
+    # the plain mean over prompts, for the budget and for the cache
+    "CH08_NB03.skipped_per_token": lambda skipped, decoded: sum(skipped) / len(skipped),
+    "CH08_NB03.expected_cache_ratio": lambda skipped, tokens, n_blocks: 1 - sum(skipped) / len(skipped) / n_blocks,
 }
 
 
@@ -204,6 +235,9 @@ def _distill(*args, **kwargs):
 def _publish():
     from utils import publish
     return publish
+def _dora_per_column(weight, a, b, m, scaling):
+    adapted = weight.float() + scaling * (b.float() @ a.float())
+    return m.float()[:, None] * adapted / adapted.norm(dim=0, keepdim=True)
 
 
 @torch.no_grad()
@@ -282,6 +316,19 @@ def test_the_wrong_kv_answer_is_told_about_query_heads(contexts):
     wrong = exercises.check("CH08_NB01.kv_bytes", WRONG["CH08_NB01.kv_bytes"], quiet=True,
                             **contexts["CH08_NB01.kv_bytes"])
     assert "key/value heads" in wrong.message
+
+
+@pytest.mark.parametrize("exercise_id, told", [
+    ("CH06_NB02.window_distances", "divide the arccos by pi"),
+    ("CH06_NB02.width_ratio", "share of the blocks removed"),
+    ("CH07_NB03.dora_weight", "norms per column"),
+    ("CH07_NB03.qlora_bytes", "AdamW's two moments"),
+    ("CH08_NB03.skipped_per_token", "plain mean over prompts"),
+    ("CH08_NB03.expected_cache_ratio", "plain mean over prompts"),
+])
+def test_the_wrong_answer_is_told_its_mistake(exercise_id, told, contexts):
+    wrong = exercises.check(exercise_id, WRONG[exercise_id], quiet=True, **contexts[exercise_id])
+    assert not wrong.passed and told in wrong.message, wrong.message
 
 
 def test_an_error_in_the_answer_is_reported_not_raised(contexts):

@@ -1274,3 +1274,290 @@ def _check_balance_loss(answer):
             return False, (f"top_k = {top_k}: you give {got!r}, moe.load_balancing_loss gives {expected:.5f} "
                            "(padding left out? f_e summing to top_k?).")
     return True, "equal to moe.load_balancing_loss at top-1 and top-2, padding left out."
+
+
+# --- CH06_NB02, CH07_NB03, CH08_NB03 ---
+
+# CH06_NB02: what to prune when you will recover afterwards
+
+@exercise("CH06_NB02.window_distances", "The angular distance of every window of n consecutive blocks",
+          "Run the model with output_hidden_states=True: hidden_states[l] enters block l and hidden_states[l + n] "
+          "leaves block l + n - 1. For each start l = 0 .. total - n - 1, take the cosine of the two per token "
+          "(in float32), average it over the real tokens (attention_mask == 1) of all batches, then "
+          "arccos(mean) / pi. Leave out the window that ends at the final block: hidden_states[-1] has the final "
+          "norm applied, and that block is protected anyway.",
+          context=("model", "dataloader", "n"))
+def _check_window_distances(answer, *, model, dataloader, n):
+    from .depth import angular_distances
+    from .structure import decoder_blocks
+
+    total = len(decoder_blocks(model))
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < total - 1:
+        raise ValueError(f"n= must be the number of blocks removed, between 1 and {total - 2}, got {n!r}.")
+    answered = answer(model, dataloader, n)  # first: an unfinished answer stops the check before the reference pass
+    expected = angular_distances(model, dataloader, n, progress=False)[: total - n]
+    got = _as_floats(answered, len(expected), f"window_distances(model, dataloader, {n})")
+    if isinstance(got, str):
+        return False, got.replace("one per block", f"one per start 0..{total - n - 1}: the window that ends at the "
+                                                   "final block left out")
+    rel, abs_ = (1e-4, 1e-6) if next(model.parameters()).dtype == torch.float32 else (1e-2, 1e-3)
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=rel, abs_=abs_)]
+    if wrong:
+        i = wrong[0]
+        guess = (" (x pi: divide the arccos by pi, so that 1 means opposite directions)"
+                 if all(_close(g, e * math.pi, rel=rel, abs_=abs_) for g, e in zip(got, expected)) else "")
+        return False, (f"{len(wrong)} of {len(expected)} windows differ from depth.angular_distances; blocks "
+                       f"{i}..{i + n - 1}: yours {got[i]:.5f}, expected {expected[i]:.5f}{guess}.")
+    allowed = range(1, total - n)  # windows that keep block 0 and the final block, as the notebook's 'best window'
+    best = min(allowed, key=lambda s: expected[s])
+    return True, (f"all {len(expected)} windows match depth.angular_distances; the closest window that keeps the "
+                  f"first and the final block is blocks {best}..{best + n - 1} (distance {expected[best]:.4f}).")
+
+
+@exercise("CH06_NB02.width_ratio", "The width cut that removes as many parameters as a depth cut",
+          "Add up p.numel() over the parameters of the blocks that depth pruning removes (their attention, MLP and "
+          "norms all go), then divide by the parameters of all the MLPs together (every block's .mlp). Each neuron "
+          "owns the same share of its MLP, so that quotient is the share of every MLP's neurons to remove.",
+          context=("model", "blocks"))
+def _check_width_ratio(answer, *, model, blocks):
+    from .structure import decoder_blocks, glu_mlps
+
+    layers = decoder_blocks(model)
+    chosen = sorted({int(i) for i in blocks})
+    if not chosen or not all(0 <= i < len(layers) for i in chosen):
+        raise ValueError(f"blocks= must hold the indices (0..{len(layers) - 1}) of the blocks a depth cut removes.")
+    got = _as_number(answer(model, list(chosen)))
+    removed = sum(p.numel() for i in chosen for p in layers[i].parameters())
+    mlp = sum(p.numel() for m in glu_mlps(model) for p in m.parameters())
+    expected, naive = removed / mlp, len(chosen) / len(layers)
+    if not _is_number(got):
+        return False, f"width_ratio(model, blocks) should return a share (a number), got {got!r}."
+    if not _close(got, expected, rel=1e-9):
+        guess = (" (that is the share of the blocks removed: a block holds attention and norms besides its MLP, so "
+                 "the MLPs must lose a larger share)" if _close(got, naive, rel=1e-9) else "")
+        return False, (f"you give {got:.4f}; blocks {chosen} hold {removed:,} parameters and all the MLPs "
+                       f"{mlp:,}: {expected:.4f}{guess}.")
+    return True, (f"removing {expected:.1%} of every MLP's neurons removes as many parameters ({removed:,}) as "
+                  f"blocks {chosen}; {len(chosen)} of {len(layers)} blocks is only {naive:.1%} of the depth.")
+
+
+# CH07_NB03: LoRA, DoRA, QLoRA
+
+def _dora_layer(dora_model):
+    """The first peft DoRA layer of ``dora_model`` and the name of its active adapter."""
+    for module in dora_model.modules():
+        vectors = getattr(module, "lora_magnitude_vector", None)
+        if vectors:
+            name = next((a for a in module.active_adapters if a in vectors), None)
+            if name is not None:
+                return module, name
+    raise ValueError("dora_model= holds no DoRA layer: pass a peft model built with LoraConfig(use_dora=True), "
+                     "e.g. trained['DoRA'].")
+
+
+def _dora_parts(layer, name: str) -> tuple:
+    """(weight, lora_A, lora_B, magnitude, scaling) of one peft DoRA layer, as copies."""
+    return (layer.get_base_layer().weight.detach().clone(), layer.lora_A[name].weight.detach().clone(),
+            layer.lora_B[name].weight.detach().clone(), layer.lora_magnitude_vector[name].weight.detach().clone(),
+            float(layer.scaling[name]))
+
+
+@torch.no_grad()
+def _computed_weight(layer) -> torch.Tensor:
+    """The weight a Linear-like layer applies: its output on the identity, bias removed, transposed."""
+    base = layer.get_base_layer()
+    out = layer(torch.eye(base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+    return (out - base.bias if base.bias is not None else out).T
+
+
+@torch.no_grad()
+def _large_dora_update(layer, name: str) -> None:
+    """Give ``layer`` (a copy) an update of a tenth of its weight's size and a magnitude off the row norms."""
+    g = torch.Generator().manual_seed(0)
+    weight, a, b, _, scaling = _dora_parts(layer, name)
+    row = float(weight.float().norm(dim=1).mean())
+    scale = 0.3 * row / (scaling * float(a.float().norm()) + 1e-12)
+    layer.lora_B[name].weight.copy_((torch.randn(b.shape, generator=g) * scale).to(b))
+    adapted = weight.float() + scaling * (layer.lora_B[name].weight.float() @ a.float())
+    spread = 0.5 + torch.rand(weight.shape[0], generator=g).to(adapted.device)
+    layer.lora_magnitude_vector[name].weight.copy_(adapted.norm(dim=1) * spread)
+
+
+def _dora_mistakes(weight, a, b, m, scaling) -> dict[str, torch.Tensor]:
+    """What a few likely wrong answers to CH07_NB03.dora_weight return, by the mistake's description."""
+    w, a, b, m = weight.float(), a.float(), b.float(), m.float()[:, None]
+    adapted = w + scaling * (b @ a)
+    unscaled = w + b @ a
+    return {"the direction without the magnitude: multiply each row by m": adapted / adapted.norm(dim=1, keepdim=True),
+            "norms per column: DoRA normalises each output row (dim=1 of [out, in])":
+                m * adapted / adapted.norm(dim=0, keepdim=True),
+            "the row norms of W alone: normalise the adapted weight W + scaling B A":
+                m * adapted / w.norm(dim=1, keepdim=True),
+            "the update without `scaling`": m * unscaled / unscaled.norm(dim=1, keepdim=True),
+            "plain LoRA: W + scaling B A, neither normalised nor rescaled": adapted}
+
+
+@exercise("CH07_NB03.dora_weight", "DoRA's weight: the adapted weight's direction times a learned magnitude",
+          "Work in float32. adapted = weight + scaling x (lora_B @ lora_A), shaped [out, in]; its row norms "
+          "torch.linalg.vector_norm(adapted, dim=1) (one per output); return magnitude[:, None] x adapted / "
+          "norms[:, None]: each row keeps its direction and takes its length from m.",
+          context=("dora_model",))
+def _check_dora_weight(answer, *, dora_model):
+    import copy
+
+    layer, name = _dora_layer(dora_model)
+    trial = copy.deepcopy(layer).eval()
+    _large_dora_update(trial, name)
+    for label, module in (("a copy of the layer with a large update", trial), ("your trained layer", layer)):
+        parts = _dora_parts(module, name)
+        got = answer(*parts)
+        expected = _computed_weight(module)
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return False, (f"dora_weight(...) should return a tensor shaped {tuple(expected.shape)} [out, in], "
+                           f"got {shape}.")
+        expected = expected.float()
+        tol = (1e-4 if parts[0].dtype == torch.float32 else 5e-3) * float(expected.abs().max())
+        got = got.detach().float().to(expected.device)
+        error = float((got - expected).abs().max())
+        if error > tol:
+            guess = next((f" (it equals {what})" for what, wrong in _dora_mistakes(*parts).items()
+                          if float((got - wrong.to(expected.device)).abs().max()) <= tol), "")
+            out_features, in_features = expected.shape
+            return False, (f"on {label} ({out_features} x {in_features} weight) the largest difference from what the "
+                           f"peft layer computes is {error:.3g}{guess}.")
+    weight, a, b, m, scaling = _dora_parts(layer, name)
+    row_norms = (weight.float() + scaling * (b.float() @ a.float())).norm(dim=1)
+    moved = float((m.float().to(row_norms.device) / row_norms - 1).abs().max())
+    return True, (f"equal to what peft's DoRA layer computes, with a large update and on your trained layer; training "
+                  f"moved that layer's magnitudes up to {moved:.2%} away from its row norms.")
+
+
+def _qlora_parts(model, rank: int, targets: list[str], dora: bool) -> dict[str, float]:
+    """The bytes of a QLoRA (or QDoRA) setup on paper, by part."""
+    from .lora import lora_parameter_count
+    from .quantization import bits_per_parameter
+    from .structure import decoder_blocks
+
+    linear = {id(m.weight): m.weight.numel() for block in decoder_blocks(model) for m in block.modules()
+              if isinstance(m, torch.nn.Linear)}
+    adapter = lora_parameter_count(model, rank, targets, dora=dora)
+    return {"4-bit base": sum(linear.values()) * bits_per_parameter(4, 64, double_quant=True) / 8,
+            "other weights": sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in linear),
+            "adapter": 4 * adapter, "AdamW state": 8 * adapter}
+
+
+def _qlora_mistakes(model, rank: int, targets: list[str], dora: bool) -> dict[str, float]:
+    """What a few likely wrong answers to CH07_NB03.qlora_bytes return, by the mistake's description."""
+    parts = _qlora_parts(model, rank, targets, dora)
+    total = sum(parts.values())
+    linear_weights = parts["4-bit base"] * 8 / (4 + 8 / 64 + 32 / (64 * 256))
+    out = {"AdamW's two moments are missing: 2 x 4 bytes per trainable parameter": total - parts["AdamW state"],
+           "the block constants are missing: NF4 in blocks of 64 with double quantisation costs 4.127 bits, not 4":
+               total - parts["4-bit base"] + linear_weights * 4 / 8,
+           "the embeddings and norms are missing: they stay in the model's dtype": total - parts["other weights"]}
+    if dora:
+        without = _qlora_parts(model, rank, targets, False)
+        out["DoRA's magnitudes are missing: one per output row of every adapted layer"] = sum(without.values())
+    return out
+
+
+@exercise("CH07_NB03.qlora_bytes", "The memory of a QLoRA setup, on paper: a 4-bit base plus a trained adapter",
+          "Four parts. (1) Every nn.Linear weight inside the decoder blocks in NF4, blocks of 64, double quantisation: "
+          "numel x quantization.bits_per_parameter(4, 64, double_quant=True) / 8 bytes. (2) Every other parameter "
+          "(embeddings, norms) in the model's dtype: p.numel() x p.element_size(). (3) The adapter in float32: "
+          "rank x (in + out) per targeted layer, plus out per layer for DoRA's magnitudes, 4 bytes each. (4) AdamW's "
+          "two moments: 8 bytes per adapter parameter.",
+          context=("model",))
+def _check_qlora_bytes(answer, *, model):
+    attention, mlp = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
+    for rank, targets, dora in ((8, attention + mlp, False), (8, attention, True), (2, mlp, False)):
+        got = _as_number(answer(model, rank, list(targets), dora))
+        expected = sum(_qlora_parts(model, rank, targets, dora).values())
+        if not _is_number(got):
+            return False, f"qlora_bytes(model, {rank}, {targets}, {dora}) should return a number of bytes, got {got!r}."
+        if not _close(got, expected, rel=1e-6):
+            guess = next((f" ({what})" for what, wrong in _qlora_mistakes(model, rank, targets, dora).items()
+                          if _close(got, wrong, rel=1e-6)), "")
+            return False, (f"rank {rank} on {targets}, dora={dora}: you give {got:,.0f} bytes, the answer key "
+                           f"{expected:,.0f}{guess}.")
+    parts = _qlora_parts(model, 8, attention + mlp, False)
+    plain = sum(p.numel() * p.element_size() for p in model.parameters())
+    return True, ("rank 8 on all seven projections: " + ", ".join(f"{k} {v / 1e6:,.2f} MB" for k, v in parts.items())
+                  + f"; {sum(parts.values()) / 1e6:,.2f} MB in all, against {plain / 1e6:,.2f} MB for the weights "
+                  "alone in the model's own dtype.")
+
+
+# CH08_NB03: adaptive attention bypass
+
+def _late_rule_counts(rows, threshold, protected) -> tuple[list[int], list[int], list[int], int]:
+    """Per prompt: attentions the late rule skips at ``threshold``, decoded tokens, prompt tokens; and blocks."""
+    from .bypass import decisions, threshold_rule
+
+    rows = list(rows)
+    if not rows or not all(isinstance(r, dict) and {"scores", "scored_tokens", "prompt_tokens"} <= set(r)
+                           for r in rows):
+        raise ValueError("rows= must be the rows of bypass.prompt_attention_scores (e.g. fit_rows).")
+    skips = decisions(rows, threshold_rule(threshold), protect=protected)
+    decoded = [int(r["scored_tokens"]) for r in rows]
+    if sum(decoded) == 0:
+        raise ValueError("rows= holds no decoded token: pass the rows of texts longer than their prompts.")
+    return [len(s) for s in skips], decoded, [int(r["prompt_tokens"]) for r in rows], len(rows[0]["scores"])
+
+
+def _weighted_mean(values, weights) -> float:
+    return sum(v * w for v, w in zip(values, weights)) / sum(weights)
+
+
+@exercise("CH08_NB03.skipped_per_token", "Skipped attention sublayers per decoded token, not per prompt",
+          "Every token decoded after prompt i runs with skipped[i] attentions switched off, so weigh each prompt by "
+          "its decoded tokens: sum(skipped[i] x decoded[i]) / sum(decoded[i]) (np.average(skipped, weights=decoded)). "
+          "A plain mean over prompts lets a prompt with 3 decoded tokens count as much as one with 300.",
+          context=("rows", "threshold", "protected"))
+def _check_skipped_per_token(answer, *, rows, threshold, protected):
+    skipped, decoded, _, _ = _late_rule_counts(rows, threshold, protected)
+    cases = [([2, 10, 6], [40, 4, 10]), ([0, 5], [7, 0]), ([3], [12]), (skipped, decoded)]
+    for k, (s, d) in enumerate(cases):
+        got = _as_number(answer(list(s), list(d)))
+        expected, plain = _weighted_mean(s, d), sum(s) / len(s)
+        where = ("on the notebook's calibration prompts (the late rule at its threshold)" if k == len(cases) - 1
+                 else f"skipped {s}, decoded {d}")
+        if not _is_number(got):
+            return False, f"{where}: skipped_per_token should return a number, got {got!r}."
+        if not _close(got, expected, rel=1e-9, abs_=1e-12):
+            guess = (" (that is the plain mean over prompts: weigh each prompt by its decoded tokens)"
+                     if _close(got, plain, rel=1e-9, abs_=1e-12) else "")
+            return False, f"{where}: you give {got!r}, the answer key {expected:.4f}{guess}."
+    return True, (f"on the {len(skipped)} calibration prompts the late rule at its threshold skips {expected:.3f} "
+                  "attentions per decoded token (calibrate_threshold put the threshold where this comes closest to "
+                  f"the budget); a plain mean over prompts would say {plain:.3f}.")
+
+
+@exercise("CH08_NB03.expected_cache_ratio", "The share of the KV cache a rule should keep, from its decisions",
+          "Every attention holds the same bytes per token, so prompt i's cache is proportional to prompt_tokens[i], "
+          "and skipping skipped[i] of n_blocks attentions keeps (1 - skipped[i] / n_blocks) of it. Weigh by the "
+          "cache: sum(tokens x (1 - skipped / n_blocks)) / sum(tokens). Neither the plain mean over prompts nor 1 - "
+          "(skipped per decoded token) / n_blocks: those weigh a prompt by 1 or by its continuation, not its cache.",
+          context=("rows", "threshold", "protected"))
+def _check_expected_cache_ratio(answer, *, rows, threshold, protected):
+    skipped, decoded, tokens, n_blocks = _late_rule_counts(rows, threshold, protected)
+    cases = [([2, 10, 6], [100, 10, 30], 30), ([0, 4], [5, 50], 16), (skipped, tokens, n_blocks)]
+    for k, (s, t, n) in enumerate(cases):
+        got = _as_number(answer(list(s), list(t), n))
+        expected = _weighted_mean([1 - v / n for v in s], t)
+        last = k == len(cases) - 1
+        where = ("on the notebook's calibration prompts (the late rule at its threshold)" if last
+                 else f"skipped {s}, prompt tokens {t}, {n} blocks")
+        if not _is_number(got):
+            return False, f"{where}: expected_cache_ratio should return a share, got {got!r}."
+        if not _close(got, expected, rel=1e-9, abs_=1e-12):
+            mistakes = {"the plain mean over prompts": 1 - sum(s) / len(s) / n}
+            if last:
+                mistakes["1 - skipped per decoded token / blocks"] = 1 - _weighted_mean(s, decoded) / n
+            guess = next((f" (that is {what}: weigh each prompt by its cache, i.e. its prompt tokens)"
+                          for what, wrong in mistakes.items() if _close(got, wrong, rel=1e-9, abs_=1e-12)), "")
+            return False, f"{where}: you give {got!r}, the answer key {expected:.4f}{guess}."
+    per_token = 1 - _weighted_mean(skipped, decoded) / n_blocks
+    return True, (f"the late rule should keep {expected:.3f} of the base cache on the {len(skipped)} calibration "
+                  f"prompts; 1 - skipped per decoded token / blocks says {per_token:.3f}: one weighs a prompt by its "
+                  "cache, the other by its continuation.")
