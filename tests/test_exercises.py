@@ -12,10 +12,10 @@ import pytest
 import torch
 from tiny_families import _tiny
 
-from utils import architectures, exercises, moe, width
+from utils import architectures, bias, exercises, moe, width
 from utils.attention import remove_attention
 from utils.benchmarks import local_task
-from utils.data import load_records, load_texts, make_dataloader
+from utils.data import load_bias_benchmark, load_bias_pairs, load_bias_probes, load_records, load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,9 @@ def contexts(tokenizer, loader):
     padded = make_dataloader(load_texts("sms_spam", n=4), tokenizer, batch_size=4, max_length=40)  # short texts
     skeletons = {m: architectures.build_on_meta(m) for m in ("distilbert/distilgpt2", "google/gemma-3-270m",
                                                              "Qwen/Qwen3-0.6B")}
+    pairs = load_bias_pairs("calibration", tokenizer=tokenizer)[:4]
+    signed, typical = bias.signed_bias_scores(llama, tokenizer, pairs), bias.typical_magnitudes(llama, tokenizer, pairs)
+    bbq = load_bias_benchmark()  # all 384 items: 12 variants per scenario, so the clusters matter
     return {
         "CH04_NB01.mlp_importance": {"model": qwen, "dataloader": loader},
         # the ends score lowest, as they often do under one-shot cosine: the protection has to act
@@ -84,6 +87,15 @@ def contexts(tokenizer, loader):
                                       "layer": 1},
         "CH10_NB02.largest_entry": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
         "CH10_NB02.peak_ratios": {"model": llama, "tokenizer": tokenizer, "prompt": "The river rose fast."},
+        "CH11_NB01.signed_scores": {"model": llama, "tokenizer": tokenizer, "pairs": pairs, "layer": 1},
+        "CH11_NB01.relative_scores": {"signed": signed, "typical": typical},
+        "CH11_NB02.removed_per_layer": {"scores": bias.relative_scores_from(signed, typical),
+                                        "protect_layers": [0, 1, 2]},
+        "CH11_NB02.stereotype_score": {"model": llama, "tokenizer": tokenizer,
+                                       "probes": load_bias_probes("stereotype", split="test")[:3]},
+        "CH11_NB03.bbq_bias": {"items": bbq[:48], "predictions": [k % 3 for k in range(48)]},
+        "CH11_NB03.scenario_interval": {"items": bbq, "predictions": [k % 3 for k in range(len(bbq))],
+                                        "clusters": [(i["axis"], i["scenario"]) for i in bbq]},
     }
 
 
@@ -162,6 +174,20 @@ WRONG = {
     "CH10_NB02.largest_entry": lambda stream: _unravel(int((-stream.abs()).argmax()), stream.shape),
     "CH10_NB02.peak_ratios": lambda stream: (stream.abs().flatten(1).max(1).values
                                              / stream.abs().flatten(1).mean(1)).tolist(),
+    # optipfair's unsigned mean |difference|; no floor under the typical magnitude
+    "CH11_NB01.signed_scores": lambda model, tokenizer, pairs, layer: bias.pair_differences(
+        model, tokenizer, pairs)[:, layer].abs().mean(0),
+    "CH11_NB01.relative_scores": lambda signed, typical: signed.abs() / typical,
+    # the protected layers forgotten; the target prompt's preference alone
+    "CH11_NB02.removed_per_layer": lambda scores, ratio, protect_layers, per_layer: _solution(
+        "CH11_NB02.removed_per_layer")(scores, ratio, [], per_layer),
+    "CH11_NB02.stereotype_score": lambda model, tokenizer, probe: _target_preference(model, tokenizer, probe),
+    # every answer naming the target group counted as biased, whatever the question's polarity; items resampled
+    # one by one
+    "CH11_NB03.bbq_bias": lambda items, predictions: _solution("CH11_NB03.bbq_bias")(
+        [{**i, "question_polarity": "neg"} for i in items], predictions),
+    "CH11_NB03.scenario_interval": lambda items, predictions, clusters, n_boot, seed: _solution(
+        "CH11_NB03.scenario_interval")(items, predictions, list(range(len(items))), n_boot, seed),
 }
 
 
@@ -206,6 +232,13 @@ def _population_stderr(items, predictions):
     correct = [float(p == item["label"]) for item, p in zip(items, predictions)]
     mean = sum(correct) / len(correct)
     return mean, (sum((c - mean) ** 2 for c in correct) / len(correct)) ** 0.5 / len(correct) ** 0.5
+
+
+def _target_preference(model, tokenizer, probe):
+    from solutions.CH11_NB02 import _continuation_logprob
+    prompt = probe["target_prompt"]
+    return (_continuation_logprob(model, tokenizer, prompt, probe["stereo"])
+            - _continuation_logprob(model, tokenizer, prompt, probe["anti"]))
 
 
 def _unravel(flat, shape):
