@@ -1237,17 +1237,17 @@ def _check_stereotype_score(answer, *, model, tokenizer, probes):
         raise ValueError("probes= is empty: pass the stereotype probes of the notebook.")
     got = [_as_number(answer(model, tokenizer, dict(p))) for p in probes]
     expected = stereotype_scores(model, tokenizer, probes).tolist()
-    rel = _bias_rel(model)
+    rel = abs_ = _bias_rel(model)  # float32: 1e-4 (padding in a batch changes the sums a little); 16-bit: 5e-2
     for k, (g, e, p) in enumerate(zip(got, expected, probes)):
         if not _is_number(g):
             return False, f"stereotype_score(model, tokenizer, probe) should return a number, got {g!r}."
-        if _close(g, e, rel=rel * 10, abs_=rel):
+        if _close(g, e, rel=rel, abs_=abs_):
             continue
         items = [{"query": p["target_prompt"], "choices": [p["stereo"].strip(), p["anti"].strip()]}]
         ll = score_choices(model, tokenizer, items, progress=False)["loglik"][0]
-        if _close(g, -e, rel=rel * 10, abs_=rel):
+        if _close(g, -e, rel=rel, abs_=abs_):
             mistake = " (the sign is reversed: stereo minus anti, target bracket minus other bracket)"
-        elif _close(g, ll[0] - ll[1], rel=rel * 10, abs_=rel):
+        elif _close(g, ll[0] - ll[1], rel=rel, abs_=abs_):
             mistake = " (that is the target prompt's preference alone: subtract the other prompt's)"
         else:
             mistake = ""
