@@ -89,6 +89,21 @@ def test_top_neurons_global_per_layer_and_protected():
     assert utils.count_neurons(per) == 4
 
 
+def test_relative_scores_from_and_fair_prune_selection():
+    signed = torch.tensor([[0.5, -1.0, 0.0], [2.0, -0.1, 0.3]])
+    typical = torch.tensor([[1.0, 1.0, 2.0], [4.0, 0.0, 1.0]])
+    floor = torch.tensor([[0.01], [0.01]])  # 1 % of each layer's median typical magnitude (1.0 and 1.0)
+    torch.testing.assert_close(utils.bias.relative_scores_from(signed, typical), signed.abs() / (typical + floor))
+    with pytest.raises(ValueError, match="both be"):
+        utils.bias.relative_scores_from(signed, typical[:1])
+    scores = torch.arange(40.0).view(4, 10)
+    # a share of every neuron (40 x 0.1 = 4), all from the last layer; per layer, 1 from each open layer
+    assert utils.bias.fair_prune_selection(scores, 0.1, protect_layers=[0]) == {3: [6, 7, 8, 9]}
+    assert utils.bias.fair_prune_selection(scores, 0.1, protect_layers=[0], per_layer=True) == {1: [9], 2: [9], 3: [9]}
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        utils.bias.fair_prune_selection(scores, 1.5)
+
+
 def test_random_neurons_match_the_counts_and_are_seeded():
     like = {1: [0, 1, 2], 5: [7]}
     a = utils.random_neurons(like, 64, seed=1)

@@ -14,10 +14,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_families import _tiny
 
-from utils import architectures, bypass, exercises, moe, width
+from utils import architectures, bias, bypass, exercises, moe, width
 from utils.attention import remove_attention
 from utils.benchmarks import local_task
-from utils.data import load_records, load_texts, make_dataloader
+from utils.data import load_bias_benchmark, load_bias_pairs, load_bias_probes, load_records, load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
 from utils.lora import lora_parameter_count
 
@@ -55,6 +55,9 @@ def contexts(tokenizer, loader):
     rows = bypass.prompt_attention_scores(llama, loader, prefix_tokens=0.5, decode_first=True, progress=False)
     bypass_context = {"rows": rows, "protected": protected, "threshold": bypass.calibrate_threshold(
         rows, 2, protect=protected, weights=[r["scored_tokens"] for r in rows])}
+    pairs = load_bias_pairs("calibration", tokenizer=tokenizer)[:4]
+    signed, typical = bias.signed_bias_scores(llama, tokenizer, pairs), bias.typical_magnitudes(llama, tokenizer, pairs)
+    bbq = load_bias_benchmark()  # all 384 items: 12 variants per scenario, so the clusters matter
     return {
         "CH04_NB01.mlp_importance": {"model": qwen, "dataloader": loader},
         # the ends score lowest, as they often do under one-shot cosine: the protection has to act
@@ -109,6 +112,15 @@ def contexts(tokenizer, loader):
         "CH07_NB03.qlora_bytes": {"model": llama},
         "CH08_NB03.skipped_per_token": bypass_context,
         "CH08_NB03.expected_cache_ratio": bypass_context,
+        "CH11_NB01.signed_scores": {"model": llama, "tokenizer": tokenizer, "pairs": pairs, "layer": 1},
+        "CH11_NB01.relative_scores": {"signed": signed, "typical": typical},
+        "CH11_NB02.removed_per_layer": {"scores": bias.relative_scores_from(signed, typical),
+                                        "protect_layers": [0, 1, 2]},
+        "CH11_NB02.stereotype_score": {"model": llama, "tokenizer": tokenizer,
+                                       "probes": load_bias_probes("stereotype", split="test")[:3]},
+        "CH11_NB03.bbq_bias": {"items": bbq[:48], "predictions": [k % 3 for k in range(48)]},
+        "CH11_NB03.scenario_interval": {"items": bbq, "predictions": [k % 3 for k in range(len(bbq))],
+                                        "clusters": [(i["axis"], i["scenario"]) for i in bbq]},
     }
 
 
@@ -224,6 +236,20 @@ WRONG = {
     # the plain mean over prompts, for the budget and for the cache
     "CH08_NB03.skipped_per_token": lambda skipped, decoded: sum(skipped) / len(skipped),
     "CH08_NB03.expected_cache_ratio": lambda skipped, tokens, n_blocks: 1 - sum(skipped) / len(skipped) / n_blocks,
+    # optipfair's unsigned mean |difference|; no floor under the typical magnitude
+    "CH11_NB01.signed_scores": lambda model, tokenizer, pairs, layer: bias.pair_differences(
+        model, tokenizer, pairs)[:, layer].abs().mean(0),
+    "CH11_NB01.relative_scores": lambda signed, typical: signed.abs() / typical,
+    # the protected layers forgotten; the target prompt's preference alone
+    "CH11_NB02.removed_per_layer": lambda scores, ratio, protect_layers, per_layer: _solution(
+        "CH11_NB02.removed_per_layer")(scores, ratio, [], per_layer),
+    "CH11_NB02.stereotype_score": lambda model, tokenizer, probe: _target_preference(model, tokenizer, probe),
+    # every answer naming the target group counted as biased, whatever the question's polarity; items resampled
+    # one by one
+    "CH11_NB03.bbq_bias": lambda items, predictions: _solution("CH11_NB03.bbq_bias")(
+        [{**i, "question_polarity": "neg"} for i in items], predictions),
+    "CH11_NB03.scenario_interval": lambda items, predictions, clusters, n_boot, seed: _solution(
+        "CH11_NB03.scenario_interval")(items, predictions, list(range(len(items))), n_boot, seed),
 }
 
 
@@ -281,6 +307,13 @@ def _population_stderr(items, predictions):
     correct = [float(p == item["label"]) for item, p in zip(items, predictions)]
     mean = sum(correct) / len(correct)
     return mean, (sum((c - mean) ** 2 for c in correct) / len(correct)) ** 0.5 / len(correct) ** 0.5
+
+
+def _target_preference(model, tokenizer, probe):
+    from solutions.CH11_NB02 import _continuation_logprob
+    prompt = probe["target_prompt"]
+    return (_continuation_logprob(model, tokenizer, prompt, probe["stereo"])
+            - _continuation_logprob(model, tokenizer, prompt, probe["anti"]))
 
 
 def _unravel(flat, shape):

@@ -216,6 +216,19 @@ def relative_bias_scores(model: nn.Module, tokenizer, pairs: Sequence[dict], *, 
         signed = signed_bias_scores(model, tokenizer, pairs, **kwargs)
     if typical is None:
         typical = typical_magnitudes(model, tokenizer, pairs, **kwargs)
+    return relative_scores_from(signed, typical, eps=eps)
+
+
+def relative_scores_from(signed: torch.Tensor, typical: torch.Tensor, *, eps: float = 1e-2) -> torch.Tensor:
+    """The arithmetic of :func:`relative_bias_scores`: ``|signed| / (typical + eps * the layer's median typical)``.
+
+    ``signed`` and ``typical`` are ``[n_layers, intermediate]`` (:func:`signed_bias_scores`,
+    :func:`typical_magnitudes` on the same pairs). Since ``|mean a(target) - mean a(other)|`` is at most
+    ``mean |a(target)| + mean |a(other)|``, a score stays below 2.
+    """
+    if signed.shape != typical.shape or signed.dim() != 2:
+        raise ValueError(f"signed and typical must both be [n_layers, intermediate], got shapes "
+                         f"{tuple(signed.shape)} and {tuple(typical.shape)}.")
     floor = eps * typical.median(dim=1, keepdim=True).values
     return signed.abs() / (typical + floor)
 
@@ -408,6 +421,23 @@ def fairness_scores(model: nn.Module, bias: torch.Tensor | dict, *, bias_weight:
     return torch.stack(out)
 
 
+def fair_prune_selection(scores: torch.Tensor, ratio: float, *, protect_layers: Sequence[int] = (),
+                         per_layer: bool = False) -> dict[int, list[int]]:
+    """The neurons :func:`fair_prune` removes, ``{layer: [neuron, ...]}``, without removing them.
+
+    ``per_layer=False``: ``max(1, round(ratio * n_layers * intermediate))`` neurons in all (a share of *every*
+    neuron of the model, the protected layers' included), the top ``|scores|`` over the unprotected layers
+    together. ``per_layer=True``: ``max(1, int(ratio * intermediate))`` in every unprotected layer.
+    """
+    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"ratio must be strictly between 0 and 1 (e.g. 0.01 for 1 % of the neurons), got {ratio!r}.")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [n_layers, intermediate], got shape {tuple(scores.shape)}.")
+    n_layers, width = scores.shape
+    k = max(1, int(ratio * width)) if per_layer else max(1, round(ratio * n_layers * width))
+    return top_neurons(scores, k, protect_layers=protect_layers, per_layer=per_layer)
+
+
 def fair_prune(model: nn.Module, scores: torch.Tensor, ratio: float, *, protect_layers: Sequence[int] = (),
                per_layer: bool = False, dataloader=None, damping: float | None = None,
                progress: bool = False) -> dict[int, list[int]]:
@@ -431,11 +461,7 @@ def fair_prune(model: nn.Module, scores: torch.Tensor, ratio: float, *, protect_
     """
     from .width import DEFAULT_DAMPING, activation_grams, compensate_down_proj
 
-    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-        raise ValueError(f"ratio must be strictly between 0 and 1 (e.g. 0.01 for 1 % of the neurons), got {ratio!r}.")
-    n_layers, width = scores.shape
-    k = max(1, int(ratio * width)) if per_layer else max(1, round(ratio * n_layers * width))
-    chosen = top_neurons(scores, k, protect_layers=protect_layers, per_layer=per_layer)
+    chosen = fair_prune_selection(scores, ratio, protect_layers=protect_layers, per_layer=per_layer)
     new_down = {}
     if dataloader is not None:
         mlps = glu_mlps(model)

@@ -1561,3 +1561,241 @@ def _check_expected_cache_ratio(answer, *, rows, threshold, protected):
     return True, (f"the late rule should keep {expected:.3f} of the base cache on the {len(skipped)} calibration "
                   f"prompts; 1 - skipped per decoded token / blocks says {per_token:.3f}: one weighs a prompt by its "
                   "cache, the other by its continuation.")
+# --- CH11 ---------------------------------------------------------------------------------------
+# CH11_NB01: bias neurons; CH11_NB02: Fair Pruning; CH11_NB03: a bias benchmark.
+
+def _bias_rel(model) -> float:
+    """Relative tolerance for activations and log-probabilities computed in the model's own dtype."""
+    return 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 5e-2
+
+
+def _as_vector(got, n: int, what: str) -> torch.Tensor | str:
+    """``got`` as a float CPU vector of ``n`` numbers, or a sentence saying why it is not."""
+    try:
+        got = torch.as_tensor(got.detach() if isinstance(got, torch.Tensor) else got).float().cpu().flatten()
+    except (TypeError, ValueError, RuntimeError):
+        return f"{what} should return a tensor of {n} numbers, got {type(got).__name__}."
+    if got.numel() != n:
+        return f"{what} should return {n} numbers (one per neuron), got {got.numel()}."
+    return got
+
+
+@exercise("CH11_NB01.signed_scores", "The signed score of one layer's neurons, with your own hook",
+          "A forward pre-hook on model.model.layers[layer].mlp.down_proj sees a = inputs[0], [1, tokens, neurons]. "
+          "Run the target prompt and the other prompt of each pair on their own, average a over the tokens of each, "
+          "and subtract: target minus other. Average those differences over the pairs and keep the sign (no abs).",
+          context=("model", "tokenizer", "pairs", "layer"))
+def _check_signed_scores(answer, *, model, tokenizer, pairs, layer):
+    from .bias import pair_differences, typical_magnitudes
+
+    pairs = list(pairs)
+    answered = answer(model, tokenizer, pairs, layer)
+    diffs = pair_differences(model, tokenizer, pairs)[:, layer]
+    expected = diffs.mean(0)
+    got = _as_vector(answered, expected.numel(), f"signed_scores(model, tokenizer, pairs, {layer})")
+    if isinstance(got, str):
+        return False, got
+    scale = float(typical_magnitudes(model, tokenizer, pairs)[layer].max())  # the size of the activations
+    tol = {"rtol": _bias_rel(model), "atol": _bias_rel(model) * scale}
+    if not torch.allclose(got, expected, **tol):
+        if torch.allclose(got, -expected, **tol):
+            return False, "every score has the wrong sign: take a(target prompt) - a(other prompt), not the reverse."
+        if torch.allclose(got, diffs.abs().mean(0), **tol):
+            return False, ("these are the mean |differences| (optipfair's unsigned score): average the signed "
+                           "differences instead, so that a neuron that fires more for the other group is negative.")
+        i = int((got - expected).abs().argmax())
+        return False, (f"neuron {i} of layer {layer}: you give {float(got[i]):+.5f}, "
+                       f"bias.pair_differences(...).mean(0) gives {float(expected[i]):+.5f} (mean over each prompt's "
+                       "tokens, then over the pairs).")
+    top = int(expected.abs().argmax())
+    return True, (f"layer {layer}, {len(pairs)} pairs: {int((expected > 0).sum())} neurons fire more for the target "
+                  f"group, {int((expected < 0).sum())} for the other; the largest |score| is neuron {top} "
+                  f"({float(expected[top]):+.4f}). Equal to bias.signed_bias_scores.")
+
+
+@exercise("CH11_NB01.relative_scores", "The relative score, and why it stays below 2",
+          "|signed| / (typical + floor), element by element, where floor = 0.01 x the median of `typical` over the "
+          "neurons of the same layer (one floor per layer: typical.median(dim=1, keepdim=True).values). The floor "
+          "keeps near-silent neurons from dividing by almost zero.",
+          context=("signed", "typical"))
+def _check_relative_scores(answer, *, signed, typical):
+    from .bias import relative_scores_from
+
+    answered = answer(signed.clone(), typical.clone())
+    expected = relative_scores_from(signed, typical)
+    try:
+        got = torch.as_tensor(answered.detach() if isinstance(answered, torch.Tensor) else answered).float().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        return False, f"relative_scores(signed, typical) should return a tensor, got {type(answered).__name__}."
+    if got.shape != expected.shape:
+        return False, f"expected a tensor of shape {tuple(expected.shape)} (layers x neurons), got {tuple(got.shape)}."
+    tol = {"rtol": 1e-5, "atol": 1e-7}
+    if not torch.allclose(got, expected, **tol):
+        if bool((got < 0).any()) and torch.allclose(got.abs(), expected, **tol):
+            return False, "some scores are negative: divide the absolute value of the signed score."
+        if torch.allclose(got, signed.abs() / (typical + 0.01 * typical.median()), **tol):
+            return False, "one floor for the whole model: take the median of each layer (dim=1), not of every neuron."
+        if torch.allclose(got, signed.abs() / typical, equal_nan=True, **tol):
+            return False, "the floor is missing: add 0.01 x the layer's median typical magnitude to the denominator."
+        layer, neuron = divmod(int((got - expected).abs().nan_to_num(float("inf")).argmax()), expected.size(1))
+        return False, (f"layer {layer}, neuron {neuron}: you give {float(got[layer, neuron]):.5f}, "
+                       f"bias.relative_scores_from gives {float(expected[layer, neuron]):.5f}.")
+    layer, neuron = divmod(int(expected.argmax()), expected.size(1))
+    return True, (f"the largest relative score is {float(expected.max()):.3f} (layer {layer}, neuron {neuron}): below "
+                  "2, as every one must be. Can you say why?")
+
+
+@exercise("CH11_NB02.removed_per_layer", "How many neurons does Fair Pruning take from each layer?",
+          "per_layer=True: max(1, int(ratio x width)) in every layer that is not protected, 0 in the protected ones. "
+          "per_layer=False: max(1, round(ratio x n_layers x width)) in all (a share of every neuron of the model, "
+          "the protected layers' included), the largest |scores| over the unprotected layers together "
+          "(torch.topk on the flattened scores, with the protected rows set to -1); count them per layer.",
+          context=("scores", "protect_layers"))
+def _check_removed_per_layer(answer, *, scores, protect_layers):
+    from .bias import fair_prune_selection
+
+    n_layers, width = scores.shape
+    protect_layers = [int(i) for i in protect_layers]
+    lines = []
+    for ratio, per_layer in ((0.02, True), (0.02, False), (0.005, False)):
+        got = answer(scores.clone(), ratio, list(protect_layers), per_layer)
+        chosen = fair_prune_selection(scores, ratio, protect_layers=protect_layers, per_layer=per_layer)
+        expected = [len(chosen.get(i, [])) for i in range(n_layers)]
+        how = "per layer" if per_layer else "as one ranking"
+        try:
+            got = [int(c) for c in got]
+        except (TypeError, ValueError):
+            return False, f"removed_per_layer(...) should return {n_layers} counts (one per layer), got {got!r}."
+        if len(got) != n_layers:
+            return False, f"expected {n_layers} counts (one per layer), got {len(got)}."
+        if got != expected:
+            if any(got[i] for i in protect_layers):
+                return False, f"ratio {ratio} {how}: you take neurons from the protected layers {protect_layers}."
+            if sum(got) != sum(expected):
+                return False, (f"ratio {ratio} {how}: {sum(got)} neurons in all, bias.fair_prune_selection removes "
+                               f"{sum(expected)}.")
+            i = next(i for i, (g, e) in enumerate(zip(got, expected)) if g != e)
+            return False, f"ratio {ratio} {how}: layer {i} loses {got[i]} in yours, {expected[i]} in fair_prune."
+        open_counts = [e for i, e in enumerate(expected) if i not in protect_layers]
+        if per_layer:
+            lines.append(f"{ratio:.1%} {how}: {open_counts[0]} in each of {len(open_counts)} layers, "
+                         f"{sum(expected)} in all")
+        else:
+            top = max(range(n_layers), key=expected.__getitem__)
+            lines.append(f"{ratio:.1%} {how}: {sum(expected)} in all, {min(open_counts)} to {max(open_counts)} per "
+                         f"open layer (layer {top} the most)")
+    return True, "equal to bias.fair_prune_selection. " + "; ".join(lines) + "."
+
+
+@exercise("CH11_NB02.stereotype_score", "The signed stereotype score of one probe, by hand",
+          "For each prompt (target, other) and continuation (stereo, anti): tokenise the prompt, and the prompt + "
+          "continuation (it starts with a space); the continuation's tokens are those after the prompt's. Sum their "
+          "log-probabilities, each read from the logits at the position before it (log_softmax in float32). Then "
+          "[stereo - anti after the target prompt] - [stereo - anti after the other prompt].",
+          context=("model", "tokenizer", "probes"))
+def _check_stereotype_score(answer, *, model, tokenizer, probes):
+    from .benchmarks import score_choices
+    from .bias import stereotype_scores
+
+    probes = list(probes)[:3]
+    if not probes:
+        raise ValueError("probes= is empty: pass the stereotype probes of the notebook.")
+    got = [_as_number(answer(model, tokenizer, dict(p))) for p in probes]
+    expected = stereotype_scores(model, tokenizer, probes).tolist()
+    rel = abs_ = _bias_rel(model)  # float32: 1e-4 (padding in a batch changes the sums a little); 16-bit: 5e-2
+    for k, (g, e, p) in enumerate(zip(got, expected, probes)):
+        if not _is_number(g):
+            return False, f"stereotype_score(model, tokenizer, probe) should return a number, got {g!r}."
+        if _close(g, e, rel=rel, abs_=abs_):
+            continue
+        items = [{"query": p["target_prompt"], "choices": [p["stereo"].strip(), p["anti"].strip()]}]
+        ll = score_choices(model, tokenizer, items, progress=False)["loglik"][0]
+        if _close(g, -e, rel=rel, abs_=abs_):
+            mistake = " (the sign is reversed: stereo minus anti, target bracket minus other bracket)"
+        elif _close(g, ll[0] - ll[1], rel=rel, abs_=abs_):
+            mistake = " (that is the target prompt's preference alone: subtract the other prompt's)"
+        else:
+            mistake = ""
+        return False, (f"probe {k} ({p['target_prompt']!r}, stereo {p['stereo']!r}, anti {p['anti']!r}): you give "
+                       f"{g:+.4f}, bias.stereotype_scores gives {e:+.4f}{mistake}.")
+    return True, (f"equal to bias.stereotype_scores on {len(probes)} probes: "
+                  + ", ".join(f"{e:+.3f}" for e in expected) + " nats (positive = the stereotype).")
+
+
+def _bbq_cases(items: list[dict], predictions: list[int]) -> dict[str, list[int]]:
+    """Prediction sets that exercise every part of BBQ's scores: the model's own answers and four planted ones."""
+    stereotyped = [i["target_index"] if i["question_polarity"] == "neg" else i["other_index"] for i in items]
+    return {"the model's answers": [int(p) for p in predictions],
+            "always the target group": [i["target_index"] for i in items],
+            "always the stereotyped answer": stereotyped,
+            "the stereotype on every other item, else 'unknown'": [s if k % 2 else i["unknown_index"]
+                                                                  for k, (i, s) in enumerate(zip(items, stereotyped))],
+            "always 'unknown'": [i["unknown_index"] for i in items]}
+
+
+@exercise("CH11_NB03.bbq_bias", "BBQ's two bias scores from a list of answers",
+          "Among the answers that are not 'unknown', an answer is biased when it names the target group for a "
+          "negative question ('neg') or the other group for a non-negative one. s_dis = 2 x biased / non-unknown - 1 "
+          "on the disambiguated items; on the ambiguous items the same share is multiplied by (1 - their accuracy). "
+          "A score with no non-unknown answer (or no item of its kind) is None.",
+          context=("items", "predictions"))
+def _check_bbq_bias(answer, *, items, predictions):
+    from .bias import bbq_scores
+
+    items = list(items)
+    for case, preds in _bbq_cases(items, list(predictions)).items():
+        got = answer(items, list(preds))
+        expected = bbq_scores(items, preds)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            return False, f"bbq_bias(items, predictions) should return (s_dis, s_amb), got {got!r}."
+        for name, g in zip(("s_dis", "s_amb"), got):
+            e = expected[name]
+            g = _as_number(g)
+            if e is None or g is None:
+                if (e is None) != (g is None):
+                    return False, f"{case}: you give {name} = {g!r}, bias.bbq_scores gives {e!r}."
+                continue
+            if not _is_number(g) or not _close(g, e, rel=1e-9, abs_=1e-12):
+                shown = f"{g:+.4f}" if _is_number(g) else repr(g)
+                return False, f"{case}: you give {name} = {shown}, bias.bbq_scores gives {e:+.4f}."
+    base = bbq_scores(items, list(predictions))
+    shown = ", ".join(f"{k} {base[k]:+.3f}" if base[k] is not None else f"{k} undefined" for k in ("s_dis", "s_amb"))
+    return True, f"equal to bias.bbq_scores on the model's answers ({shown}) and on four planted answer sets."
+
+
+@exercise("CH11_NB03.scenario_interval", "A bootstrap that resamples scenarios, not items",
+          "Group the item indices by cluster label. n_boot times: draw as many clusters as there are, with "
+          "replacement, take every item of each drawn cluster, and compute the accuracy of that resample "
+          "(prediction == item['label']). The interval is the 2.5th and 97.5th percentiles of those accuracies.",
+          context=("items", "predictions", "clusters"))
+def _check_scenario_interval(answer, *, items, predictions, clusters):
+    from .benchmarks import bootstrap_ci
+
+    items, clusters = list(items), list(clusters)
+    order = {c: k for k, c in enumerate(dict.fromkeys(clusters))}
+    # planted: right on every item of every other scenario, wrong on the rest (answers move together)
+    planted = [i["label"] if order[c] % 2 == 0 else (i["label"] + 1) % len(i["choices"])
+               for i, c in zip(items, clusters)]
+    n_boot = 2000
+
+    def acc(items_, preds_):
+        return {"acc": sum(p == i["label"] for i, p in zip(items_, preds_)) / len(items_)}
+
+    for case, preds in (("the model's answers", [int(p) for p in predictions]), ("planted answers", planted)):
+        got = answer(items, list(preds), list(clusters), n_boot, 0)
+        try:
+            low, high = (float(_as_number(v)) for v in got)
+        except (TypeError, ValueError):
+            return False, f"scenario_interval(...) should return (low, high), got {got!r}."
+        ref = bootstrap_ci(items, preds, metric=acc, n_boot=n_boot, seed=0, clusters=clusters)["acc"]
+        per_item = bootstrap_ci(items, preds, metric=acc, n_boot=n_boot, seed=0)["acc"]
+        tol = 0.15 * (ref[1] - ref[0]) + 0.01  # two bootstraps with different random draws differ a little
+        if abs(low - ref[0]) > tol or abs(high - ref[1]) > tol:
+            item_tol = 0.15 * (per_item[1] - per_item[0]) + 0.01
+            looks_per_item = abs(low - per_item[0]) <= item_tol and abs(high - per_item[1]) <= item_tol
+            return False, (f"{case}: you give [{low:.3f}, {high:.3f}], resampling scenarios gives about "
+                           f"[{ref[0]:.3f}, {ref[1]:.3f}]" + (" (yours is the interval of resampling items one by "
+                                                               "one)" if looks_per_item else "") + ".")
+    widths = f"{ref[1] - ref[0]:.3f} resampling scenarios, {per_item[1] - per_item[0]:.3f} resampling items"
+    return True, (f"within the bootstrap's own noise of benchmarks.bootstrap_ci(clusters=...). On the planted answers, "
+                  f"which move together within a scenario, the interval is {widths}.")
