@@ -433,3 +433,10 @@ def test_the_challenge_tells_the_default_recipe_a_copy_and_a_card_without_number
         **card)
     assert not thin.passed and "parameters of the published model" in thin.message
     assert exercises._mentioned_numbers(["blocks 12-14 and 20", "x 3 to 5"]) == {3, 4, 5, 12, 13, 14, 20}
+
+
+def test_every_notebook_has_at_least_two_checked_exercises():
+    """Issue 30: every notebook of the course, labs included, ends with at least two checked exercises."""
+    for path in sorted((ROOT / "notebooks").glob("*/*.ipynb")):
+        notebook = path.name.split("_")[0] + "_" + path.name.split("_")[1]
+        assert len(exercises.list_exercises(notebook)) >= 2, f"{path.name} has fewer than two exercises"
