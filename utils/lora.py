@@ -296,7 +296,11 @@ def update_energy_share(update: LoRALinear | torch.Tensor, k: int = 1) -> float:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int (how many singular values to count), got {k!r}.")
     if isinstance(update, LoRALinear):
-        update = update.delta_weight()
+        # B = Q_B R_B and A^T = Q_A R_A, so scaling * B A = Q_B (scaling * R_B R_A^T) Q_A^T: the same singular
+        # values as an r x r matrix (milliseconds, where the full out x in matrix takes seconds on a CPU).
+        _, r_b = torch.linalg.qr(update.lora_B.detach().double())
+        _, r_a = torch.linalg.qr(update.lora_A.detach().double().T)
+        update = update.scaling * r_b @ r_a.T
     if not isinstance(update, torch.Tensor) or update.dim() != 2:
         raise ValueError("update must be a LoRALinear or a 2-D update matrix (out_features x in_features).")
     energy = torch.linalg.svdvals(update.detach().double()) ** 2
