@@ -46,7 +46,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -681,9 +681,10 @@ def capacity_factor(load: torch.Tensor) -> torch.Tensor:
     return load.shape[1] * load.float().max(dim=1).values
 
 
-def router_loss_fn(balance_weight: float = 0.01, top_k: int = 1):
-    """The loss of router training (CH09_NB02, CH09_NB03): next-token loss plus ``balance_weight`` times
-    :func:`load_balancing_loss` over every :class:`GLUMoE`, as a ``loss_fn(model, batch)`` for :func:`utils.train`.
+def router_loss_fn(balance_weight: float = 0.01, top_k: int = 1) -> Callable[[nn.Module, dict], tuple]:
+    """The loss of router training, as CH09_NB02 writes it out and CH09_NB03 uses it: next-token loss plus
+    ``balance_weight`` times :func:`load_balancing_loss` over every :class:`GLUMoE`, as a ``loss_fn(model, batch)``
+    for :func:`utils.train`.
 
     It returns ``(loss, {"lm": ..., "balance": ...})`` so the history logs both parts. ``top_k`` is the number of
     picks per token the balancing term counts (1: the first choice, what top-1 inference will run).
