@@ -14,11 +14,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_families import _tiny
 
-from utils import architectures, bias, bypass, exercises, moe, width
+from utils import architectures, bias, bypass, exercises, lora, moe, width
 from utils.attention import remove_attention
 from utils.benchmarks import local_task
 from utils.data import load_bias_benchmark, load_bias_pairs, load_bias_probes, load_records, load_texts, make_dataloader
 from utils.depth import block_importance, remove_blocks
+from utils.evaluation import perplexity
 from utils.lora import lora_parameter_count
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,38 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _starter(*args, **kwargs):
     raise NotImplementedError
+
+
+def _lab_contexts(llama, tokenizer, padded):
+    """The objects of the two labs (CH07_NB04, CH09_NB03): trained-looking adapters (B != 0) of rank 1 and 8 on a
+    tiny Llama, and a three-expert upcycled copy with a random router."""
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    g = torch.Generator().manual_seed(0)
+    adapters = {}
+    for rank in (1, 8):
+        adapters[rank] = lora.apply_lora(copy.deepcopy(llama), projections, r=rank, alpha=2 * rank)
+        with torch.no_grad():
+            for layer in adapters[rank].values():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+    sharp = copy.deepcopy(llama)  # a peaked output distribution: a random tiny model predicts every token alike
+    with torch.no_grad():
+        sharp.model.norm.weight.mul_(40.0)
+    three = moe.upcycle(copy.deepcopy(sharp), [5, 6, 7], [sharp, sharp, sharp], top_k=3)
+    with torch.no_grad():
+        for layer in moe.moe_layers(three).values():
+            layer.router.weight.copy_(torch.randn(layer.router.weight.shape, generator=g))
+    moe.set_top_k(three, 1)
+    short = make_dataloader(load_texts("sms_spam", n=5), tokenizer, batch_size=2, max_length=40)  # 3 batches
+    long = make_dataloader(load_texts("wikitext", n=3), tokenizer, batch_size=2, max_length=24)
+    return {
+        "CH07_NB04.adapter_params": {"model": llama},
+        "CH07_NB04.merged_weight": {"layer": adapters[1]["model.layers.0.self_attn.q_proj"]},
+        "CH07_NB04.update_energy": {"adapters": adapters[8]},
+        "CH09_NB03.expert_share": {"moe_model": three, "dataloader": padded, "expert": 1},
+        "CH09_NB03.capacity_factor": {"moe_model": three, "dataloader": padded},
+        "CH09_NB03.perplexity_table": {"models": {"dense": sharp, "three experts": three},
+                                       "loaders": {"sms_spam": short, "wikitext": long}},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +91,9 @@ def contexts(tokenizer, loader):
     pairs = load_bias_pairs("calibration", tokenizer=tokenizer)[:4]
     signed, typical = bias.signed_bias_scores(llama, tokenizer, pairs), bias.typical_magnitudes(llama, tokenizer, pairs)
     bbq = load_bias_benchmark()  # all 384 items: 12 variants per scenario, so the clusters matter
+    labs = _lab_contexts(llama, tokenizer, padded)
     return {
+        **labs,
         "CH04_NB01.mlp_importance": {"model": qwen, "dataloader": loader},
         # the ends score lowest, as they often do under one-shot cosine: the protection has to act
         "CH04_NB01.choose_protected": {"scores": [0.01, *block_importance(qwen, loader, progress=False)[1:-1], 0.0],
@@ -250,6 +285,20 @@ WRONG = {
         [{**i, "question_polarity": "neg"} for i in items], predictions),
     "CH11_NB03.scenario_interval": lambda items, predictions, clusters, n_boot, seed: _solution(
         "CH11_NB03.scenario_interval")(items, predictions, list(range(len(items))), n_boot, seed),
+    # the labs. The frozen weights counted (in x out); alpha not divided by r (right at rank 1 only); the singular
+    # values not squared
+    "CH07_NB04.adapter_params": lambda model, rank, targets: sum(
+        m.in_features * m.out_features for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets),
+    "CH07_NB04.merged_weight": lambda weight, A, B, alpha: weight.float() + alpha * (B.float() @ A.float()),
+    "CH07_NB04.update_energy": lambda delta, k: float(torch.linalg.svdvals(delta)[:k].sum()
+                                                      / torch.linalg.svdvals(delta).sum()),
+    # padding counted; the largest share not compared with the even share 1/E; the mean of per-batch perplexities
+    "CH09_NB03.expert_share": lambda moe_model, dataloader, expert: _share_with_padding(moe_model, dataloader, expert),
+    "CH09_NB03.capacity_factor": lambda load: load.max(dim=1).values.tolist(),
+    "CH09_NB03.perplexity_table": lambda models, loaders: {
+        name: {d: sum(perplexity(m, [b], progress=False) for b in dl) / len(dl) for d, dl in loaders.items()}
+        for name, m in models.items()},
 }
 
 
@@ -264,6 +313,18 @@ def _publish():
 def _dora_per_column(weight, a, b, m, scaling):
     adapted = weight.float() + scaling * (b.float() @ a.float())
     return m.float()[:, None] * adapted / adapted.norm(dim=0, keepdim=True)
+
+
+@torch.no_grad()
+def _share_with_padding(moe_model, dataloader, expert):
+    hits, tokens = None, 0
+    with moe.keep_router_logits(moe_model) as layers:
+        for batch in dataloader:
+            moe_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            counts = [int((layer.last_router_logits.argmax(-1) == expert).sum()) for layer in layers]
+            hits = counts if hits is None else [h + c for h, c in zip(hits, counts)]
+            tokens += batch["input_ids"].numel()
+    return [h / tokens for h in hits]
 
 
 @torch.no_grad()

@@ -126,6 +126,37 @@ def test_layer_basics_bias_dropout_and_half_precision():
     assert half.merge().weight.dtype == torch.bfloat16
 
 
+def test_update_energy_share():
+    torch.manual_seed(0)
+    rank1 = LoRALinear(nn.Linear(12, 6, bias=False), r=1, alpha=2)
+    with pytest.raises(ValueError, match="all zeros"):
+        utils.lora.update_energy_share(rank1)  # B = 0: nothing trained yet
+    with torch.no_grad():
+        rank1.lora_B.normal_()
+    assert math.isclose(utils.lora.update_energy_share(rank1), 1.0, rel_tol=1e-9)
+    rank4 = LoRALinear(nn.Linear(12, 6, bias=False), r=4, alpha=8)
+    with torch.no_grad():
+        rank4.lora_B.normal_()
+    s = torch.linalg.svdvals(rank4.delta_weight().detach().double())
+    for k in (1, 2):
+        expected = float((s[:k] ** 2).sum() / (s ** 2).sum())
+        # the layer's path works on the r x r core in float64; delta_weight() is float32: agree to float32 rounding
+        assert math.isclose(utils.lora.update_energy_share(rank4, k), expected, rel_tol=1e-6)
+        assert math.isclose(utils.lora.update_energy_share(rank4.delta_weight(), k), expected, rel_tol=1e-9)
+    assert utils.lora.update_energy_share(rank4, 1) < 1.0
+    assert math.isclose(utils.lora.update_energy_share(rank4, 4), 1.0, rel_tol=1e-9)
+    wide = LoRALinear(nn.Linear(12, 3, bias=False), r=5, alpha=5)  # more rank than outputs: R_B is 3 x 5
+    with torch.no_grad():
+        wide.lora_B.normal_()
+    s = torch.linalg.svdvals(wide.delta_weight().detach().double())
+    assert math.isclose(utils.lora.update_energy_share(wide, 1), float(s[0] ** 2 / (s ** 2).sum()), rel_tol=1e-6)
+    for k in (0, 1.5, True):
+        with pytest.raises(ValueError, match="positive int"):
+            utils.lora.update_energy_share(rank4, k)
+    with pytest.raises(ValueError, match="2-D"):
+        utils.lora.update_energy_share(torch.ones(3))
+
+
 def test_apply_lora_freezes_everything_else(tiny):
     model, _ = utils.load_model("Qwen/Qwen3-0.6B")
     layers = utils.apply_lora(model, "v_proj", r=2, alpha=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -192,6 +193,47 @@ def test_routing_stats_and_active_parameters(split, calib):
     per_expert = 3 * 64 * (256 - 32) // 4
     assert counts["experts"] == 2 * 4 * per_expert
     assert counts["total"] - counts["active"] == 2 * (4 - 2) * per_expert
+
+
+def test_top1_routing_restores_top_k_and_capacity_factor(split, calib):
+    model, _ = split  # runs 2 experts per token
+    first = moe.top1_routing(model, calib)
+    assert all(layer.top_k == 2 for layer in moe.moe_layers(model).values())
+    moe.set_top_k(model, 1)
+    try:
+        by_hand = moe.routing_stats(model, calib)
+    finally:
+        moe.set_top_k(model, 2)
+    torch.testing.assert_close(first["load"], by_hand["load"])
+    factor = moe.capacity_factor(first["load"])
+    torch.testing.assert_close(factor, 4 * first["load"].max(dim=1).values)
+    assert bool((factor >= 1 - 1e-6).all()) and bool((factor <= 4 + 1e-6).all())
+    even, one_expert = torch.full((2, 4), 0.25), torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(moe.capacity_factor(even), torch.ones(2))
+    torch.testing.assert_close(moe.capacity_factor(one_expert), torch.tensor([4.0]))
+    with pytest.raises(ValueError, match="layers, experts"):
+        moe.capacity_factor(torch.ones(4))
+
+
+def test_router_loss_fn_adds_the_weighted_balance_term(base, batch):
+    dense = base[0]
+    model = moe.upcycle(copy.deepcopy(dense), [14, 15], [dense, dense], top_k=2)
+    with torch.no_grad():
+        for layer in moe.moe_layers(model).values():
+            torch.nn.init.normal_(layer.router.weight, std=0.5)
+        loss, parts = moe.router_loss_fn(0.5)(model, batch)
+        lm = utils.causal_lm_loss(model, batch)
+        with moe.keep_router_logits(model) as layers:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = [layer.last_router_logits for layer in layers]
+            balance = moe.load_balancing_loss(logits, 1, batch["attention_mask"])
+    torch.testing.assert_close(loss, lm + 0.5 * balance)
+    assert math.isclose(parts["lm"], float(lm), rel_tol=1e-5)
+    assert math.isclose(parts["balance"], float(balance), rel_tol=1e-5)
+    assert all(layer.last_router_logits is None for layer in moe.moe_layers(model).values())  # nothing kept after
+    for weight in (-1, True, "0.1"):
+        with pytest.raises(ValueError, match="balance_weight"):
+            moe.router_loss_fn(weight)
 
 
 def test_oracle_picks_the_largest_experts(split):

@@ -1799,3 +1799,195 @@ def _check_scenario_interval(answer, *, items, predictions, clusters):
     widths = f"{ref[1] - ref[0]:.3f} resampling scenarios, {per_item[1] - per_item[0]:.3f} resampling items"
     return True, (f"within the bootstrap's own noise of benchmarks.bootstrap_ci(clusters=...). On the planted answers, "
                   f"which move together within a scenario, the interval is {widths}.")
+# --- labs: CH07_NB04, CH09_NB03 ------------------------------------------------------------------
+
+#: The seven projections of a GLU decoder block: what the CH07_NB04 lab adapts.
+_ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@exercise("CH07_NB04.adapter_params", "Count a LoRA adapter's parameters from the model's own layers",
+          "Walk model.named_modules(): every nn.Linear whose name ends with one of the targets (the part after the "
+          "last dot) gets A (r x in_features) and B (out_features x r), so it adds r x (in_features + out_features). "
+          "Not in_features x out_features: that is the frozen weight. Sum over every matching layer of every block.",
+          context=("model",))
+def _check_adapter_params(answer, *, model):
+    from .evaluation import count_parameters
+    from .lora import find_target_modules, lora_parameter_count
+
+    for rank, targets in ((1, _ALL_PROJECTIONS), (8, _ALL_PROJECTIONS), (4, ("k_proj", "down_proj"))):
+        got = answer(model, rank, list(targets))
+        if not _is_number(got, integer=True):
+            return False, f"adapter_params(model, {rank}, {list(targets)}) should return an int, got {got!r}."
+        expected = lora_parameter_count(model, rank, list(targets))
+        if got != expected:
+            found = find_target_modules(model, list(targets)).values()
+            frozen = sum(m.in_features * m.out_features for m in found)
+            why = (" (that is the frozen weights' size, in x out, not the adapter's)" if got == frozen else
+                   " (the rank is missing: each of A and B has r rows or columns)" if got * rank == expected else "")
+            return False, (f"rank {rank} on {list(targets)}: you count {got:,}, lora.lora_parameter_count counts "
+                           f"{expected:,}{why}.")
+    one = lora_parameter_count(model, 1, list(_ALL_PROJECTIONS))
+    return True, (f"all three settings match; rank 1 on the seven projections adds {one:,} parameters, "
+                  f"{one / count_parameters(model):.3%} of the model's {count_parameters(model):,}.")
+
+
+def _merged_error(answer, weight, a, b, alpha, expected) -> tuple[float | None, str]:
+    """Largest |difference| between the reader's merged weight and ``expected`` (None and a sentence if the
+    answer is not a tensor of the right shape)."""
+    got = answer(weight.detach().clone(), a.detach().clone(), b.detach().clone(), alpha)
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(expected.shape):
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return None, f"merged_weight(...) should return a tensor shaped like W, {tuple(expected.shape)}, got {shape}."
+    return float((got.detach().to(expected.device, torch.float32) - expected.float()).abs().max()), ""
+
+
+@exercise("CH07_NB04.merged_weight", "Fold a trained adapter into its weight: W + (alpha / r) B A",
+          "merged = W + (alpha / r) * (B @ A), where r = A.shape[0]: A is r x in, B is out x r, so B @ A is out x in, "
+          "like W. At rank 1 alpha / r is alpha itself, so test your code at another rank too. Compute in float32 "
+          "(W may be float16 on a GPU, A and B are float32).",
+          context=("layer",))
+def _check_merged_weight(answer, *, layer):
+    from .checks import tolerances
+    from .lora import LoRALinear
+
+    expected = layer.merged_weight()
+    error, problem = _merged_error(answer, layer.base.weight, layer.lora_A, layer.lora_B, layer.alpha, expected)
+    if error is None:
+        return False, problem
+    tol = tolerances(expected)
+    if error > tol["atol"] + tol["rtol"] * float(expected.float().abs().max()):
+        return False, (f"on the notebook's rank-{layer.r} layer: largest difference from LoRALinear.merged_weight "
+                       f"{error:.3g}.")
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(layer.in_features, max(2, layer.out_features // 4), bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=g) / layer.in_features ** 0.5)
+    wide = LoRALinear(base, r=4, alpha=8)
+    with torch.no_grad():
+        wide.lora_B.copy_(torch.randn(wide.lora_B.shape, generator=g))
+    expected4 = wide.merged_weight()
+    error, problem = _merged_error(answer, base.weight, wide.lora_A, wide.lora_B, 8.0, expected4)
+    if error is None:
+        return False, problem
+    delta = float(wide.delta_weight().detach().abs().max())
+    if error > 1e-4 * float(expected4.abs().max()):
+        return False, (f"right at rank 1, wrong at rank 4 (alpha 8): largest difference {error:.3g}, the update's "
+                       f"largest entry is {delta:.3g}. Is the scale alpha / r, with r = A.shape[0]?")
+    return True, (f"equal to LoRALinear.merged_weight on the trained rank-{layer.r} layer and on a rank-4 one "
+                  f"(scale alpha / r = {wide.scaling:g}).")
+
+
+@exercise("CH07_NB04.update_energy", "How much of a trained update lies in its first k directions?",
+          "torch.linalg.svdvals(delta) gives the singular values s_1 >= s_2 >= ... of the update; its energy is "
+          "sum_i s_i^2 (the squared Frobenius norm). Return (s_1^2 + ... + s_k^2) / sum_i s_i^2: square the "
+          "singular values before adding them up.",
+          context=("adapters",))
+def _check_update_energy(answer, *, adapters):
+    from .lora import update_energy_share
+
+    layers = list(adapters.items())
+    picks = [layers[i] for i in sorted({0, len(layers) // 2, len(layers) - 1})]
+    shares = []
+    for name, layer in picks:
+        delta = layer.delta_weight().detach().float()
+        for k in (1, 2):
+            got = _as_number(answer(delta.clone(), k))
+            if not _is_number(got):
+                return False, f"update_energy(delta, {k}) should return a number, got {got!r}."
+            expected = update_energy_share(layer, k)
+            if not _close(got, expected, rel=1e-4, abs_=1e-6):
+                s = torch.linalg.svdvals(delta.double())
+                plain = float(s[:k].sum() / s.sum())
+                why = " (that is the share of the singular values, not of their squares)" if _close(
+                    got, plain, rel=1e-4) else ""
+                return False, (f"{name}, k = {k}: you give {got:.5f}, lora.update_energy_share gives "
+                               f"{expected:.5f}{why}.")
+            shares.append((name, k, expected))
+    first = [s for _, k, s in shares if k == 1]
+    return True, (f"equal to lora.update_energy_share on {len(picks)} layers; the first direction holds "
+                  f"{min(first):.1%} to {max(first):.1%} of their update's energy.")
+
+
+@exercise("CH09_NB03.expert_share", "Where do a domain's tokens go? The share of first choices, per layer",
+          "Inside `with moe.keep_router_logits(moe_model) as layers:` run the model on every batch (under "
+          "torch.no_grad()); each layer's last_router_logits is [batch x seq, E], and a token's first choice is the "
+          "argmax over E. Count, per layer, the real tokens (attention_mask.reshape(-1) == 1) whose first choice is "
+          "`expert`, over all batches, and divide by the number of real tokens.",
+          context=("moe_model", "dataloader", "expert"))
+def _check_expert_share(answer, *, moe_model, dataloader, expert):
+    from .moe import top1_routing
+
+    got = answer(moe_model, dataloader, expert)
+    stats = top1_routing(moe_model, dataloader)
+    expected = [float(v) for v in stats["load"][:, expert]]
+    got = _as_floats(got, len(expected), "expert_share(moe_model, dataloader, expert)")
+    if isinstance(got, str):
+        return False, got.replace("one per block", "one per MoE layer")
+    slack = 1.5 / max(stats["tokens"], 1)  # one token: a near-tie that rounds the other way
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if abs(g - e) > slack]
+    if wrong:
+        i = wrong[0]
+        return False, (f"block {stats['layers'][i]}: you give {got[i]:.4f}, moe.top1_routing gives {expected[i]:.4f} "
+                       f"over {stats['tokens']} real tokens (padding left out? argmax over the experts?).")
+    return True, (f"equal to moe.top1_routing: {sum(expected) / len(expected):.1%} of these tokens pick expert "
+                  f"{expert} first (per MoE layer {min(expected):.1%} to {max(expected):.1%}).")
+
+
+@exercise("CH09_NB03.capacity_factor", "How uneven is the routing? The capacity factor that drops no token",
+          "Each row of `load` holds one MoE layer's shares of first choices per expert (the row sums to 1). An even "
+          "split gives each of the E experts 1/E; the busiest expert needs max share / (1/E) = E x max share times "
+          "that room. Return one number per row: 1.0 is perfectly even, E means one expert takes every token.",
+          context=("moe_model", "dataloader"))
+def _check_capacity_factor(answer, *, moe_model, dataloader):
+    from .moe import capacity_factor, top1_routing
+
+    load = top1_routing(moe_model, dataloader)["load"]
+    got = _as_floats(answer(load.clone()), load.shape[0], "capacity_factor(load)")
+    if isinstance(got, str):
+        return False, got.replace("one per block", "one per MoE layer")
+    expected = [float(v) for v in capacity_factor(load)]
+    wrong = [i for i, (g, e) in enumerate(zip(got, expected)) if not _close(g, e, rel=1e-5, abs_=1e-6)]
+    if wrong:
+        i = wrong[0]
+        unscaled = _close(got[i], float(load[i].max()), rel=1e-5)
+        return False, (f"row {i}: you give {got[i]:.4f}, moe.capacity_factor gives {expected[i]:.4f}"
+                       + (" (that is the largest share itself: compare it with the even share 1/E)" if unscaled else "")
+                       + ".")
+    return True, (f"equal to moe.capacity_factor: {min(expected):.2f} to {max(expected):.2f} over the MoE layers "
+                  f"(1.00 is even, {load.shape[1]} means one expert takes every token).")
+
+
+def _as_table(got, models, loaders):
+    """The reader's table as ``{model: {domain: value}}`` (a DataFrame either way round is accepted), or a sentence."""
+    if hasattr(got, "to_dict") and not isinstance(got, dict):
+        got = got.to_dict()
+    if not isinstance(got, dict):
+        return f"perplexity_table(models, loaders) should return a dict of dicts, got {type(got).__name__}."
+    if set(got) == set(loaders) and set(got) != set(models):  # {domain: {model: value}}: turn it round
+        got = {name: {d: row.get(name) for d, row in got.items()} for name in models}
+    missing = [f"{n}/{d}" for n in models for d in loaders if not isinstance(got.get(n), dict) or d not in got[n]]
+    return f"the table has no value for {', '.join(missing[:3])}: one per model and domain." if missing else got
+
+
+@exercise("CH09_NB03.perplexity_table", "Perplexity per model and per domain, in one table",
+          "For every model and every domain's loader: exp(total negative log-likelihood of the real next tokens / "
+          "their number), pooled over all the batches of that loader (evaluation.perplexity does exactly this). Do "
+          "not average per-batch perplexities: a short batch would weigh as much as a long one. Return "
+          "{model name: {domain: perplexity}}.",
+          context=("models", "loaders"))
+def _check_perplexity_table(answer, *, models, loaders):
+    from .evaluation import perplexity
+    from .precision import HALF_DTYPES, dtype_of
+
+    got = _as_table(answer(models, loaders), models, loaders)
+    if isinstance(got, str):
+        return False, got
+    for name, model in models.items():
+        rel = 2e-3 if dtype_of(model) in HALF_DTYPES else 1e-4
+        for domain, loader in loaders.items():
+            value = _as_number(got[name][domain])
+            expected = perplexity(model, loader, progress=False)
+            if not _is_number(value) or not _close(value, expected, rel=rel):
+                return False, (f"{name} on {domain}: you give {value!r}, evaluation.perplexity gives {expected:.4f} "
+                               "(pooled over every real token of the loader?).")
+    return True, f"all {len(models) * len(loaders)} cells equal evaluation.perplexity."

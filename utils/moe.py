@@ -28,7 +28,9 @@ for each token, so only ``k/E`` of the MLP's neurons compute. The pieces:
 * :func:`moefy` (dense -> MoE in place), :func:`upcycle` (experts copied from one or several dense models),
   :func:`set_routing` / :func:`set_top_k`, :func:`routing_stats` (load per expert, entropy),
   :func:`load_balancing_loss` (Switch Transformer, Fedus et al. 2021, Eq. 4-6; the same quantity as
-  ``transformers``' ``load_balancing_loss_func``), :func:`active_parameters`.
+  ``transformers``' ``load_balancing_loss_func``), :func:`router_loss_fn` (next-token loss plus that term, for
+  router-only training with :func:`utils.train`), :func:`top1_routing` (where each token's first choice goes) and
+  :func:`capacity_factor` (how uneven that is), :func:`active_parameters`.
 * :func:`to_qwen2_moe` / :func:`save_moe` (and :func:`compare_logits` to check a reload) — the same model as a
   plain ``transformers`` Qwen2-MoE (``qkv_bias=False`` reproduces Llama attention; blocks that stay dense are
   ``mlp_only_layers``; the shared expert's sigmoid gate gets a zero weight, so it is exactly 1/2, and the shared
@@ -44,7 +46,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,6 +58,7 @@ from .data import batch_tensors
 from .evaluation import count_parameters
 from .precision import device_of
 from .structure import decoder_blocks, glu_mlps
+from .training import causal_lm_loss
 from .width import GRAM_BUDGET_BYTES, activation_grams, layer_groups
 
 COMBINES: tuple[str, ...] = ("sum", "softmax")
@@ -646,6 +649,58 @@ def routing_stats(model: nn.Module, dataloader: Iterable, *, progress: bool = Fa
     entropy = -(load * torch.log2(load.clamp_min(1e-12))).sum(dim=1)
     return {"layers": order, "load": load.float(), "entropy": entropy.float(),
             "max_entropy": math.log2(counts.shape[1]), "tokens": tokens}
+
+
+def top1_routing(model: nn.Module, dataloader: Iterable, *, progress: bool = False) -> dict:
+    """:func:`routing_stats` with every :class:`GLUMoE` picking one expert per token (its top-1 choice).
+
+    Where each token's *first* choice goes, whatever ``top_k`` the model runs with (with ``top_k = E`` every
+    expert would get an equal share of the picks); each layer's ``top_k`` is restored afterwards. Read
+    ``load[:, e]`` for the share of the tokens whose first choice is expert ``e``, per MoE layer (CH09_NB03).
+    """
+    layers = _require_moe(model)
+    before = {i: layer.top_k for i, layer in layers.items()}
+    try:
+        set_top_k(model, 1)
+        return routing_stats(model, dataloader, progress=progress)
+    finally:
+        for i, layer in layers.items():
+            layer.top_k = before[i]
+
+
+def capacity_factor(load: torch.Tensor) -> torch.Tensor:
+    """The smallest capacity factor at which no token would be dropped, per MoE layer: ``E * max_e load[:, e]``.
+
+    Switch Transformer (Fedus et al., 2021) gives each expert room for ``capacity_factor * tokens / E`` tokens
+    and drops the overflow. ``load`` is a ``[layers, E]`` table of shares whose rows sum to 1 (e.g.
+    ``top1_routing(...)["load"]``); 1.0 means perfectly even routing, ``E`` means one expert takes every token.
+    """
+    if not isinstance(load, torch.Tensor) or load.dim() != 2 or load.shape[1] < 1:
+        raise ValueError("load must be a [layers, experts] tensor of routing shares, e.g. "
+                         "utils.moe.top1_routing(model, dataloader)['load'].")
+    return load.shape[1] * load.float().max(dim=1).values
+
+
+def router_loss_fn(balance_weight: float = 0.01, top_k: int = 1) -> Callable[[nn.Module, dict], tuple]:
+    """The loss of router training, as CH09_NB02 writes it out and CH09_NB03 uses it: next-token loss plus
+    ``balance_weight`` times :func:`load_balancing_loss` over every :class:`GLUMoE`, as a ``loss_fn(model, batch)``
+    for :func:`utils.train`.
+
+    It returns ``(loss, {"lm": ..., "balance": ...})`` so the history logs both parts. ``top_k`` is the number of
+    picks per token the balancing term counts (1: the first choice, what top-1 inference will run).
+    """
+    if isinstance(balance_weight, bool) or not isinstance(balance_weight, (int, float)) or balance_weight < 0:
+        raise ValueError(f"balance_weight must be a number >= 0 (e.g. 0.01), got {balance_weight!r}.")
+    _check_int("top_k", top_k, 1)
+
+    def loss_fn(model: nn.Module, batch: dict):
+        with keep_router_logits(model) as layers:
+            lm = causal_lm_loss(model, batch)
+            balance = load_balancing_loss([layer.last_router_logits for layer in layers], top_k,
+                                          batch.get("attention_mask"))
+        return lm + balance_weight * balance, {"lm": float(lm.detach()), "balance": float(balance.detach())}
+
+    return loss_fn
 
 
 def active_parameters(model: nn.Module) -> dict[str, int]:
