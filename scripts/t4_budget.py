@@ -1192,6 +1192,34 @@ def ch12_nb01_capstone(ctx: Context) -> None:
     del alt
 
 
+def ch12_nb02_lab(ctx: Context) -> None:
+    """CH12_NB02: the cut student (``utils.prune_depth`` on calibration batches of the task's length), ``utils.distill``
+    at 8 x 128, then LoRA (``utils.train_lora_adapter``) on a copy of the student and on a copy of the base, each
+    merged and scored with ``utils.score_choices``; the base, the student and both merged models stay resident."""
+    p = ctx.params("CH12_NB02")
+    with ctx.meter.phase("load"):
+        model = ctx.build(p["MODEL_ID"])
+    calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], 8), 8, p["MAX_LENGTH"])
+    with ctx.meter.phase("prune_depth (student)"):
+        student = utils.prune_depth(copy.deepcopy(model), p["CUT_BLOCKS"], calib, progress=False)
+    with ctx.meter.phase("utils.distill"):
+        utils.distill(student, model, _train_batches(ctx, model, 8, 128), max_steps=OPTIMIZER_STEPS, progress=False)
+    student.eval()
+    task = _train_batches(ctx, model, p["LORA_BATCH"], p["MAX_LENGTH"])
+    with _profile("tiny"):
+        items = utils.benchmarks.local_task("sms_spam_question", n=16)
+    merged = {}
+    with ctx.meter.phase("LoRA on copies of the student and the base + scoring"):
+        for name, start in (("specialist", student), ("base + LoRA", model)):
+            peft_model, _ = utils.train_lora_adapter(copy.deepcopy(start), task, steps=OPTIMIZER_STEPS, rank=p["RANK"],
+                                                     alpha=p["ALPHA"], lr=p["LORA_LR"], progress=False)
+            merged[name] = peft_model.merge_and_unload().eval()
+            utils.benchmarks.score_choices(merged[name], _tokenizer(), items, progress=False)
+    ctx.settings.append(f"-{p['CUT_BLOCKS']} blocks; distill {OPTIMIZER_STEPS} of {p['DISTILL_STEPS']} steps at 8x128; "
+                        f"LoRA batch {p['LORA_BATCH']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['LORA_STEPS']} steps "
+                        f"per model; {len(items)} sms_spam items scored at batch 16 (tiny tokenizer)")
+
+
 def appb_nb01_recovery(ctx: Context) -> None:
     """APPB_NB01: the base, the depth-pruned copy and its recovered copy trained by ``utils.distill`` (batch 8);
     lm-eval's scoring then runs these models one at a time (batch BATCH_SIZE of short items: lighter, not
@@ -1266,6 +1294,7 @@ STEPS: list[Step] = [
     Step("CH11_NB02:copies", "attribution backward; 4 models + logits, perplexity", ch11_nb02_copies),
     Step("CH11_NB03:benchmark", "3 models + score_choices", ch11_nb03_benchmark),
     Step("CH12_NB01:capstone", "pruned student + utils.distill, 2 LoRA + generation", ch12_nb01_capstone),
+    Step("CH12_NB02:lab", "depth-cut student + utils.distill, 2 LoRA + score_choices", ch12_nb02_lab),
     Step("APPB_NB01:recovery", "3 models, utils.distill + perplexity", appb_nb01_recovery),
     Step("APPC_NB01:costs", "3 models + token_costs generation", appc_nb01_costs),
 ]

@@ -18,7 +18,7 @@ from utils import architectures, bias, bypass, exercises, lora, moe, width
 from utils.attention import remove_attention
 from utils.benchmarks import local_task
 from utils.data import load_bias_benchmark, load_bias_pairs, load_bias_probes, load_records, load_texts, make_dataloader
-from utils.depth import block_importance, remove_blocks
+from utils.depth import angular_distances, block_importance, remove_blocks
 from utils.evaluation import perplexity
 from utils.lora import lora_parameter_count
 
@@ -102,6 +102,15 @@ def contexts(tokenizer, loader):
         "CH08_NB01.tokens_that_fit": {"model": llama},
         "CH12_NB01.symptom_f1": {"records": load_records("clinical_notes", split="test", n=30)},
         "CH12_NB01.hallucination_rate": {"records": load_records("clinical_notes", split="test", n=30)},
+        "CH12_NB02.choose_run": {"distances": angular_distances(qwen, loader, 3, progress=False), "n": 3},
+        "CH12_NB02.parameter_reduction": {"model": qwen, "student": qwen_student},
+        "CH12_NB02.stage_checks": {"stages": {  # a ledger shaped like the notebook's, extra keys included
+            "base": {"blocks": 6, "parameters": 1000, "ppl_general": 14.1, "ppl_task": 30.2, "task_accuracy": 0.77},
+            "cut": {"blocks": 4, "parameters": 800, "ppl_general": 31.3, "ppl_task": 55.0, "task_accuracy": 0.5},
+            "recovered": {"blocks": 4, "parameters": 800, "ppl_general": 20.2, "ppl_task": 50.1, "task_accuracy": 0.6},
+            "specialist": {"blocks": 4, "parameters": 800, "ppl_general": 24.0, "ppl_task": 9.5, "task_accuracy": 0.9},
+            "base + LoRA": {"blocks": 6, "parameters": 1000, "ppl_general": 15.0, "ppl_task": 8.1,
+                            "task_accuracy": 0.94}}},
         "APPB_NB01.accuracy_stderr": {"items": mc_items, "predictions": [i % 2 for i in range(len(mc_items))]},
         "APPB_NB01.mcnemar": {},
         "APPC_NB01.decode_cost_per_token": {},
@@ -196,6 +205,15 @@ WRONG = {
         _solution("CH12_NB01.symptom_f1")([p], [r]) for p, r in zip(predictions, records)) / len(records),
     "CH12_NB01.hallucination_rate": lambda predictions, records: _solution("CH12_NB01.hallucination_rate")(
         predictions, records) / 2,
+    # the first and last runs not excluded; the share of blocks for the share of parameters; recovery compared
+    # with the base model instead of the cut one
+    "CH12_NB02.choose_run": lambda distances, n: list(range(min(range(len(distances)), key=distances.__getitem__),
+                                                            min(range(len(distances)), key=distances.__getitem__) + n)),
+    "CH12_NB02.parameter_reduction": lambda model, blocks: len(blocks) / model.config.num_hidden_layers,
+    "CH12_NB02.stage_checks": lambda stages: {
+        "cut": stages["cut"]["parameters"] < stages["base"]["parameters"],
+        "recovered": stages["recovered"]["ppl_general"] < stages["base"]["ppl_general"],
+        "specialist": stages["specialist"]["ppl_task"] < stages["recovered"]["ppl_task"]},
     # the batch forgotten; kilowatts for kilowatt-hours
     "APPC_NB01.decode_cost_per_token": lambda first, second, n, batch: (second - first) / (n - 1),
     "APPC_NB01.kwh_per_million_tokens": lambda joules: joules * 1e6 / 1000,
@@ -501,3 +519,13 @@ def test_every_notebook_has_at_least_two_checked_exercises():
     for path in sorted((ROOT / "notebooks").glob("*/*.ipynb")):
         notebook = path.name.split("_")[0] + "_" + path.name.split("_")[1]
         assert len(exercises.list_exercises(notebook)) >= 2, f"{path.name} has fewer than two exercises"
+def test_the_lab_checks_name_the_likely_mistake(contexts):
+    wrong = exercises.check("CH12_NB02.parameter_reduction", WRONG["CH12_NB02.parameter_reduction"], quiet=True,
+                            **contexts["CH12_NB02.parameter_reduction"])
+    assert "share of the blocks" in wrong.message
+    wrong = exercises.check("CH12_NB02.stage_checks", WRONG["CH12_NB02.stage_checks"], quiet=True,
+                            **contexts["CH12_NB02.stage_checks"])
+    assert "'recovered'" in wrong.message and "cut model" in wrong.message
+    wrong = exercises.check("CH12_NB02.choose_run", WRONG["CH12_NB02.choose_run"], quiet=True,
+                            **contexts["CH12_NB02.choose_run"])
+    assert "block 0 or the last block" in wrong.message

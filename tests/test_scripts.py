@@ -297,7 +297,8 @@ NEW_STEPS = ["CH06_NB03:challenge",
              "CH08_NB02:distill", "CH08_NB03:bypass", "CH08_NB04:decode", "CH09_NB01:moe", "CH09_NB02:upcycle",
              "CH09_NB03:experts", "CH10_NB01:glu",
              "CH10_NB02:ablations", "CH11_NB01:scale", "CH11_NB02:copies", "CH11_NB03:benchmark",
-             "CH12_NB01:capstone", "APPB_NB01:recovery", "APPC_NB01:costs"]
+             "CH12_NB01:capstone", "CH12_NB02:lab",
+             "APPB_NB01:recovery", "APPC_NB01:costs"]
 
 
 def test_t4_budget_every_notebook_has_a_step():

@@ -1991,3 +1991,141 @@ def _check_perplexity_table(answer, *, models, loaders):
                 return False, (f"{name} on {domain}: you give {value!r}, evaluation.perplexity gives {expected:.4f} "
                                "(pooled over every real token of the loader?).")
     return True, f"all {len(models) * len(loaders)} cells equal evaluation.perplexity."
+# --- lab: CH12_NB02 ------------------------------------------------------------------------------
+
+#: Distances of 12 runs where the first and the last run look best: a choice that forgets the protection shows.
+_PLANTED_DISTANCES = (0.05, 0.40, 0.31, 0.22, 0.35, 0.50, 0.28, 0.45, 0.38, 0.33, 0.42, 0.04)
+
+
+def _run_verdict(got, values: list[float], n: int, where: str) -> str | None:
+    """None when ``got`` is the protected run with the smallest distance, else a sentence saying what is wrong."""
+    try:
+        got = sorted(int(i) for i in got)
+    except (TypeError, ValueError):
+        return f"choose_run(distances, {n}) should return a list of block indices, got {got!r}."
+    total = len(values) + n - 1
+    start = min(range(1, len(values) - 1), key=values.__getitem__)  # the first and the last run are excluded
+    if got == list(range(start, start + n)):
+        return None
+    if len(got) != n or got != list(range(got[0], got[0] + n)):
+        return f"on {where}: {got} is not a run of {n} consecutive blocks."
+    if not 0 <= got[0] < len(values):
+        return f"on {where}: {got} is outside the model's blocks 0..{total - 1}."
+    if got[0] == 0 or got[-1] == total - 1:
+        return (f"on {where}: your run {got} holds block 0 or the last block ({total - 1}); both must stay, so the "
+                "first and the last run are not candidates.")
+    return (f"on {where}: the run starting at block {start} has distance {values[start]:.4f}, smaller than yours "
+            f"(starting at block {got[0]}: {values[got[0]]:.4f}).")
+
+
+@exercise("CH12_NB02.choose_run", "Choose the run of blocks to cut, never the first or the last block",
+          "The run that starts at block s holds blocks s .. s + n - 1, and the model has len(distances) + n - 1 "
+          "blocks. The runs that leave block 0 and the last block alone start at s = 1 .. len(distances) - 2: take "
+          "the one with the smallest distance and return list(range(s, s + n)).",
+          context=("distances", "n"))
+def _check_choose_run(answer, *, distances, n):
+    distances = [float(d) for d in distances]
+    if len(distances) < 3:
+        raise ValueError("distances= needs at least 3 runs (depth.angular_distances(model, loader, n) of a model with "
+                         "n + 2 blocks or more).")
+    for where, values in (("this notebook's distances", distances),
+                          ("planted distances where the first and the last run are lowest", list(_PLANTED_DISTANCES))):
+        verdict = _run_verdict(answer(list(values), n), values, n, where)
+        if verdict is not None:
+            return False, verdict
+    start = min(range(1, len(distances) - 1), key=distances.__getitem__)
+    return True, (f"blocks {list(range(start, start + n))}: the protected run of {n} with the smallest angular "
+                  f"distance ({distances[start]:.4f}), what depth.prune_depth chooses by default.")
+
+
+@exercise("CH12_NB02.parameter_reduction", "What share of the parameters does a depth cut remove?",
+          "Add up p.numel() over the parameters of every block in `blocks` (model.model.layers[i].parameters()), then "
+          "divide by the parameters of the whole model (sum of p.numel() over model.parameters(): the embedding table, "
+          "the final norm and the head are part of it; a tied head is the embedding table, counted once).",
+          context=("model", "student"))
+def _check_parameter_reduction(answer, *, model, student):
+    from .evaluation import count_parameters
+    from .structure import decoder_blocks
+
+    blocks = [int(i) for i in (getattr(student.config, "removed_layers", None) or [])]
+    if not blocks:
+        raise ValueError("student= must be a model cut by depth.prune_depth or depth.remove_blocks (its config "
+                         "records removed_layers).")
+    got = _as_number(answer(model, list(blocks)))
+    if not _is_number(got):
+        return False, f"parameter_reduction(model, {blocks}) should return a share between 0 and 1, got {got!r}."
+    total = count_parameters(model)
+    removed = total - count_parameters(student)
+    expected = removed / total
+    block_share = len(blocks) / len(decoder_blocks(model))
+    if _close(got, expected, rel=1e-6, abs_=1e-9):
+        return True, (f"{expected:.1%} of the parameters for {block_share:.1%} of the blocks: the cut model has "
+                      f"{removed:,} parameters fewer; the embedding table and the final norm sit in no block.")
+    mistakes = [(block_share, "that is the share of the blocks, not of the parameters: the embedding table and the "
+                              "final norm belong to no block, so a cut saves less"),
+                (1 - expected, "that is the share the cut keeps, not the share it removes"),
+                (100 * expected, "that is a percentage; return a share between 0 and 1")]
+    listed = sum(v.numel() for v in model.state_dict().values())
+    if listed != total:
+        mistakes.append((removed / listed, "your total counts a tensor twice (the tied embedding and head?): count "
+                                           "model.parameters(), which lists a shared tensor once"))
+    for value, why in mistakes:
+        if _close(got, value, rel=1e-6, abs_=1e-9):
+            return False, f"you give {got:.4f}: {why}. The cut model lost {removed:,} of {total:,} = {expected:.4f}."
+    return False, (f"you give {got:.4f}; the cut model (blocks {blocks} removed) has {removed:,} of {total:,} "
+                   f"parameters fewer = {expected:.4f}.")
+
+
+def _ledger(values: dict[str, tuple[int, float, float]]) -> dict[str, dict]:
+    """A ledger like CH12_NB02's ``stages`` from ``{stage: (parameters, ppl_general, ppl_task)}``."""
+    return {stage: {"parameters": p, "ppl_general": g, "ppl_task": t} for stage, (p, g, t) in values.items()}
+
+
+#: Ledgers where a stage fails its contract, or meets it in a way a careless check misses: recovery that does not
+#: reach the base model's perplexity, LoRA that helps the task while general perplexity rises, a cut that removed
+#: nothing.
+_PLANTED_LEDGERS = (
+    {"base": (100, 12.0, 20.0), "cut": (80, 40.0, 60.0), "recovered": (80, 25.0, 65.0), "specialist": (80, 30.0, 15.0)},
+    {"base": (100, 12.0, 20.0), "cut": (80, 40.0, 60.0), "recovered": (80, 45.0, 50.0), "specialist": (80, 35.0, 55.0)},
+    {"base": (100, 12.0, 20.0), "cut": (100, 13.0, 21.0), "recovered": (100, 12.5, 20.5),
+     "specialist": (100, 12.5, 20.5)},
+)
+_CONTRACT_HINTS = {
+    "cut": "the cut model must have fewer parameters than the base model (strictly fewer)",
+    "recovered": "compare the recovered model's ppl_general with the cut model's (not the base model's): recovery "
+                 "has done its job when it lowers what the cut raised, even if it does not get all the way back",
+    "specialist": "compare the specialist's ppl_task with the recovered model's: the task, not general text",
+}
+
+
+def _contracts(stages: dict) -> dict[str, bool]:
+    return {"cut": stages["cut"]["parameters"] < stages["base"]["parameters"],
+            "recovered": stages["recovered"]["ppl_general"] < stages["cut"]["ppl_general"],
+            "specialist": stages["specialist"]["ppl_task"] < stages["recovered"]["ppl_task"]}
+
+
+@exercise("CH12_NB02.stage_checks", "Did each stage of the pipeline do its job?",
+          "Three comparisons, each between a stage and the stage just before it: stages['cut']['parameters'] < "
+          "stages['base']['parameters']; stages['recovered']['ppl_general'] < stages['cut']['ppl_general']; "
+          "stages['specialist']['ppl_task'] < stages['recovered']['ppl_task']. Return them as a dict of booleans.",
+          context=("stages",))
+def _check_stage_checks(answer, *, stages):
+    import copy
+
+    missing = [s for s in ("base", "cut", "recovered", "specialist") if s not in stages]
+    if missing:
+        raise ValueError(f"stages= lacks {missing}: pass the notebook's ledger after every stage has been measured.")
+    for where, ledger in (("this notebook's ledger", stages),
+                          *((f"planted ledger {k + 1}", _ledger(v)) for k, v in enumerate(_PLANTED_LEDGERS))):
+        expected = _contracts(ledger)
+        got = answer(copy.deepcopy(ledger))
+        if not isinstance(got, dict) or sorted(got) != sorted(expected) or not all(v in (True, False)
+                                                                                   for v in got.values()):
+            return False, ('stage_checks(stages) should return {"cut": bool, "recovered": bool, "specialist": bool}, '
+                           f"got {got!r}.")
+        for stage, holds in expected.items():
+            if bool(got[stage]) != holds:
+                return False, (f"on {where}, {stage!r}: you say {bool(got[stage])}, it is {holds}; "
+                               f"{_CONTRACT_HINTS[stage]}.")
+    verdict = ", ".join(f"{stage} {'met' if holds else 'NOT met'}" for stage, holds in _contracts(stages).items())
+    return True, f"Right on this ledger and on {len(_PLANTED_LEDGERS)} planted ones. This run: {verdict}."

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,8 +31,20 @@ from .models import HUB_ID_PATTERN
 from .profiles import get_profile
 from .structure import decoder_blocks
 
+
+def _course_url() -> str:
+    """Where the course lives (every card links to it): the setup cell's ``REPO_URL``, the one place that names it
+    (a fork sets ``RLLM_REPO_URL``, as for the setup cell); without a checkout, a plain description."""
+    if os.environ.get("RLLM_REPO_URL"):
+        return os.environ["RLLM_REPO_URL"]
+    setup = Path(__file__).resolve().parent.parent / "notebooks" / "setup_cell.py"
+    found = re.search(r'REPO_URL = os\.environ\.get\("RLLM_REPO_URL", "([^"]+)"\)', setup.read_text(encoding="utf-8")) \
+        if setup.is_file() else None
+    return found.group(1) if found else "the course's repository"
+
+
 #: Where the course lives; every card links to it.
-COURSE_URL = "https://github.com/rearchitecting-llms/course"
+COURSE_URL = _course_url()
 #: The tags every card gets (a reader's own ``tags`` come after them).
 DEFAULT_TAGS = ("rearchitecting-llms",)
 #: The licence of each course model, as the Hub spells it: a model derived from one keeps its licence.
