@@ -682,7 +682,7 @@ def capacity_factor(load: torch.Tensor) -> torch.Tensor:
 
 
 def router_loss_fn(balance_weight: float = 0.01, top_k: int = 1) -> Callable[[nn.Module, dict], tuple]:
-    """The loss of router training, as CH09_NB02 writes it out and CH09_NB03 uses it: next-token loss plus
+    """The loss of router training in CH09_NB02 and CH09_NB03: next-token loss plus
     ``balance_weight`` times :func:`load_balancing_loss` over every :class:`GLUMoE`, as a ``loss_fn(model, batch)``
     for :func:`utils.train`.
 
