@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 from pathlib import Path
@@ -51,7 +52,26 @@ VARIANTS: dict[str, dict] = {
     "soft-only+features": {"alpha": 1.0, "layer_map": "kept", "beta": 1.0},
     "compound": {"skew": 0.1, "layer_map": "kept", "beta": 1.0, "gamma": 1.0},
     "T1": {"temperature": 1.0},
+    "neighbours": {"trainable": "neighbours"},
+    "soft-only+neighbours": {"alpha": 1.0, "trainable": "neighbours"},
+    "soft-only+lr2e-4": {"alpha": 1.0, "lr": 2e-4},
 }
+
+
+def _freeze_all_but_neighbours(student) -> list[int]:
+    """Let only the kept blocks next to a removed one train (the seams of the cut); the rest stay the
+    teacher's. Returns the student indices of the blocks that train."""
+    from utils.structure import decoder_blocks
+    blocks = decoder_blocks(student)
+    removed = sorted(student.config.removed_layers)
+    kept = utils.kept_blocks(len(blocks) + len(removed), removed)
+    seams = [i for i, original in enumerate(kept) if original - 1 in removed or original + 1 in removed]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for i in seams:
+        for p in blocks[i].parameters():
+            p.requires_grad_(True)
+    return seams
 
 
 def _loader(texts: list[str], tokenizer, *, shuffle: bool = False, seed: int = 0):
@@ -78,7 +98,7 @@ def _summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run(names: list[str], split: str) -> dict:
+def run(names: list[str], split: str, seeds: tuple[int, ...] = SEEDS) -> dict:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"Unknown variant(s) {unknown}. Available: {', '.join(VARIANTS)}")
@@ -96,17 +116,22 @@ def run(names: list[str], split: str) -> dict:
     rows = [_row("base (teacher)", None, base, base), _row("cut, no recovery", None, measure(pruned), base)]
     print(rows[-1], flush=True)
     for name in names:
-        for seed in SEEDS:
+        for seed in seeds:
             torch.manual_seed(seed)
             student = copy.deepcopy(pruned)
-            history = utils.distill(student, teacher, _loader(train_texts, tokenizer, shuffle=True, seed=seed),
-                                    max_steps=STEPS, progress=False, **VARIANTS[name])
+            options = dict(VARIANTS[name])
+            if options.pop("trainable", None) == "neighbours":
+                _freeze_all_but_neighbours(student)
+            loader = _loader(train_texts, tokenizer, shuffle=True, seed=seed)
+            history = utils.distill(student, teacher, loader, max_steps=STEPS, epochs=math.ceil(STEPS / len(loader)),
+                                    progress=False, **options)
+            assert history["settings"]["steps"] == STEPS, history["settings"]
             rows.append(_row(name, seed, measure(student), base, history["seconds"]))
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
             del student
     return {"model": teacher.name_or_path, "split": split, "removed_blocks": sorted(pruned.config.removed_layers),
             "calibration_and_distillation": f"{len(train_texts)} {DISTIL_DOMAIN} train texts",
-            "steps": STEPS, "batch": f"{BATCH}x{MAX_LENGTH} tokens", "seeds": list(SEEDS),
+            "steps": STEPS, "batch": f"{BATCH}x{MAX_LENGTH} tokens", "seeds": list(seeds),
             "variants": {n: VARIANTS[n] for n in names}, "runs": rows, "table": _summary(rows)}
 
 
@@ -116,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"variants to run (default: all): {', '.join(VARIANTS)}")
     parser.add_argument("--split", choices=["validation", "test"], default="validation",
                         help="where to measure: validation to choose a setting, test to report it once")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS),
+                        help=f"batch-order seeds per variant (default: {' '.join(map(str, SEEDS))})")
     args = parser.parse_args(argv)
-    results = run(args.only or list(VARIANTS), args.split)
+    results = run(args.only or list(VARIANTS), args.split, tuple(args.seeds))
     path = utils.save_results(f"SWEEP_recovery_transfer_{args.split}", results)
     print(f"wrote {path}")
     return 0

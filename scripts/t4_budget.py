@@ -672,6 +672,25 @@ def ch06_nb03_challenge(ctx: Context) -> None:
                            "recipe; teacher, pruned, reference and the reader's student resident")
 
 
+def ch06_nb04_data_scaling(ctx: Context) -> None:
+    """CH06_NB04: one point of the data-scaling series (``utils.distill`` with its defaults on a fresh copy of the
+    pruned model, teacher and pruned resident), then the perplexity of the recovered student. The number of texts
+    changes how many steps a point takes, not its peak: the batches are the same size. The multiple-choice task
+    (lm-eval, batches of 16 short items) is lighter than a training step and is not measured."""
+    p = ctx.params("CH06_NB04")
+    teacher, removed, _, eval_dl = _ch06_setup(ctx, "CH06_NB04", p)
+    pruned = utils.remove_blocks(copy.deepcopy(teacher), removed)
+    train_dl = ctx.batches(teacher, OPTIMIZER_STEPS, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    with ctx.meter.phase("utils.distill (one point of the series)"):
+        student = copy.deepcopy(pruned)
+        utils.distill(student, teacher, train_dl, **_distill_kwargs(ctx, "CH06_NB04", p))
+    with ctx.meter.phase("perplexity"):
+        utils.perplexity(student, eval_dl, progress=False)
+    ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} steps of a point (sizes "
+                           f"{', '.join(f'{n:,}' for n in p['SIZES'])} texts, {p['EPOCHS']} pass each); teacher, "
+                           "pruned and the student resident")
+
+
 # --- CH07-CH12 and the appendices ----------------------------------------------------------------
 
 def _tokenizer():
@@ -1275,6 +1294,7 @@ STEPS: list[Step] = [
     Step("CH06_NB01:optipfair", "optipfair.distill_model", ch06_nb01_optipfair),
     Step("CH06_NB02:width", "prune_glu student + utils.distill", ch06_nb02_width),
     Step("CH06_NB03:challenge", "2 recovered copies (utils.distill), save_with_card + reload", ch06_nb03_challenge),
+    Step("CH06_NB04:scaling", "a point of the data series (utils.distill) + perplexity", ch06_nb04_data_scaling),
     Step("CH07_NB01:quantization", "LoRA/DoRA vs peft copies, fake-quantised copy + perplexity (float32)",
          ch07_nb01_quantization),
     Step("CH07_NB02:lora", "peft LoRA + utils.train, batched generation", ch07_nb02_lora),

@@ -432,3 +432,32 @@ def test_distill_two_steps_on_the_real_cpu_model(monkeypatch):
     history = utils.distill(student, teacher, dl, max_steps=2, eval_dataloader=dl, progress=False)
     assert len(history["loss"]) == 2 and all(math.isfinite(v) for v in history["loss"])
     assert history["eval_ppl"][-1] < history["eval_ppl"][0]
+
+
+def test_retention_is_a_ratio_to_the_teacher_in_the_good_direction():
+    assert utils.retention(0.60, 0.45) == pytest.approx(0.75)  # accuracy: higher is better
+    assert utils.retention(12.0, 16.0, lower_is_better=True) == pytest.approx(0.75)  # perplexity
+    assert utils.retention(12.0, 10.0, lower_is_better=True) > 1.0  # better than the teacher
+    for bad in [(0.0, 0.5), (0.5, -1.0), (float("inf"), 1.0), ("0.5", 0.5), (True, 0.5)]:
+        with pytest.raises(ValueError, match="positive, finite"):
+            utils.retention(*bad)
+
+
+def test_texts_for_retention_solves_the_log_linear_fit():
+    sizes = [10, 100, 1000]
+    retentions = [0.5, 0.6, 0.7]  # +0.1 per factor of ten
+    assert utils.texts_for_retention(sizes, retentions, 0.8) == pytest.approx(10_000)
+    assert utils.texts_for_retention(sizes, retentions, 0.6) == pytest.approx(100)
+    # one point per seed: the fit goes through the means
+    assert utils.texts_for_retention([10, 10, 100, 100], [0.4, 0.6, 0.5, 0.7], 0.7) == pytest.approx(1000)
+    assert math.isinf(utils.texts_for_retention([10, 100], [0.6, 0.5], 0.9))  # no gain with more data
+
+
+@pytest.mark.parametrize("sizes, retentions, message", [
+    ([10, 100], [0.5], "differ in length"),
+    ([10, 10], [0.5, 0.6], "two distinct sizes"),
+    ([0, 100], [0.5, 0.6], "positive and finite"),
+])
+def test_texts_for_retention_rejects_bad_input(sizes, retentions, message):
+    with pytest.raises(ValueError, match=message):
+        utils.texts_for_retention(sizes, retentions, 0.9)

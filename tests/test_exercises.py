@@ -129,6 +129,8 @@ def contexts(tokenizer, loader):
                                    "scores_b": width.neuron_importance(llama, method="l2"), "keep": 40},
         "CH06_NB01.uniform_map": {"n_teacher": 18},
         "CH06_NB01.recovered": {},
+        "CH06_NB04.retention": {},
+        "CH06_NB04.texts_needed": {"sizes": [8, 8, 16, 16, 32, 32], "retentions": [0.61, 0.63, 0.64, 0.66, 0.7, 0.69]},
         "CH06_NB03.recovery_recipe": challenge,
         "CH06_NB03.write_card": {"model": challenge["pruned"], "tokenizer": tokenizer,
                                  "numbers": {"perplexity, wikitext test": 1004.25, "target": 1005.5, "steps": 4},
@@ -242,6 +244,9 @@ WRONG = {
                                                            for i in range(n_student)],
     "CH06_NB01.recovered": lambda base, pruned, recovered_ppl: (pruned - recovered_ppl) / (pruned - base)
     if pruned > base else float("nan"),
+    # always student / teacher; a line fitted on the size itself, not its logarithm
+    "CH06_NB04.retention": lambda teacher, student, lower_is_better: student / teacher,
+    "CH06_NB04.texts_needed": lambda sizes, retentions, target: _linear_size_fit(sizes, retentions, target),
     # two passes over the batches (twice the budget); a card that does not say which blocks went
     "CH06_NB03.recovery_recipe": lambda student, teacher, batches: _distill(student, teacher, batches, epochs=2,
                                                                             temperature=1.0, progress=False),
@@ -382,6 +387,12 @@ def _agreement_with_padding(student, teacher, dataloader):
     return same / count
 
 
+def _linear_size_fit(sizes, retentions, target):
+    mx, my = sum(sizes) / len(sizes), sum(retentions) / len(retentions)
+    b = sum((x - mx) * (r - my) for x, r in zip(sizes, retentions)) / sum((x - mx) ** 2 for x in sizes)
+    return math.inf if b <= 0 else mx + (target - my) / b
+
+
 def _population_stderr(items, predictions):
     correct = [float(p == item["label"]) for item, p in zip(items, predictions)]
     mean = sum(correct) / len(correct)
@@ -432,6 +443,8 @@ def test_the_wrong_kv_answer_is_told_about_query_heads(contexts):
 
 @pytest.mark.parametrize("exercise_id, told", [
     ("CH06_NB02.window_distances", "divide the arccos by pi"),
+    ("CH06_NB04.retention", "wrong way round"),
+    ("CH06_NB04.texts_needed", "not on the size itself"),
     ("CH06_NB02.width_ratio", "share of the blocks removed"),
     ("CH07_NB03.dora_weight", "norms per column"),
     ("CH07_NB03.qlora_bytes", "AdamW's two moments"),

@@ -60,7 +60,16 @@ from .depth import (
     prune_depth,
     remove_blocks,
 )
-from .distillation import distill, distillation_loss, kept_blocks, make_layer_map, plot_history, recovered_share
+from .distillation import (
+    distill,
+    distillation_loss,
+    kept_blocks,
+    make_layer_map,
+    plot_history,
+    recovered_share,
+    retention,
+    texts_for_retention,
+)
 from .evaluation import count_parameters, perplexity
 from .extraction import (
     check_schema,

@@ -569,6 +569,52 @@ def recovered_share(ppl_base: float, ppl_pruned: float, ppl_recovered: float) ->
     return (math.log(ppl_pruned) - math.log(ppl_recovered)) / lost
 
 
+def retention(teacher_score: float, student_score: float, *, lower_is_better: bool = False) -> float:
+    """Share of the teacher's score the student keeps: 1.0 is the teacher's level.
+
+    ``student / teacher`` for a score where higher is better (an accuracy), ``teacher / student`` where lower is
+    better (a perplexity: ``lower_is_better=True``), so in both cases a value under 1 is a loss and over 1 a
+    gain. The book's data-scaling experiments (CH06) average such ratios over benchmarks ("overall retention").
+
+    Raises:
+        ValueError: a score that is not a positive, finite number.
+    """
+    values = {"teacher_score": teacher_score, "student_score": student_score}
+    bad = {k: v for k, v in values.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isinf(v)}
+    if bad:
+        raise ValueError(f"Scores must be positive, finite numbers; got {bad}. (A zero accuracy has no ratio: "
+                         f"compare differences instead.)")
+    return teacher_score / student_score if lower_is_better else student_score / teacher_score
+
+
+def texts_for_retention(sizes: Sequence[float], retentions: Sequence[float], target: float) -> float:
+    """How many training texts a straight line through ``(log size, retention)`` needs to reach ``target``.
+
+    Fits ``retention = a + b * ln(size)`` by least squares over every point given (repeat a size once per seed)
+    and solves it for ``target``. Returns ``inf`` when the fitted line does not rise (``b <= 0``). It is an
+    extrapolation from a few points: read it as an order of magnitude, and only over the range where a
+    straight line in log size is a fair description of the points.
+
+    Raises:
+        ValueError: fewer than two distinct sizes, a size that is not positive, or lengths that differ.
+    """
+    sizes, retentions = [float(s) for s in sizes], [float(r) for r in retentions]
+    if len(sizes) != len(retentions):
+        raise ValueError(f"sizes and retentions differ in length ({len(sizes)} and {len(retentions)}): give one "
+                         f"retention per size.")
+    if any(not s > 0 or math.isinf(s) for s in sizes):
+        raise ValueError(f"Sizes are numbers of texts, positive and finite; got {sizes}.")
+    if len(set(sizes)) < 2:
+        raise ValueError("A line needs at least two distinct sizes.")
+    x = [math.log(s) for s in sizes]
+    mx, my = sum(x) / len(x), sum(retentions) / len(retentions)
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, retentions)) / sum((a - mx) ** 2 for a in x)
+    if slope <= 0:
+        return math.inf
+    return math.exp(mx + (float(target) - my) / slope)
+
+
 def plot_history(history: dict, *, title: str = "Distillation", ax=None):
     """Training loss (total, soft, CE, feature) per step and held-out perplexity per evaluation."""
     import matplotlib.pyplot as plt

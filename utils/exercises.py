@@ -581,6 +581,58 @@ def _check_recovered(answer):
                   "perplexities suggest.")
 
 
+# --- CH06_NB04: how much data does recovery need? -----------------------------------------------
+
+@exercise("CH06_NB04.retention", "Retention: the share of the teacher's score a student keeps",
+          "Divide so that 1 is the teacher's level and less than 1 a loss, whatever the measure: student / teacher "
+          "for an accuracy (higher is better), teacher / student for a perplexity (lower is better).",
+          context=())
+def _check_retention(answer):
+    from .distillation import retention
+
+    cases = [(0.60, 0.45, False), (0.30, 0.33, False), (12.0, 16.0, True), (20.0, 18.0, True)]
+    for teacher, student, lower in cases:
+        expected = retention(teacher, student, lower_is_better=lower)
+        got = _as_number(answer(teacher, student, lower))
+        what = "perplexity (lower is better)" if lower else "accuracy (higher is better)"
+        if not _is_number(got):
+            return False, f"retention({teacher}, {student}, {lower}) should return a number, got {got!r}."
+        if not _close(got, expected, rel=1e-9):
+            flipped = " You divided the wrong way round for this measure." if _close(got, 1 / expected, rel=1e-9) \
+                else ""
+            return False, (f"{what}, teacher {teacher}, student {student}: you give {got:.4f}, "
+                           f"distillation.retention gives {expected:.4f}.{flipped}")
+    return True, ("equal to distillation.retention on accuracies and perplexities: a perplexity of 16 where the "
+                  f"teacher has 12 keeps {retention(12.0, 16.0, lower_is_better=True):.0%} of it.")
+
+
+@exercise("CH06_NB04.texts_needed", "How many texts would reach a retention target? A fit in log size",
+          "Fit retention = a + b * ln(size) by least squares over all the points (x = ln size), then solve "
+          "a + b * ln(n) = target for n: n = exp((target - a) / b). Return math.inf when b <= 0.",
+          context=("sizes", "retentions"))
+def _check_texts_needed(answer, *, sizes, retentions):
+    from .distillation import texts_for_retention
+
+    cases = [([10, 100, 1000], [0.5, 0.6, 0.7], 0.8), ([42, 42, 336, 336], [0.70, 0.72, 0.80, 0.78], 0.9),
+             ([10, 100], [0.6, 0.5], 0.9), (list(sizes), list(retentions), max(retentions) + 0.05)]
+    for case_sizes, case_retentions, target in cases:
+        expected = texts_for_retention(case_sizes, case_retentions, target)
+        got = _as_number(answer(case_sizes, case_retentions, target))
+        if not _is_number(got):
+            return False, f"texts_needed({case_sizes}, ..., {target}) should return a number, got {got!r}."
+        if math.isinf(expected) != math.isinf(float(got)) or (
+                not math.isinf(expected) and not _close(got, expected, rel=1e-6)):
+            return False, (f"sizes {case_sizes}, retentions {case_retentions}, target {target}: you give {got:.4g}, "
+                           f"distillation.texts_for_retention gives {expected:.4g}. Fit on ln(size), not on the "
+                           f"size itself, and use every point.")
+    here = texts_for_retention(list(sizes), list(retentions), max(retentions) + 0.05)
+    return True, (f"equal to distillation.texts_for_retention; on this run's points, 5 points more retention than "
+                  f"the best measured would take about {here:,.0f} texts by the fitted line (an extrapolation)."
+                  if not math.isinf(here) else
+                  "equal to distillation.texts_for_retention; on this run's points the fitted line does not rise, so "
+                  "no number of texts reaches the target by it.")
+
+
 # --- CH06_NB03: the recovery challenge -------------------------------------------------------------
 
 class _TrainingTokens:
