@@ -113,6 +113,16 @@ def test_course_code_sample_is_used_in_every_profile(monkeypatch):
     assert load_texts("course_code", split="test") == texts
 
 
+@pytest.mark.parametrize("name, alias", [("course_prose", "prose"), ("python_reference", "pyref")])
+def test_the_new_held_out_domains_are_offline_prose_in_every_profile(monkeypatch, name, alias):
+    monkeypatch.setenv("RLLM_PROFILE", "full")  # no Hub dataset: every profile reads the file in data/
+    texts = load_texts(alias, split="test")
+    assert len(texts) == 48 and len(load_texts(name, split="validation")) == 24
+    assert all(300 <= len(t) <= 1200 and "\n" not in t and not t.startswith(("|", "#", "```")) for t in texts)
+    monkeypatch.setenv("RLLM_PROFILE", "cpu")
+    assert load_texts(name, split="test") == texts
+
+
 # --- validators attached to the registry -----------------------------------------------------------
 
 def test_clinical_notes_validator_is_registered_by_extraction():

@@ -148,6 +148,26 @@ def test_recovery_transfer_runs_in_tiny_and_reports_the_worst_other_domain():
         recovery_transfer.run(["no-such-variant"], "validation")
 
 
+def test_recovery_transfer_trains_the_set_steps_and_only_the_seams_when_asked(tokenizer):
+    import copy
+
+    import recovery_transfer
+    from tiny_families import _tiny
+
+    from utils.depth import remove_blocks
+    from utils.structure import decoder_blocks
+
+    # run() asserts that every variant trained exactly STEPS optimizer steps (more than one pass over the texts)
+    results = recovery_transfer.run(["neighbours"], "validation", seeds=(1,))
+    assert results["seeds"] == [1] and [r["variant"] for r in results["runs"]][2:] == ["neighbours"]
+    student = remove_blocks(copy.deepcopy(_tiny("llama", tokenizer)), [2, 3, 6])  # kept originals 0 1 4 5 7 ...
+    seams = recovery_transfer._freeze_all_but_neighbours(student)
+    assert seams == [1, 2, 3, 4]  # originals 1 and 4 border the run 2-3, originals 5 and 7 border block 6
+    for i, block in enumerate(decoder_blocks(student)):
+        assert all(p.requires_grad == (i in seams) for p in block.parameters())
+    assert not any(p.requires_grad for p in student.get_input_embeddings().parameters())
+
+
 def test_sync_setup_cell_rewrites_cell_1_and_inserts_a_missing_one(tmp_path):
     source = sync_setup_cell.setup_source()
     stale, bare = tmp_path / "stale.ipynb", tmp_path / "bare.ipynb"
@@ -473,6 +493,27 @@ def test_benchmark_domain_rows_on_the_tiny_model(tiny):
         assert row["ours_vs_optipfair"] == pytest.approx(row["ours_ppl"] / row["optipfair_ppl"])
         assert row["meets_target"] == (row["ours_vs_optipfair"] <= float(row["target"].split()[-1]))
     assert {"real_tokens_ppl", "real_tokens_damping_0.1_ppl"} <= set(rows[0]) and "plain_cut_ppl" in rows[1]
+
+
+def test_held_out_domains_rebuild_from_their_pinned_sources():
+    import subprocess
+    import sys
+
+    import build_heldout_domains as build
+
+    known = subprocess.run(["git", "cat-file", "-e", f"{build.PROSE_COMMIT}^{{commit}}"], cwd=build.ROOT,
+                           capture_output=True)
+    if known.returncode:
+        pytest.skip("shallow clone: the pinned commit of the course prose is not available")
+    on_disk = [json.loads(line) for line in build.PROSE_OUTPUT.read_text(encoding="utf-8").splitlines()]
+    assert build.build_course_prose() == on_disk and len(on_disk) == build.MAX_RECORDS
+    if f"{sys.version_info.major}.{sys.version_info.minor}" == build.PYTHON_VERSION:
+        on_disk = [json.loads(line) for line in build.REFERENCE_OUTPUT.read_text(encoding="utf-8").splitlines()]
+        assert build.build_python_reference() == on_disk
+    else:
+        with pytest.raises(SystemExit, match=f"Python {build.PYTHON_VERSION}"):
+            build.build_python_reference()
+    assert build.paragraphs("| a | table |\n\n# A heading\n\n```\ncode\n```") == []
 
 
 def test_code_sample_rebuilds_from_its_pinned_commit():

@@ -63,10 +63,19 @@ DATASETS: dict[str, DatasetSpec] = {
         "course_code", "course_code_sample.jsonl", None, None, "text",
         description="Python functions of the course's own utils package (a held-out domain; every profile)",
     ),
+    "course_prose": DatasetSpec(
+        "course_prose", "course_prose_sample.jsonl", None, None, "text",
+        description="paragraphs of the course's own explanations: technical English prose (a held-out domain; "
+                    "every profile)",
+    ),
+    "python_reference": DatasetSpec(
+        "python_reference", "python_reference_sample.jsonl", None, None, "text",
+        description="paragraphs of the Python Language Reference (PSF License; a held-out domain; every profile)",
+    ),
 }
 ALIASES = {"wikitext2": "wikitext", "wikitext-2": "wikitext", "sms": "sms_spam", "spam": "sms_spam",
            "clinical": "clinical_notes", "clinical-ner-qdora": "clinical_notes",
-           "code": "course_code"}
+           "code": "course_code", "prose": "course_prose", "pyref": "python_reference"}
 
 
 def _spec(name: str) -> DatasetSpec:
