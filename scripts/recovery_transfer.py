@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
+from utils.structure import decoder_blocks  # noqa: E402
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DISTIL_DOMAIN = "wikitext"
@@ -61,7 +62,6 @@ VARIANTS: dict[str, dict] = {
 def _freeze_all_but_neighbours(student) -> list[int]:
     """Let only the kept blocks next to a removed one train (the seams of the cut); the rest stay the
     teacher's. Returns the student indices of the blocks that train."""
-    from utils.structure import decoder_blocks
     blocks = decoder_blocks(student)
     removed = sorted(student.config.removed_layers)
     kept = utils.kept_blocks(len(blocks) + len(removed), removed)
