@@ -220,3 +220,71 @@ def test_run_lm_eval_bad_inputs(models):
         utils.run_lm_eval(model, tok, ["bias_mc"], num_fewshot=-1)
     with pytest.raises(ValueError, match="tasks is empty"):
         utils.run_lm_eval(model, tok, [])
+
+
+# --- several models on the same items (compare_models) --------------------------------------
+
+def test_paired_difference_on_hand_made_scores():
+    a, b = [1, 1, 0, 0, 1, 0, 1, 0], [1, 1, 1, 1, 1, 1, 1, 0]
+    out = benchmarks.paired_difference(a, b, n_boot=200)
+    assert out["difference"] == pytest.approx(3 / 8)
+    assert out["only_a"] == 0 and out["only_b"] == 3
+    assert out["p_value"] == pytest.approx(benchmarks.mcnemar_exact(0, 3))
+    assert out["ci"][0] <= out["difference"] <= out["ci"][1]
+    same = benchmarks.paired_difference(a, a, n_boot=50)
+    assert same["difference"] == 0 and same["ci"] == (0.0, 0.0) and not same["resolved"]
+    graded = benchmarks.paired_difference([0.5, 0.2, 0.9], [0.6, 0.3, 1.0], n_boot=100)
+    assert graded["difference"] == pytest.approx(0.1) and graded["resolved"] and "p_value" not in graded
+    with pytest.raises(ValueError, match="same items"):
+        benchmarks.paired_difference([1, 0], [1])
+    with pytest.raises(ValueError, match="same items"):
+        benchmarks.paired_difference([], [])
+
+
+def test_per_item_scores_follow_the_metric_names_and_filters():
+    samples = [{"doc_id": 0, "filter": "none", "acc": 1.0, "acc_norm": 0.0},
+               {"doc_id": 1, "filter": "none", "acc": 0.0, "acc_norm": 1.0}]
+    assert benchmarks._per_item_scores(samples, {"acc": 0.5, "acc_norm": 0.5}) == {"acc": [1.0, 0.0],
+                                                                                 "acc_norm": [0.0, 1.0]}
+    filtered = [{"doc_id": 0, "filter": "strict-match", "exact_match": 1.0},
+                {"doc_id": 0, "filter": "flexible-extract", "exact_match": 0.0}]
+    out = benchmarks._per_item_scores(filtered, {"exact_match_strict-match": 1.0, "exact_match_flexible-extract": 0.0})
+    assert out == {"exact_match_strict-match": [1.0], "exact_match_flexible-extract": [0.0]}
+
+
+def test_compare_models_pairs_every_model_with_the_reference(models):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval); it is in requirements-dev")
+    model, tok = models()
+    other, _ = models()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # another model: its answers differ on some items
+    built = []
+
+    def build():  # a model given as a function is built when its turn comes
+        built.append(True)
+        return other
+
+    out = benchmarks.compare_models({"base": model, "other": build, "same": model}, tok, ["sms_spam_question"],
+                                    limit=6, n_boot=100, batch_size=4)
+    rows = out["tasks"]["sms_spam_question"]
+    assert out["reference"] == "base" and built == [True] and list(rows) == ["base", "other", "same"]
+    direct = utils.run_lm_eval(model, tok, ["sms_spam_question"], limit=6, batch_size=4)["sms_spam_question"]
+    assert rows["base"]["score"] == pytest.approx(direct["acc"]) and rows["base"]["n"] == 6
+    assert rows["base"]["vs_reference"] is None
+    assert rows["same"]["vs_reference"]["difference"] == 0 and not rows["same"]["vs_reference"]["resolved"]
+    diff = rows["other"]["score"] - rows["base"]["score"]
+    assert rows["other"]["vs_reference"]["difference"] == pytest.approx(diff)
+    table = benchmarks.comparison_table(out)
+    assert table.count("\n") == 2 and "vs base" in table and ("within noise" in table or "beyond noise" in table)
+
+
+def test_compare_models_bad_inputs(models):
+    model, tok = models()
+    with pytest.raises(ValueError, match="non-empty dict"):
+        benchmarks.compare_models({}, tok, ["bias_mc"])
+    with pytest.raises(ValueError, match="reference 'x' is not one of"):
+        benchmarks.compare_models({"base": model}, tok, ["bias_mc"], reference="x")
+    with pytest.raises(ValueError, match="what compare_models returned"):
+        benchmarks.comparison_table({"rows": []})

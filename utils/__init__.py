@@ -194,11 +194,14 @@ from .plots import explore, plot_heatmap, plot_logit_lens, widgets_available
 # Appendices: benchmark evaluation with lm-eval (APPB) and energy per token (APPC)
 from .benchmarks import (
     benchmark_tasks,
+    compare_models,
+    comparison_table,
     lm_eval_available,
     local_task,
     mc_metrics,
     mc_prompt,
     paired_comparison,
+    paired_difference,
     run_lm_eval,
     score_choices,
 )

@@ -521,6 +521,9 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str,
         samples = sorted(out["samples"].get(name, []), key=lambda s: s["doc_id"])
         entry["n"] = len(samples) if samples else int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
         responses = [s["filtered_resps"] for s in samples]
+        per_item = _per_item_scores(samples, entry)
+        if per_item:
+            entry["per_item"] = per_item
         if responses and all(len(r) >= 2 for r in responses):  # multiple choice: one (loglik, greedy) per choice
             entry["loglik"] = [[float(choice[0]) for choice in r] for r in responses]
             entry["pred"] = [_argmax(row) for row in entry["loglik"]]
@@ -528,3 +531,126 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str,
                 entry["pred_norm"] = norm_predictions(entry["loglik"], local[name])
         results[name] = entry
     return results
+
+
+def _per_item_scores(samples: Sequence[Mapping], entry: Mapping[str, float]) -> dict[str, list[float]]:
+    """Each item's value of every metric lm-eval averaged (``{"acc": [1.0, 0.0, ...]}``), in ``doc_id`` order.
+
+    A filtered task (GSM8K's ``strict-match``, ...) logs one sample per item and filter; its metric is named
+    ``<metric>_<filter>`` in ``entry`` (see :func:`_plain_metrics`), and so it is here."""
+    out: dict[str, list[float]] = {}
+    for sample in samples:
+        flt = sample.get("filter", "none")
+        for key, value in sample.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or key in ("doc_id",):
+                continue
+            name = key if flt in ("", "none") else f"{key}_{flt}"
+            if name in entry:
+                out.setdefault(name, []).append(float(value))
+    return out
+
+
+# --- several models on the same items --------------------------------------------------------
+
+#: The metric :func:`compare_models` reads for a task when ``acc`` is not what the task reports.
+TASK_METRICS: dict[str, str] = {"gsm8k": "exact_match_strict-match", "ifeval": "prompt_level_strict_acc"}
+
+
+def paired_difference(values_a: Sequence[float], values_b: Sequence[float], *, n_boot: int = 1000,
+                      level: float = 0.95, seed: int = 0, clusters: Sequence | None = None) -> dict:
+    """Mean per-item difference ``b - a`` of two models scored on the same items, with a paired bootstrap interval.
+
+    Works for any per-item score (0/1 correctness, a log-probability, a constraint pass rate). Returns
+    ``difference``, ``ci``, ``resolved`` (the interval excludes 0), ``n``, and for 0/1 scores McNemar's exact
+    ``p_value`` with ``only_a`` / ``only_b`` (the items only one model gets right).
+    """
+    a, b = [float(v) for v in values_a], [float(v) for v in values_b]
+    if len(a) != len(b) or not a:
+        raise ValueError(f"values_a and values_b must score the same items (got {len(a)} and {len(b)} values): "
+                         "evaluate both models with the same task, limit and seed.")
+
+    def mean_difference(_items, pairs):
+        return {"difference": sum(y - x for x, y in pairs) / len(pairs)}
+
+    pairs = list(zip(a, b))
+    ci = bootstrap_ci(list(range(len(pairs))), pairs, metric=mean_difference, n_boot=n_boot, level=level, seed=seed,
+                      clusters=clusters)["difference"]
+    out = {"difference": mean_difference(None, pairs)["difference"], "ci": ci,
+           "resolved": bool(ci[0] > 0 or ci[1] < 0), "n": len(pairs)}
+    if all(v in (0.0, 1.0) for v in a + b):
+        out["only_a"] = sum(x > y for x, y in pairs)
+        out["only_b"] = sum(y > x for x, y in pairs)
+        out["p_value"] = mcnemar_exact(out["only_a"], out["only_b"])
+    return out
+
+
+def _task_metric(task: str, entry: Mapping) -> str:
+    metric = TASK_METRICS.get(task, "acc")
+    if metric not in entry.get("per_item", {}):
+        raise ValueError(f"Task {task!r} reports no per-item {metric!r} (it has {sorted(entry.get('per_item', {}))}): "
+                         f"add it to utils.benchmarks.TASK_METRICS.")
+    return metric
+
+
+def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], tokenizer,
+                   tasks: Sequence[str] | None = None, *, limit: int | None = None, reference: str | None = None,
+                   n_boot: int = 1000, seed: int = 0, batch_size: int = 16) -> dict:
+    """Score several models on the same benchmark items and compare each with a reference, with intervals.
+
+    Args:
+        models: ``{name: model}`` in the order to report; a value may be a function that builds the model, so
+            only one large model is in memory at a time (it is dropped after its evaluation).
+        tasks: task names for :func:`run_lm_eval` (default: :func:`benchmark_tasks`, the profile's tasks).
+        limit: items per task; reference: the model the others are compared with (default: the first).
+
+    Returns ``{"reference", "tasks": {task: {name: {"metric", "score", "ci", "n", "vs_reference"}}}}``: the
+    score's percentile bootstrap interval and, for every other model, :func:`paired_difference` against the
+    reference on the same items. Print it with :func:`comparison_table`.
+    """
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError("models must be a non-empty dict {name: model}, e.g. {'base': base, 'pruned': pruned}.")
+    names = list(models)
+    reference = names[0] if reference is None else reference
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {names}.")
+    tasks = benchmark_tasks() if tasks is None else list(tasks)
+    raw = {}
+    for name in names:
+        model = models[name]
+        if not isinstance(model, nn.Module):
+            model = model()
+        raw[name] = run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, seed=seed)
+        del model
+    out: dict = {"reference": reference, "tasks": {}}
+    for task in tasks:
+        metric = _task_metric(task, raw[reference][task])
+        ref_values = raw[reference][task]["per_item"][metric]
+        rows = {}
+        for name in names:
+            values = raw[name][task]["per_item"][_task_metric(task, raw[name][task])]
+            ci = bootstrap_ci(list(range(len(values))), values, n_boot=n_boot, seed=seed,
+                              metric=lambda _i, v: {"score": sum(v) / len(v)})["score"]
+            rows[name] = {"metric": metric, "score": sum(values) / len(values), "ci": ci, "n": len(values),
+                          "vs_reference": None if name == reference else
+                          paired_difference(ref_values, values, n_boot=n_boot, seed=seed)}
+        out["tasks"][task] = rows
+    return out
+
+
+def comparison_table(comparison: Mapping) -> str:
+    """The lines of a :func:`compare_models` result, one per task and model: score [interval], and the paired
+    difference from the reference [interval] with its verdict (``beyond noise`` or ``within noise``)."""
+    if "tasks" not in comparison or "reference" not in comparison:
+        raise ValueError("comparison must be what compare_models returned.")
+    lines = []
+    for task, rows in comparison["tasks"].items():
+        for name, row in rows.items():
+            low, high = row["ci"]
+            line = f"{task:22s} {name:22s} {row['metric']} {row['score']:.3f} [{low:.3f}, {high:.3f}]  n={row['n']}"
+            vs = row["vs_reference"]
+            if vs is not None:
+                verdict = "beyond noise" if vs["resolved"] else "within noise"
+                line += (f"  vs {comparison['reference']}: {vs['difference']:+.3f} "
+                         f"[{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}] {verdict}")
+            lines.append(line)
+    return "\n".join(lines)
