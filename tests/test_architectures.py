@@ -7,10 +7,12 @@ from utils import ARCHITECTURES, build_on_meta, count_parameters, get_spec, real
 PUBLISHED_M = {
     "distilbert/distilgpt2": 82,
     "meta-llama/Llama-3.2-1B": 1236,
+    "meta-llama/Llama-3.2-3B": 3213,
     "google/gemma-3-270m": 268,
     "Qwen/Qwen3-0.6B": 596,
     "microsoft/Phi-4-mini-instruct": 3836,
     "HuggingFaceTB/SmolLM2-135M-Instruct": 135,
+    "HuggingFaceTB/SmolLM2-360M-Instruct": 362,
     "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1711,
 }
 

@@ -75,6 +75,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                 "original_max_position_embeddings": 8192}},
         ),
         ArchSpec(
+            "meta-llama/Llama-3.2-3B", "llama", 28, 3072, 8192, 24, 8, 128, 128256, True, 131072,
+            mlp="glu", norm="rmsnorm", activation="silu",
+            extra={"rms_norm_eps": 1e-5, "rope_parameters": {
+                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}},
+        ),
+        ArchSpec(
             "google/gemma-3-270m", "gemma3_text", 18, 640, 2048, 4, 1, 256, 262144, True, 32768,
             mlp="glu", norm="rmsnorm", activation="gelu_pytorch_tanh",
             extra={"rms_norm_eps": 1e-6, "sliding_window": 512, "query_pre_attn_scalar": 256,
@@ -89,6 +97,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "HuggingFaceTB/SmolLM2-1.7B-Instruct", "llama", 24, 2048, 8192, 32, 32, 64, 49152, True, 8192,
             mlp="glu", norm="rmsnorm", activation="silu",
             extra={"rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 130000.0}},
+        ),
+        ArchSpec(
+            "HuggingFaceTB/SmolLM2-360M-Instruct", "llama", 32, 960, 2560, 15, 5, 64, 49152, True, 8192,
+            mlp="glu", norm="rmsnorm", activation="silu",
+            extra={"rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}},
         ),
         ArchSpec(
             "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 30, 576, 1536, 9, 3, 64, 49152, True, 8192,
