@@ -381,3 +381,56 @@ def test_layer_groups_split_by_the_gram_budget():
     assert utils.width.layer_groups(mlps, 512) == [[0, 1], [2]]
     assert utils.width.layer_groups(mlps, 100) == [[0], [1], [2]]  # too big alone: a group each
     assert utils.width.layer_groups(mlps, 10_000) == [[0, 1, 2]]
+
+
+def test_allocate_widths_takes_the_cheapest_steps_within_bounds():
+    torch.manual_seed(0)
+    flat = torch.ones(64)
+    cheap = torch.cat([torch.full((32,), 0.01), torch.ones(32)])  # half its neurons look useless
+    scores = [flat.clone(), flat.clone(), cheap, flat.clone(), flat.clone()]
+    removed = utils.width.allocate_widths(scores, 40, step=4, protect=1)
+    assert sum(removed) == 40 and all(r % 4 == 0 for r in removed)
+    share = 40 / (5 * 64)
+    assert removed[2] == int(2 * share * 64) // 4 * 4  # the cheap layer gives all it may (twice the share)
+    assert removed[0] <= 0.5 * share * 64 and removed[4] <= 0.5 * share * 64  # the ends are protected
+    # scale does not matter: each layer is divided by its median
+    scaled = [s * k for s, k in zip(scores, (1, 100, 1, 0.01, 1))]
+    assert utils.width.allocate_widths(scaled, 40, step=4) == removed
+    # a total that is not a whole number of steps is rounded up, never down
+    assert sum(utils.width.allocate_widths(scores, 41, step=4)) == 44
+
+
+def test_allocate_widths_bad_inputs():
+    scores = [torch.rand(16) for _ in range(4)]
+    with pytest.raises(ValueError, match="one non-empty 1-D"):
+        utils.width.allocate_widths([], 4)
+    with pytest.raises(ValueError, match="step must be a positive integer"):
+        utils.width.allocate_widths(scores, 4, step=0)
+    with pytest.raises(ValueError, match="remove must be a whole number"):
+        utils.width.allocate_widths(scores, 0)
+    with pytest.raises(ValueError, match="remove must be a whole number"):
+        utils.width.allocate_widths(scores, 64)
+    with pytest.raises(ValueError, match="within the bounds"):
+        utils.width.allocate_widths(scores, 12, step=8)
+
+
+def test_global_allocation_keeps_the_total_and_round_trips(tiny, calib, tmp_path):
+    model, tok = utils.load_model("meta-llama/Llama-3.2-1B")
+    before = model.config.intermediate_size
+    n = len(utils.width.glu_mlps(model))
+    keep = utils.width.target_width(before, model.config.hidden_size, 0.2)
+    pruned = utils.prune_glu(copy.deepcopy(model), 0.2, dataloader=calib, allocation="global", progress=False)
+    widths = [m.gate_proj.out_features for m in utils.width.glu_mlps(pruned)]
+    assert sum(widths) <= n * keep and len(set(widths)) > 1  # never more neurons than the uniform cut
+    assert pruned.config.mlp_intermediate_sizes == widths and pruned.config.intermediate_size == max(widths)
+    scores = utils.neuron_importance(model, method="hybrid", dataloader=calib, progress=False)
+    removed = utils.width.allocate_widths(scores, n * (before - keep), step=1)
+    assert widths == [before - r for r in removed]  # a narrow tiny MLP moves neurons one by one
+    pruned.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reloaded, _ = utils.load_model(str(tmp_path))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, reloaded(ids).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        utils.prune_glu(copy.deepcopy(model), 0.2, allocation="layerwise")

@@ -366,17 +366,67 @@ def layer_groups(mlps: list[nn.Module], budget_bytes: int) -> list[list[int]]:
     return groups
 
 
+#: Neurons moved at a time by :func:`allocate_widths` (wide MLPs; a narrow one moves them one by one).
+ALLOCATION_STEP = 32
+#: Blocks at each end of the model that :func:`allocate_widths` cuts at most half the average share.
+PROTECTED_BLOCKS = 1
+
+
+def allocate_widths(scores: list[torch.Tensor], remove: int, *, step: int = ALLOCATION_STEP,
+                    protect: int = PROTECTED_BLOCKS) -> list[int]:
+    """How many neurons each layer loses when ``remove`` neurons are taken by ONE ranking over all layers.
+
+    Each layer's scores are divided by their median, so that layers whose scores live on different scales
+    compete fairly; then the neurons go in steps of ``step`` (a layer's next ``step`` neurons cost its
+    ``step``-th lowest remaining normalised score), cheapest first, until ``remove`` (rounded up to a whole
+    step) are gone. Bounds keep it from hollowing a layer out: with ``s`` the average share removed, the first and
+    last ``protect`` layers lose at most ``s / 2`` of their neurons, every other layer at most ``2 s``. Every
+    count is a multiple of ``step`` (pass a ``divisor`` there to keep GPU-friendly widths).
+    """
+    if not scores or any(s.ndim != 1 or s.numel() == 0 for s in scores):
+        raise ValueError("scores must hold one non-empty 1-D score vector per layer (from neuron_importance).")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be a positive integer (neurons moved at a time), got {step!r}.")
+    widths = [s.numel() for s in scores]
+    if isinstance(remove, bool) or not isinstance(remove, int) or not 0 < remove < sum(widths):
+        raise ValueError(f"remove must be a whole number of neurons between 1 and {sum(widths) - 1}, got {remove!r}.")
+    share = remove / sum(widths)
+    n = len(scores)
+    ends = set(range(min(protect, n))) | set(range(max(n - protect, 0), n))
+    high = [int((0.5 if i in ends else 2.0) * share * w) // step * step for i, w in enumerate(widths)]
+    high = [min(h, (w - 1) // step * step) for h, w in zip(high, widths)]
+    chunks = -(-remove // step)
+    if sum(h // step for h in high) < chunks:
+        raise ValueError(f"Cannot remove {remove} neurons in steps of {step} within the bounds (at most twice the "
+                         "average share per layer, half of it at the ends): use a smaller step or divisor, or a "
+                         "uniform cut.")
+    costs = []
+    for i, s in enumerate(scores):
+        ordered = (s.float().cpu() / s.float().median().clamp_min(1e-12)).sort().values
+        costs += [(float(ordered[c * step - 1]), i) for c in range(1, high[i] // step + 1)]
+    removed = [0] * n
+    for _cost, i in sorted(costs)[:chunks]:
+        removed[i] += step
+    return removed
+
+
+ALLOCATIONS: tuple[str, ...] = ("uniform", "global")
+#: How :func:`prune_glu` spreads the cut over the layers by default (see ``allocation`` there).
+DEFAULT_ALLOCATION = "uniform"
+
+
 @torch.no_grad()
 def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: float | None = None,
               divisor: int | None = None, method: str | None = None, dataloader: Iterable | None = None,
               scores: list[torch.Tensor] | None = None, reconstruct: bool | None = None,
-              damping: float = DEFAULT_DAMPING, progress: bool = True) -> nn.Module:
-    """Remove the least important neurons of every GLU MLP, in place, and return the model.
+              damping: float = DEFAULT_DAMPING, allocation: str = DEFAULT_ALLOCATION,
+              progress: bool = True) -> nn.Module:
+    """Remove the least important neurons of the GLU MLPs, in place, and return the model.
 
     Args:
-        ratio: share of each layer's neurons to remove, strictly between 0 and 1.
-        expansion_ratio: or the new intermediate/hidden ratio (exactly one of the two).
-        divisor: round the kept width down to a multiple of it (e.g. 64, 128, 256).
+        ratio: share of the MLP neurons to remove, strictly between 0 and 1.
+        expansion_ratio: or the new (average) intermediate/hidden ratio (exactly one of the two).
+        divisor: round the kept widths down to a multiple of it (e.g. 64, 128, 256).
         method: criterion (see :func:`neuron_importance`). Default: ``"hybrid"`` with a
             dataloader, ``"maw"`` without.
         dataloader: calibration batches, for data-driven methods and for the least-squares repair.
@@ -386,12 +436,15 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
             activations (see the module docstring and :func:`compensate_down_proj`). Default: on
             when a ``dataloader`` is given; ``False`` gives the plain cut (what optipfair does).
         damping: ridge strength of that repair (``DEFAULT_DAMPING``).
+        allocation: ``"uniform"``, every layer keeps the same number of neurons (its top scores), so
+            ``config.intermediate_size`` stays one integer and plain ``transformers`` reloads the model; or
+            ``"global"``, the same total removed (rounded up to whole steps) but chosen by one ranking over all
+            layers (:func:`allocate_widths`), so the layers get different widths, recorded in
+            ``config.mlp_intermediate_sizes`` for :func:`utils.load_model` (as :func:`remove_neurons` does).
 
-    Every layer keeps the same number of neurons (its top scores, in their original order); the
-    three Linear layers are rebuilt with the same dtype, device and bias, and
-    ``config.intermediate_size`` is updated. With the repair, the statistics are measured on the
-    unpruned model (one calibration pass, or one per group of layers for very wide MLPs) before any
-    layer is cut.
+    The three Linear layers are rebuilt with the same dtype, device and bias. With the repair, the
+    statistics are measured on the unpruned model (one calibration pass, or one per group of layers for
+    very wide MLPs) before any layer is cut.
     """
     mlps = glu_mlps(model)
     intermediate = mlps[0].gate_proj.out_features
@@ -405,43 +458,73 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
         raise ValueError("reconstruct=True re-fits down_proj on calibration activations: pass dataloader= "
                          "(e.g. utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)).")
     check_damping(damping, DEFAULT_DAMPING)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}.")
     if method is None:
         method = DEFAULT_DATA_METHOD if dataloader is not None else DEFAULT_STATIC_METHOD
     method = _check_method(method)
     if scores is not None and (len(scores) != len(mlps) or any(len(s) != intermediate for s in scores)):
         raise ValueError(f"scores must hold {len(mlps)} vectors of length {intermediate} (one per layer).")
-
-    kept: list[torch.Tensor] = [torch.empty(0)] * len(mlps)
-    new_down: list[torch.Tensor | None] = [None] * len(mlps)
-    if reconstruct:
-        for group in layer_groups(mlps, GRAM_BUDGET_BYTES):
-            padded: dict[int, torch.Tensor] = {}
-            grams = activation_grams(model, dataloader, layers=group, progress=progress, padded_norms=padded)
-            for i in group:
-                if scores is not None:
-                    layer_scores = scores[i]
-                elif method in DATA_METHODS:
-                    norm = padded[i] if SCORE_PADDING else grams[i].diagonal().clamp_min(0).sqrt()
-                    layer_scores = _data_scores(mlps[i], norm, method)
-                else:
-                    layer_scores = static_scores(mlps[i].gate_proj.weight.detach().cpu(),
-                                                 mlps[i].up_proj.weight.detach().cpu(), method)
-                kept[i] = kept_indices([layer_scores], keep)[0]
-                down = mlps[i].down_proj.weight
-                new_down[i] = compensate_down_proj(down, grams[i].to(down.device), kept[i], damping=damping)
-            del grams
-    else:
+    keeps = [keep] * len(mlps)
+    if allocation == "global":
         if scores is None:
             scores = neuron_importance(model, method=method, dataloader=dataloader, progress=progress)
-        kept = kept_indices(scores, keep)
+        step = divisor or (ALLOCATION_STEP if intermediate >= 16 * ALLOCATION_STEP else 1)
+        removed = allocate_widths(scores, len(mlps) * (intermediate - keep), step=step)
+        keeps = [intermediate - r for r in removed]
+    kept, new_down = _select_and_repair(model, mlps, keeps, method, dataloader, scores, reconstruct, damping,
+                                        progress)
     for mlp, index, down in zip(mlps, kept, new_down):
         mlp.gate_proj = _sliced_linear(mlp.gate_proj, index, 0)
         mlp.up_proj = _sliced_linear(mlp.up_proj, index, 0)
         mlp.down_proj = _sliced_linear(mlp.down_proj, index, 1)
         if down is not None:
             mlp.down_proj.weight.copy_(down)
-    _set_intermediate_size(model, keep)
+    _record_widths(model, [len(k) for k in kept])
     return model
+
+
+def _select_and_repair(model, mlps, keeps, method, dataloader, scores, reconstruct, damping, progress):
+    """The kept indices of each layer (``keeps[i]`` best scores) and, with the repair, its new ``down_proj``."""
+    kept: list[torch.Tensor] = [torch.empty(0)] * len(mlps)
+    new_down: list[torch.Tensor | None] = [None] * len(mlps)
+    if not reconstruct:
+        if scores is None:
+            scores = neuron_importance(model, method=method, dataloader=dataloader, progress=progress)
+        return [kept_indices([s], k)[0] for s, k in zip(scores, keeps)], new_down
+    for group in layer_groups(mlps, GRAM_BUDGET_BYTES):
+        padded: dict[int, torch.Tensor] = {}
+        grams = activation_grams(model, dataloader, layers=group, progress=progress, padded_norms=padded)
+        for i in group:
+            if scores is not None:
+                layer_scores = scores[i]
+            elif method in DATA_METHODS:
+                norm = padded[i] if SCORE_PADDING else grams[i].diagonal().clamp_min(0).sqrt()
+                layer_scores = _data_scores(mlps[i], norm, method)
+            else:
+                layer_scores = static_scores(mlps[i].gate_proj.weight.detach().cpu(),
+                                             mlps[i].up_proj.weight.detach().cpu(), method)
+            kept[i] = kept_indices([layer_scores], keeps[i])[0]
+            down = mlps[i].down_proj.weight
+            new_down[i] = compensate_down_proj(down, grams[i].to(down.device), kept[i], damping=damping)
+        del grams
+    return kept, new_down
+
+
+def _record_widths(model: nn.Module, widths: list[int]) -> None:
+    """One width for all MLPs: ``config.intermediate_size``. Several: the largest there, and the list in
+    ``config.mlp_intermediate_sizes`` (:data:`WIDTHS_FIELD`), which :func:`utils.load_model` reads back."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if len(set(widths)) == 1:
+        _set_intermediate_size(model, widths[0])
+        if hasattr(text, WIDTHS_FIELD):
+            setattr(text, WIDTHS_FIELD, None)
+    else:
+        _set_intermediate_size(model, max(widths))
+        setattr(text, WIDTHS_FIELD, widths)
 
 
 def kept_indices(scores: list[torch.Tensor], keep: int) -> list[torch.Tensor]:
@@ -564,17 +647,7 @@ def remove_neurons(model: nn.Module, neurons: dict[int, list[int] | torch.Tensor
         mlp.gate_proj = _sliced_linear(mlp.gate_proj, kept, 0)
         mlp.up_proj = _sliced_linear(mlp.up_proj, kept, 0)
         mlp.down_proj = _sliced_linear(mlp.down_proj, kept, 1)
-    widths = [m.gate_proj.out_features for m in mlps]
-    config = getattr(model, "config", None)
-    if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        if len(set(widths)) == 1:
-            _set_intermediate_size(model, widths[0])
-            if hasattr(text, WIDTHS_FIELD):
-                setattr(text, WIDTHS_FIELD, None)
-        else:
-            _set_intermediate_size(model, max(widths))
-            setattr(text, WIDTHS_FIELD, widths)
+    _record_widths(model, [m.gate_proj.out_features for m in mlps])
     return model
 
 
