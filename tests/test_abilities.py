@@ -253,3 +253,70 @@ def test_full_profile_runs_ifeval_and_gsm8k_through_lm_eval(models, monkeypatch)
     assert (vs["only_a"], vs["only_b"]) == (1, 2)  # item 3 only base, items 1 and 2 only pruned
     raw = benchmarks.run_lm_eval(model, tok, ["gsm8k"], limit=6)["gsm8k"]
     assert raw["n"] == 6 and raw["per_item"]["exact_match_strict-match"] == [1.0, 0, 0, 1.0, 0, 0]
+
+
+GENERATE_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+{extra}output_type: generate_until
+doc_to_text: "Question: {{{{q}}}}\\nAnswer:"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  do_sample: false
+  max_gen_toks: 3
+"""
+TWO_FILTERS = """metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+filter_list:
+  - name: "strict-match"
+    filter: [{function: "regex", regex_pattern: "#### (\\\\d+)"}, {function: "take_first"}]
+  - name: "flexible-extract"
+    filter: [{function: "regex", group_select: -1, regex_pattern: "(\\\\d+)"}, {function: "take_first"}]
+"""
+BOOL_METRIC = """process_results: !function bool_metric.process_results
+metric_list:
+  - metric: prompt_level_strict_acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_real_lm_eval_generate_until_samples_give_one_value_per_item(models, tmp_path):
+    """The sample shapes the fake above assumes, from lm-eval itself on a tiny model: a task with two filters (as
+    GSM8K) logs one sample per item and filter; a pass/fail metric (as IFEval's) is logged as a bool; a task whose
+    config fixes num_fewshot at 0 (as IFEval) keeps 0 when num_fewshot=1 is asked for."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval)")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tok = models()
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(f'{{"q": "What is {k} + {k}?", "a": "{2 * k}"}}\n' for k in range(1, 4)))
+    (tmp_path / "bool_metric.py").write_text("def process_results(doc, results):\n    return "
+                                             "{'prompt_level_strict_acc': doc['q'].startswith('What is 1 ')}\n")
+    (tmp_path / "filtered.yaml").write_text(GENERATE_YAML.format(name="filtered", data=data,
+                                                                 extra="fewshot_split: test\n") + TWO_FILTERS)
+    (tmp_path / "boolean.yaml").write_text(GENERATE_YAML.format(name="boolean", data=data, extra="num_fewshot: 0\n")
+                                           + BOOL_METRIC)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=4)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["filtered", "boolean"],
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+                                  num_fewshot=1, log_samples=True, verbosity="ERROR")
+    for name, metric in (("filtered", "exact_match_strict-match"), ("boolean", "prompt_level_strict_acc")):
+        entry = benchmarks._plain_metrics(out["results"][name])
+        samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+        per_item = benchmarks._per_item_scores(samples, entry)[metric]
+        assert len(per_item) == len({s["doc_id"] for s in samples}) == 3
+        assert sum(per_item) / 3 == pytest.approx(entry[metric])
+    assert len(out["samples"]["filtered"]) == 6  # 3 items x 2 filters
+    assert benchmarks._per_item_scores(sorted(out["samples"]["boolean"], key=lambda s: s["doc_id"]),
+                                       {"prompt_level_strict_acc": 1.0})["prompt_level_strict_acc"] == [1.0, 0.0, 0.0]
+    boolean_prompt = out["samples"]["boolean"][0]["arguments"][0][0]
+    assert boolean_prompt.startswith("Question:") and boolean_prompt.count("Question:") == 1  # no few-shot example
+    assert out["samples"]["filtered"][0]["arguments"][0][0].count("Question:") == 2  # one example, then the item
