@@ -198,7 +198,9 @@ def test_run_lm_eval_agrees_with_our_scorer_item_by_item(models):
     mine = benchmarks.mc_metrics(items, ours)
     for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"):
         assert theirs[key] == pytest.approx(mine[key]), key
-    assert all(isinstance(v, float) for k, v in theirs.items() if k not in ("n", "loglik", "pred", "pred_norm"))
+    lists = ("n", "loglik", "pred", "pred_norm", "per_item")
+    assert all(isinstance(v, float) for k, v in theirs.items() if k not in lists)
+    assert theirs["per_item"]["acc"] == [float(p == item["label"]) for p, item in zip(ours["pred"], items)]
 
 
 def test_run_lm_eval_by_name_with_limit_and_fewshot(models):

@@ -519,7 +519,9 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str,
     for name in list(local) + registry:
         entry = _plain_metrics(out["results"][name])
         samples = sorted(out["samples"].get(name, []), key=lambda s: s["doc_id"])
-        entry["n"] = len(samples) if samples else int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
+        # a filtered task (GSM8K) logs one sample per item and filter: count the items, not the samples
+        entry["n"] = (len({s["doc_id"] for s in samples}) if samples
+                      else int(out.get("n-samples", {}).get(name, {}).get("effective", 0)))
         responses = [s["filtered_resps"] for s in samples]
         per_item = _per_item_scores(samples, entry)
         if per_item:
@@ -537,12 +539,14 @@ def _per_item_scores(samples: Sequence[Mapping], entry: Mapping[str, float]) -> 
     """Each item's value of every metric lm-eval averaged (``{"acc": [1.0, 0.0, ...]}``), in ``doc_id`` order.
 
     A filtered task (GSM8K's ``strict-match``, ...) logs one sample per item and filter; its metric is named
-    ``<metric>_<filter>`` in ``entry`` (see :func:`_plain_metrics`), and so it is here."""
+    ``<metric>_<filter>`` in ``entry`` (see :func:`_plain_metrics`), and so it is here. A pass/fail metric that
+    lm-eval logs as a bool (IFEval's ``prompt_level_strict_acc``) counts as 1.0 / 0.0; lists (IFEval's
+    per-instruction results) are left out."""
     out: dict[str, list[float]] = {}
     for sample in samples:
         flt = sample.get("filter", "none")
         for key, value in sample.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or key in ("doc_id",):
+            if not isinstance(value, (bool, int, float)) or key in ("doc_id",):
                 continue
             name = key if flt in ("", "none") else f"{key}_{flt}"
             if name in entry:
@@ -594,7 +598,7 @@ def _task_metric(task: str, entry: Mapping) -> str:
 
 def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], tokenizer,
                    tasks: Sequence[str] | None = None, *, limit: int | None = None, reference: str | None = None,
-                   n_boot: int = 1000, seed: int = 0, batch_size: int = 16) -> dict:
+                   n_boot: int = 1000, seed: int = 0, batch_size: int = 16, num_fewshot: int = 0) -> dict:
     """Score several models on the same benchmark items and compare each with a reference, with intervals.
 
     Args:
@@ -602,6 +606,8 @@ def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], to
             only one large model is in memory at a time (it is dropped after its evaluation).
         tasks: task names for :func:`run_lm_eval` (default: :func:`benchmark_tasks`, the profile's tasks).
         limit: items per task; reference: the model the others are compared with (default: the first).
+        num_fewshot: passed to :func:`run_lm_eval` (lm-eval keeps 0 for a task whose config fixes it at 0, such
+            as IFEval, so ``num_fewshot=5`` gives GSM8K its usual 5 examples and IFEval none).
 
     Returns ``{"reference", "tasks": {task: {name: {"metric", "score", "ci", "n", "vs_reference"}}}}``: the
     score's percentile bootstrap interval and, for every other model, :func:`paired_difference` against the
@@ -619,7 +625,8 @@ def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], to
         model = models[name]
         if not isinstance(model, nn.Module):
             model = model()
-        raw[name] = run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, seed=seed)
+        raw[name] = run_lm_eval(model, tokenizer, tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                                seed=seed)
         del model
     out: dict = {"reference": reference, "tasks": {}}
     for task in tasks:
