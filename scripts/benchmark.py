@@ -15,8 +15,10 @@ and perplexity is measured on that domain's test split (texts never used for cal
     (the n blocks of lowest ``analyze_layer_importance``), no recovery for either.
 Each row reports both perplexities, their ratio and whether the course's target holds (width: ours at
 least 5 % lower; depth: ours at most 0.75x optipfair's), and, as ablations, the defaults with one choice
-undone: width with real-token scores (damping 1.0, and 0.1 as before issue 17), depth without the linear
-replacement (the plain angular-window cut).
+undone or changed: width with every layer cut by the same share (``allocation="uniform"``, the default before
+issue 33) and with the sequential repair of ``scripts/width_search.py`` (each layer's statistics taken on the
+model whose earlier layers are already cut; uniform widths), depth without the linear replacement (the plain
+angular-window cut). (The real-token ablations of issue 17 are in that issue's note and in utils/width.py.)
 
 Part 2, ``speed`` (BENCH_utils_vs_optipfair.json), on wikitext:
 
@@ -50,6 +52,9 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import utils  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import width_search  # noqa: E402  (the sequential repair, an ablation)
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CALIBRATION, EVALUATION = 32, 48  # texts
@@ -131,9 +136,6 @@ def domain_rows(base, tokenizer, domains=DOMAINS, sizes=CALIBRATION_SIZES, *, he
     """One row per (domain, calibration size, width/depth): ours vs optipfair on that domain's test texts."""
     n_blocks = base.config.num_hidden_layers
     n_remove = max(1, round(DEPTH_FRACTION * n_blocks))
-    def real_token_scores(model, calib):  # the hybrid statistic before SCORE_PADDING: real tokens only
-        return utils.scores_from_activations(model, utils.activation_norms(model, calib, progress=False), "hybrid")
-
     methods = {
         "width": (WIDTH_TARGET, lambda m, c: utils.prune_glu(m, WIDTH_RATIO, dataloader=c, progress=False),
                   optipfair_width),
@@ -143,10 +145,9 @@ def domain_rows(base, tokenizer, domains=DOMAINS, sizes=CALIBRATION_SIZES, *, he
     # ablations of the defaults, reported next to them (not part of the target)
     ablations = {
         "width": {
-            "real_tokens_damping_0.1_ppl": lambda m, c: utils.prune_glu(  # the default before issue 17
-                m, WIDTH_RATIO, dataloader=c, scores=real_token_scores(m, c), damping=0.1, progress=False),
-            "real_tokens_ppl": lambda m, c: utils.prune_glu(
-                m, WIDTH_RATIO, dataloader=c, scores=real_token_scores(m, c), progress=False),
+            "uniform_ppl": lambda m, c: utils.prune_glu(  # the default before issue 33
+                m, WIDTH_RATIO, dataloader=c, allocation="uniform", progress=False),
+            "sequential_ppl": lambda m, c: width_search.prune_variant(m, c, "sequential"),
         },
         "depth": {
             "plain_cut_ppl": lambda m, c: utils.prune_depth(m, n_remove, c, linear_replacement=False, progress=False),

@@ -492,7 +492,32 @@ def test_benchmark_domain_rows_on_the_tiny_model(tiny):
         assert 0 < row["padding_share"] < 1 and row["calibration_tokens"] > 0
         assert row["ours_vs_optipfair"] == pytest.approx(row["ours_ppl"] / row["optipfair_ppl"])
         assert row["meets_target"] == (row["ours_vs_optipfair"] <= float(row["target"].split()[-1]))
-    assert {"real_tokens_ppl", "real_tokens_damping_0.1_ppl"} <= set(rows[0]) and "plain_cut_ppl" in rows[1]
+    assert {"uniform_ppl", "sequential_ppl"} <= set(rows[0]) and "plain_cut_ppl" in rows[1]
+
+
+def test_width_search_variants_prune_the_same_total(tiny):
+    """Every variant of the width search removes at least the uniform cut's neurons (never fewer: a fair budget),
+    and the non-uniform ones really give the layers different widths."""
+    import copy
+
+    import width_search
+
+    from utils import load_model, load_texts, make_dataloader
+    from utils.structure import glu_mlps
+
+    model, tok = load_model(width_search.MODEL_ID)
+    calib = make_dataloader(load_texts("wikitext", n=8), tok, batch_size=4, max_length=32)
+    n = len(glu_mlps(model))
+    uniform = n * width_search.uniform_keep(model)
+    for name in width_search.ALL_VARIANTS:
+        if name == "optipfair":
+            continue
+        widths = [m.gate_proj.out_features for m in glu_mlps(width_search.prune_variant(copy.deepcopy(model), calib,
+                                                                                           name))]
+        assert sum(widths) <= uniform, name
+        assert (len(set(widths)) > 1) == (name in ("global", "allocate")), name
+    with pytest.raises(ValueError):
+        width_search.prune_variant(copy.deepcopy(model), calib, "no-such-variant")
 
 
 def test_held_out_domains_rebuild_from_their_pinned_sources():
