@@ -198,7 +198,8 @@ def test_run_lm_eval_agrees_with_our_scorer_item_by_item(models):
     mine = benchmarks.mc_metrics(items, ours)
     for key in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"):
         assert theirs[key] == pytest.approx(mine[key]), key
-    assert all(isinstance(v, float) for k, v in theirs.items() if k not in ("n", "loglik", "pred", "pred_norm", "per_item"))
+    lists = ("n", "loglik", "pred", "pred_norm", "per_item")
+    assert all(isinstance(v, float) for k, v in theirs.items() if k not in lists)
 
 
 def test_run_lm_eval_by_name_with_limit_and_fewshot(models):
@@ -313,12 +314,18 @@ def test_paired_between_pairs_two_models_that_are_not_the_reference():
     assert table.endswith("beyond noise") or table.endswith("within noise")
     same = benchmarks.differences_table(benchmarks.paired_between(comparison, "base", "base", n_boot=50), "x")
     assert same.endswith("+0.000 [+0.000, +0.000] within noise")
+    summary = benchmarks.comparison_summary(comparison)
+    assert all("values" not in row for row in summary["tasks"]["bias_mc"].values())
+    assert summary["tasks"]["bias_mc"]["cut"]["vs_reference"] == comparison["tasks"]["bias_mc"]["cut"]["vs_reference"]
+    assert "values" in comparison["tasks"]["bias_mc"]["cut"]  # the original is left as it was
 
 
 def test_paired_between_and_differences_table_bad_inputs():
     comparison = _comparison({"base": [1, 0, 1], "cut": [0, 0, 1]})
     with pytest.raises(ValueError, match="what compare_models returned"):
         benchmarks.paired_between({"rows": []}, "base", "cut")
+    with pytest.raises(ValueError, match="what compare_models returned"):
+        benchmarks.comparison_summary({"rows": []})
     with pytest.raises(ValueError, match="'recovered' is not one of the compared models"):
         benchmarks.paired_between(comparison, "cut", "recovered")
     del comparison["tasks"]["bias_mc"]["cut"]["values"]

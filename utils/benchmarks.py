@@ -692,3 +692,13 @@ def differences_table(differences: Mapping[str, Mapping], label: str) -> str:
         lines.append(f"{task:22s} {label}: {d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] "
                      + ("beyond noise" if d["resolved"] else "within noise"))
     return "\n".join(lines)
+
+
+def comparison_summary(comparison: Mapping) -> dict:
+    """A :func:`compare_models` result without the per-item ``values``: the numbers a results JSON keeps
+    (scores, intervals, n, paired differences), a few hundred bytes per task instead of one number per item."""
+    if "tasks" not in comparison or "reference" not in comparison:
+        raise ValueError("comparison must be what compare_models returned.")
+    return {**comparison, "tasks": {task: {name: {k: v for k, v in row.items() if k != "values"}
+                                           for name, row in rows.items()}
+                                    for task, rows in comparison["tasks"].items()}}
