@@ -275,6 +275,7 @@ def test_compare_models_pairs_every_model_with_the_reference(models):
     direct = utils.run_lm_eval(model, tok, ["sms_spam_question"], limit=6, batch_size=4)["sms_spam_question"]
     assert rows["base"]["score"] == pytest.approx(direct["acc"]) and rows["base"]["n"] == 6
     assert rows["base"]["vs_reference"] is None
+    assert rows["base"]["values"] == direct["per_item"]["acc"]  # kept, so paired_between can pair any two
     assert rows["same"]["vs_reference"]["difference"] == 0 and not rows["same"]["vs_reference"]["resolved"]
     diff = rows["other"]["score"] - rows["base"]["score"]
     assert rows["other"]["vs_reference"]["difference"] == pytest.approx(diff)
@@ -290,3 +291,48 @@ def test_compare_models_bad_inputs(models):
         benchmarks.compare_models({"base": model}, tok, ["bias_mc"], reference="x")
     with pytest.raises(ValueError, match="what compare_models returned"):
         benchmarks.comparison_table({"rows": []})
+
+
+def _comparison(values: dict[str, list[float]], reference: str = "base") -> dict:
+    """A compare_models-shaped result built by hand (one task), without running lm-eval."""
+    rows = {name: {"metric": "acc", "score": sum(v) / len(v), "ci": (0.0, 1.0), "n": len(v), "values": v,
+                   "vs_reference": None if name == reference else benchmarks.paired_difference(values[reference], v)}
+            for name, v in values.items()}
+    return {"reference": reference, "tasks": {"bias_mc": rows}}
+
+
+def test_paired_between_pairs_two_models_that_are_not_the_reference():
+    comparison = _comparison({"base": [1, 1, 1, 1, 0, 1, 1, 0], "cut": [0, 0, 1, 0, 0, 0, 1, 0],
+                              "recovered": [1, 0, 1, 1, 0, 1, 1, 0]})
+    out = benchmarks.paired_between(comparison, "cut", "recovered", n_boot=200)
+    direct = benchmarks.paired_difference([0, 0, 1, 0, 0, 0, 1, 0], [1, 0, 1, 1, 0, 1, 1, 0], n_boot=200)
+    assert list(out) == ["bias_mc"] and out["bias_mc"] == direct
+    assert out["bias_mc"]["difference"] == pytest.approx(3 / 8) and out["bias_mc"]["only_b"] == 3
+    reverse = benchmarks.paired_between(comparison, "recovered", "cut", n_boot=200)["bias_mc"]
+    assert reverse["difference"] == pytest.approx(-3 / 8)
+    table = benchmarks.differences_table(out, "recovered vs cut")
+    assert table.startswith("bias_mc") and "recovered vs cut: +0.375" in table
+    assert table.endswith("beyond noise") or table.endswith("within noise")
+    same = benchmarks.differences_table(benchmarks.paired_between(comparison, "base", "base", n_boot=50), "x")
+    assert same.endswith("+0.000 [+0.000, +0.000] within noise")
+    summary = benchmarks.comparison_summary(comparison)
+    assert all("values" not in row for row in summary["tasks"]["bias_mc"].values())
+    assert summary["tasks"]["bias_mc"]["cut"]["vs_reference"] == comparison["tasks"]["bias_mc"]["cut"]["vs_reference"]
+    assert "values" in comparison["tasks"]["bias_mc"]["cut"]  # the original is left as it was
+
+
+def test_paired_between_and_differences_table_bad_inputs():
+    comparison = _comparison({"base": [1, 0, 1], "cut": [0, 0, 1]})
+    with pytest.raises(ValueError, match="what compare_models returned"):
+        benchmarks.paired_between({"rows": []}, "base", "cut")
+    with pytest.raises(ValueError, match="what compare_models returned"):
+        benchmarks.comparison_summary({"rows": []})
+    with pytest.raises(ValueError, match="'recovered' is not one of the compared models"):
+        benchmarks.paired_between(comparison, "cut", "recovered")
+    del comparison["tasks"]["bias_mc"]["cut"]["values"]
+    with pytest.raises(ValueError, match="no per-item values for 'cut'.*re-run compare_models"):
+        benchmarks.paired_between(comparison, "base", "cut")
+    with pytest.raises(ValueError, match="what paired_between returned"):
+        benchmarks.differences_table({}, "x")
+    with pytest.raises(ValueError, match="not a paired difference"):
+        benchmarks.differences_table({"bias_mc": {"difference": 0.1}}, "x")

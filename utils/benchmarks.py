@@ -609,9 +609,10 @@ def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], to
         num_fewshot: passed to :func:`run_lm_eval` (lm-eval keeps 0 for a task whose config fixes it at 0, such
             as IFEval, so ``num_fewshot=5`` gives GSM8K its usual 5 examples and IFEval none).
 
-    Returns ``{"reference", "tasks": {task: {name: {"metric", "score", "ci", "n", "vs_reference"}}}}``: the
-    score's percentile bootstrap interval and, for every other model, :func:`paired_difference` against the
-    reference on the same items. Print it with :func:`comparison_table`.
+    Returns ``{"reference", "tasks": {task: {name: {"metric", "score", "ci", "n", "vs_reference", "values"}}}}``:
+    the score's percentile bootstrap interval, for every other model :func:`paired_difference` against the
+    reference on the same items, and ``values``, each item's score (so :func:`paired_between` can pair any two
+    models later without evaluating again). Print it with :func:`comparison_table`.
     """
     if not isinstance(models, Mapping) or not models:
         raise ValueError("models must be a non-empty dict {name: model}, e.g. {'base': base, 'pruned': pruned}.")
@@ -639,7 +640,8 @@ def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], to
                               metric=lambda _i, v: {"score": sum(v) / len(v)})["score"]
             rows[name] = {"metric": metric, "score": sum(values) / len(values), "ci": ci, "n": len(values),
                           "vs_reference": None if name == reference else
-                          paired_difference(ref_values, values, n_boot=n_boot, seed=seed)}
+                          paired_difference(ref_values, values, n_boot=n_boot, seed=seed),
+                          "values": values}
         out["tasks"][task] = rows
     return out
 
@@ -661,3 +663,49 @@ def comparison_table(comparison: Mapping) -> str:
                          f"[{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}] {verdict}")
             lines.append(line)
     return "\n".join(lines)
+
+
+def paired_between(comparison: Mapping, a: str, b: str, *, n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """The paired difference ``b - a`` between any two models of one :func:`compare_models` result, per task.
+
+    :func:`compare_models` pairs every model with its reference; this pairs two others (the recovered model with
+    the cut one, say) from the per-item ``values`` the comparison kept, on the same items, without evaluating
+    anything again. Returns ``{task: paired_difference(values of a, values of b)}`` (see
+    :func:`paired_difference`); print it with :func:`differences_table`.
+    """
+    if "tasks" not in comparison or "reference" not in comparison:
+        raise ValueError("comparison must be what compare_models returned.")
+    out = {}
+    for task, rows in comparison["tasks"].items():
+        for name in (a, b):
+            if name not in rows:
+                raise ValueError(f"{name!r} is not one of the compared models {list(rows)} (task {task!r}).")
+            if "values" not in rows[name]:
+                raise ValueError(f"The comparison keeps no per-item values for {name!r}: re-run compare_models "
+                                 "(its rows carry 'values' since this helper exists).")
+        out[task] = paired_difference(rows[a]["values"], rows[b]["values"], n_boot=n_boot, seed=seed)
+    return out
+
+
+def differences_table(differences: Mapping[str, Mapping], label: str) -> str:
+    """One line per task of :func:`paired_between`'s result: ``label``, the difference [interval] and its verdict
+    (``beyond noise`` when the paired interval excludes 0, else ``within noise``, as :func:`comparison_table`)."""
+    if not isinstance(differences, Mapping) or not differences:
+        raise ValueError("differences must be what paired_between returned: {task: paired difference}.")
+    lines = []
+    for task, d in differences.items():
+        if not isinstance(d, Mapping) or not {"difference", "ci", "resolved"} <= set(d):
+            raise ValueError(f"differences[{task!r}] is not a paired difference (paired_between's values are).")
+        lines.append(f"{task:22s} {label}: {d['difference']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] "
+                     + ("beyond noise" if d["resolved"] else "within noise"))
+    return "\n".join(lines)
+
+
+def comparison_summary(comparison: Mapping) -> dict:
+    """A :func:`compare_models` result without the per-item ``values``: the numbers a results JSON keeps
+    (scores, intervals, n, paired differences), a few hundred bytes per task instead of one number per item."""
+    if "tasks" not in comparison or "reference" not in comparison:
+        raise ValueError("comparison must be what compare_models returned.")
+    return {**comparison, "tasks": {task: {name: {k: v for k, v in row.items() if k != "values"}
+                                           for name, row in rows.items()}
+                                    for task, rows in comparison["tasks"].items()}}
