@@ -336,3 +336,16 @@ def test_paired_between_and_differences_table_bad_inputs():
         benchmarks.differences_table({}, "x")
     with pytest.raises(ValueError, match="not a paired difference"):
         benchmarks.differences_table({"bias_mc": {"difference": 0.1}}, "x")
+
+
+def test_run_lm_eval_skips_lm_evals_environment_report(models, monkeypatch):
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install lm-eval); it is in requirements-dev")
+    model, tok = models()
+    lm_eval, _, _ = benchmarks._import_lm_eval()
+    evaluator = sys.modules[lm_eval.simple_evaluate.__module__]
+    calls = []
+    monkeypatch.setattr(evaluator, "add_env_info", lambda storage: calls.append(storage))
+    utils.run_lm_eval(model, tok, ["sms_spam_question"], limit=2, batch_size=2)
+    assert calls == [] and evaluator.add_env_info is not None  # skipped during the call, restored after it
+    evaluator.add_env_info({})
+    assert len(calls) == 1

@@ -21,11 +21,13 @@ lm-eval is optional (``pip install 'lm-eval>=0.4.8'``): everything but :func:`ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -462,6 +464,21 @@ def _plain_metrics(results: Mapping) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def _without_env_info(lm_eval_module):
+    """While it is active, lm-eval's ``evaluator.add_env_info`` does nothing (where this lm-eval has it)."""
+    evaluator = sys.modules.get(getattr(lm_eval_module.simple_evaluate, "__module__", ""))  # lm_eval.evaluator
+    original = getattr(evaluator, "add_env_info", None)
+    if original is None:
+        yield
+        return
+    evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
+
+
 def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str, Sequence[dict]],
                 limit: int | None = None, num_fewshot: int = 0, batch_size: int = 16, *,
                 seed: int = 0) -> dict[str, dict]:
@@ -508,10 +525,14 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: Sequence[str] | Mapping[str,
         try:
             manager = TaskManager(include_path=folder if local else None, include_defaults=bool(registry))
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, add_bos_token=True)
-            out = lm_eval.simple_evaluate(model=lm, tasks=list(local) + registry, task_manager=manager,
-                                          num_fewshot=num_fewshot, limit=limit if registry else None,
-                                          log_samples=True, verbosity="WARNING", random_seed=seed,
-                                          numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            # lm-eval records the environment (pip freeze, torch's collect_env: about 2 s a call) in results we
+            # do not read: skipped
+            with _without_env_info(lm_eval):
+                out = lm_eval.simple_evaluate(model=lm, tasks=list(local) + registry, task_manager=manager,
+                                              num_fewshot=num_fewshot, limit=limit if registry else None,
+                                              log_samples=True, verbosity="WARNING", random_seed=seed,
+                                              numpy_random_seed=seed, torch_random_seed=seed,
+                                              fewshot_random_seed=seed)
         finally:
             logging.getLogger("lm_eval").setLevel(previous)
             _datasets_progress_bars(bars)
