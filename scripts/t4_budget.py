@@ -778,24 +778,35 @@ def _generate(ctx: Context, model, batch_size: int, prompt_tokens: int, new_toke
 
 
 def ch07_nb02_lora(ctx: Context) -> None:
-    """CH07_NB02: LoRA on every Linear of a copy (peft) trained with ``utils.train`` at the notebook's batch and
-    length, then GEN_BATCH notes generated together (MAX_NEW_TOKENS each) with the base model resident."""
-    from peft import LoraConfig, get_peft_model
+    """CH07_NB02: ``specialist.add_lora`` on a copy, trained with ``specialist.train_specialist``'s loop
+    (``utils.train`` at the notebook's batch, length and micro-batch), then GEN_BATCH notes generated together
+    (MAX_NEW_TOKENS each) with the base model resident; then a fresh base with the adapter reloaded and merged
+    (three models resident) and the merged specialist written with ``publish.save_with_card``."""
+    from utils import specialist
 
     p = ctx.params("CH07_NB02")
     with ctx.meter.phase("load"):
         model = ctx.build(p["MODEL_ID"])
-    with ctx.meter.phase("peft LoRA copy + utils.train"):
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-            r=p["RANK"], lora_alpha=p["ALPHA"], lora_dropout=0.0, target_modules=p["TARGET_MODULES"],
-            task_type="CAUSAL_LM"))
-        utils.train(peft_model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
-                    max_steps=OPTIMIZER_STEPS, lr=p["LR"], progress=False)
+    with ctx.meter.phase("specialist.add_lora copy + utils.train"):
+        peft_model = specialist.add_lora(copy.deepcopy(model), rank=p["RANK"], alpha=p["ALPHA"],
+                                         target_modules=p["TARGET_MODULES"], last_blocks=p["LORA_LAST_BLOCKS"])
+        history = utils.train(peft_model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
+                              max_steps=OPTIMIZER_STEPS, lr=p["LR"], micro_batch_size=p.get("MICRO_BATCH"),
+                              progress=False)
     peft_model.eval()
     with ctx.meter.phase("generate GEN_BATCH answers"):
         _generate(ctx, peft_model, p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
-    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps; "
-                        f"generation {p['GEN_BATCH']} prompts of {p['MAX_LENGTH']} tokens (an upper bound of a note) "
+    with ctx.meter.phase("reload on a fresh base, merge, save_with_card"), tempfile.TemporaryDirectory() as folder:
+        merged = specialist.add_lora(ctx.build(p["MODEL_ID"]), rank=p["RANK"], alpha=p["ALPHA"],
+                                     target_modules=p["TARGET_MODULES"],
+                                     last_blocks=p["LORA_LAST_BLOCKS"]).merge_and_unload()
+        utils.publish.save_with_card(merged, _tokenizer(), folder, base_model=p["MODEL_ID"], changes=["LoRA"],
+                                     results={"schema compliance": 1.0})
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']} in micro-batches of {p.get('MICRO_BATCH')}, "
+                        f"{OPTIMIZER_STEPS} of {p['STEPS']} steps, trained tensors "
+                        f"{sorted({str(q.dtype) for q in peft_model.parameters() if q.requires_grad})} "
+                        f"(float32 masters: {history['settings']['float32_master_copies']}); generation "
+                        f"{p['GEN_BATCH']} prompts of {p['MAX_LENGTH']} tokens (an upper bound of a note) "
                         f"+ {p['MAX_NEW_TOKENS']} new")
 
 
@@ -1297,7 +1308,7 @@ STEPS: list[Step] = [
     Step("CH06_NB04:scaling", "a point of the data series (utils.distill) + perplexity", ch06_nb04_data_scaling),
     Step("CH07_NB01:quantization", "LoRA/DoRA vs peft copies, fake-quantised copy + perplexity (float32)",
          ch07_nb01_quantization),
-    Step("CH07_NB02:lora", "peft LoRA + utils.train, batched generation", ch07_nb02_lora),
+    Step("CH07_NB02:lora", "specialist.add_lora + utils.train, batched generation, merge + save_with_card", ch07_nb02_lora),
     Step("CH07_NB03:full-ft", "full fine-tuning beside LoRA and DoRA models", ch07_nb03_full_ft),
     Step("CH07_NB04:ranks", "rank-1 and rank-8 LoRA copies trained and merged, batched generation",
          ch07_nb04_rank1_lab),
