@@ -1010,10 +1010,12 @@ def ch09_nb01_moe(ctx: Context) -> None:
 
 
 def ch09_nb02_upcycle(ctx: Context) -> None:
-    """CH09_NB02: a copy whose last UPCYCLE_LAST blocks' MLPs train (``utils.train``), the upcycled model built from
-    both, the specialist freed, router-only training with the load-balancing loss, then the export reloaded with
-    ``utils.load_model`` and compared on EXPORT_CHECK_BATCHES batches."""
-    from utils import moe
+    """CH09_NB02: the CH07 specialist made here when no folder or Hub id gives one (its heaviest case:
+    ``specialist.add_lora`` on a copy, trained with ``utils.train`` at SPECIALIST_BATCH in micro-batches, merged),
+    the upcycled model built from the base and the specialist, the specialist freed, router-only training with the
+    load-balancing loss, then the export reloaded with ``utils.load_model`` and compared on EXPORT_CHECK_BATCHES
+    batches."""
+    from utils import moe, specialist
 
     p = ctx.params("CH09_NB02")
     with ctx.meter.phase("load"):
@@ -1021,28 +1023,22 @@ def ch09_nb02_upcycle(ctx: Context) -> None:
     dtype = next(model.parameters()).dtype
     n = model.config.num_hidden_layers
     layers = list(range(n - p["UPCYCLE_LAST"], n))
-    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"]["sms_spam"], p["BATCH_SIZE"]), p["BATCH_SIZE"],
+    second = p["DOMAINS"][1]
+    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"][second], p["BATCH_SIZE"]), p["BATCH_SIZE"],
                           p["MAX_LENGTH"])
     train_dl = _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"])
-    with ctx.meter.phase("specialist: utils.train of the last MLPs"):
-        specialist = copy.deepcopy(model)
-        mlp_params = [q for i in layers for q in utils.glu_mlps(specialist)[i].parameters()]
-        utils.train(specialist, train_dl, max_steps=OPTIMIZER_STEPS, lr=p["SPECIALIST_LR"], params=mlp_params,
+    with ctx.meter.phase("specialist trained here: add_lora + utils.train on a copy, merged"):
+        clinical = specialist.add_lora(copy.deepcopy(model), rank=p["RANK"], alpha=p["ALPHA"])
+        utils.train(clinical, _train_batches(ctx, model, p["SPECIALIST_BATCH"], p["MAX_LENGTH"]),
+                    max_steps=OPTIMIZER_STEPS, lr=p["SPECIALIST_LR"], micro_batch_size=p.get("SPECIALIST_MICRO_BATCH"),
                     progress=False)
+        clinical = clinical.merge_and_unload().eval()
     with ctx.meter.phase("upcycle + router training"):
-        upcycled = moe.upcycle(copy.deepcopy(model), layers, [model, specialist], top_k=2, seed=ctx.seed)
-        del specialist
+        upcycled = moe.upcycle(copy.deepcopy(model), layers, [model, clinical], top_k=2, seed=ctx.seed)
+        del clinical
         moe.set_routing(upcycled, top_k=2, noise_std=p["NOISE_STD"])
-
-        def router_loss(m, b):
-            with moe.keep_router_logits(m) as kept:
-                lm = utils.causal_lm_loss(m, b)
-                balance = moe.load_balancing_loss([layer.last_router_logits for layer in kept], 1,
-                                                  b["attention_mask"])
-            return lm + p["BALANCE_WEIGHT"] * balance
-
-        utils.train(upcycled, train_dl, router_loss, max_steps=OPTIMIZER_STEPS, lr=p["ROUTER_LR"],
-                    params=moe.router_parameters(upcycled), progress=False)
+        utils.train(upcycled, train_dl, moe.router_loss_fn(p["BALANCE_WEIGHT"], top_k=1), max_steps=OPTIMIZER_STEPS,
+                    lr=p["ROUTER_LR"], params=moe.router_parameters(upcycled), progress=False)
         moe.set_routing(upcycled, noise_std=0.0)
         upcycled.eval()
     with ctx.meter.phase("export: save, utils.load_model, compare"), tempfile.TemporaryDirectory() as folder:
@@ -1050,8 +1046,10 @@ def ch09_nb02_upcycle(ctx: Context) -> None:
         reloaded, _ = utils.load_model(folder, dtype=dtype, device=ctx.device)
         check_dl = eval_dl[:p["EXPORT_CHECK_BATCHES"]] if p.get("EXPORT_CHECK_BATCHES") else eval_dl
         moe.compare_logits(upcycled, reloaded, check_dl)
-    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['SPECIALIST_STEPS']} "
-                        f"specialist and {p['ROUTER_STEPS']} router steps; blocks {layers[0]}-{layers[-1]} upcycled")
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, specialist batch {p['SPECIALIST_BATCH']} in "
+                        f"micro-batches of {p.get('SPECIALIST_MICRO_BATCH')}, {OPTIMIZER_STEPS} of "
+                        f"{p['SPECIALIST_STEPS']} specialist and {p['ROUTER_STEPS']} router steps; blocks "
+                        f"{layers[0]}-{layers[-1]} upcycled")
 
 
 def ch09_nb03_three_experts(ctx: Context) -> None:
@@ -1308,7 +1306,8 @@ STEPS: list[Step] = [
     Step("CH06_NB04:scaling", "a point of the data series (utils.distill) + perplexity", ch06_nb04_data_scaling),
     Step("CH07_NB01:quantization", "LoRA/DoRA vs peft copies, fake-quantised copy + perplexity (float32)",
          ch07_nb01_quantization),
-    Step("CH07_NB02:lora", "specialist.add_lora + utils.train, batched generation, merge + save_with_card", ch07_nb02_lora),
+    Step("CH07_NB02:lora", "specialist.add_lora + utils.train, batched generation, merge + save_with_card",
+         ch07_nb02_lora),
     Step("CH07_NB03:full-ft", "full fine-tuning beside LoRA and DoRA models", ch07_nb03_full_ft),
     Step("CH07_NB04:ranks", "rank-1 and rank-8 LoRA copies trained and merged, batched generation",
          ch07_nb04_rank1_lab),
@@ -1317,7 +1316,8 @@ STEPS: list[Step] = [
     Step("CH08_NB03:bypass", "5 models resident, one-pass scoring, decode at batch 8 x 1,024", ch08_nb03_bypass),
     Step("CH08_NB04:decode", "3 models, measure_decode batch 8 + static cache", ch08_nb04_decode),
     Step("CH09_NB01:moe", "dense + MoE + pruned, utils.distill (last blocks), export", ch09_nb01_moe),
-    Step("CH09_NB02:upcycle", "specialist training, upcycle + router training, export", ch09_nb02_upcycle),
+    Step("CH09_NB02:upcycle", "CH07 specialist (trained here: LoRA), upcycle + router training, export",
+         ch09_nb02_upcycle),
     Step("CH09_NB03:experts", "three expert copies trained, upcycle + router training", ch09_nb03_three_experts),
     Step("CH10_NB01:glu", "glu_statistics + capture_activations", ch10_nb01_glu),
     Step("CH10_NB02:ablations", "neuron/block importance, cut copy + perplexity", ch10_nb02_ablations),
