@@ -810,33 +810,57 @@ def ch07_nb02_lora(ctx: Context) -> None:
                         f"+ {p['MAX_NEW_TOKENS']} new")
 
 
-def ch07_nb03_full_ft(ctx: Context) -> None:
-    """CH07_NB03 §3: full fine-tuning (every weight, float32 masters + AdamW) of a copy, beside the base and the
-    trained LoRA and DoRA models the notebook keeps; then GEN_BATCH answers generated. QLoRA/QDoRA (4-bit
-    bitsandbytes base) train less and hold a 4-bit base: not the peak, not measured here."""
+def ch07_nb03_adapters(ctx: Context) -> None:
+    """CH07_NB03 §3-5: LoRA trained (``utils.train`` in micro-batches of MICRO_BATCH), its logits on one batch kept
+    and the copy freed; DoRA trained and kept (the exercise reads it); full fine-tuning (float32 masters + AdamW on
+    every weight) only where SKIP_METHODS does not leave it out (``full`` does: 16 bytes a weight); GEN_BATCH
+    answers generated; a sweep copy trained beside the base and DoRA; two adapters loaded on one more copy.
+    QLoRA/QDoRA (4-bit bitsandbytes base, CUDA) hold less than a float16 copy: not measured here."""
     from peft import LoraConfig, get_peft_model
 
     p = ctx.params("CH07_NB03")
     with ctx.meter.phase("load"):
         model = ctx.build(p["MODEL_ID"])
     batches = _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    probe = {k: v.to(ctx.device) for k, v in batches[0].items()}
+
+    def adapted(dora: bool):
+        return get_peft_model(copy.deepcopy(model), LoraConfig(
+            r=p["RANK"], lora_alpha=p["ALPHA_PER_RANK"] * p["RANK"], lora_dropout=0.0,
+            target_modules=p["TARGET_MODULES"], use_dora=dora, task_type="CAUSAL_LM"))
+
     kept = {}
-    with ctx.meter.phase("LoRA and DoRA trained and kept"):
+    with ctx.meter.phase("LoRA trained, logits kept, freed; DoRA trained and kept"):
         for dora in (False, True):
-            m = get_peft_model(copy.deepcopy(model), LoraConfig(
-                r=p["RANK"], lora_alpha=p["ALPHA_PER_RANK"] * p["RANK"], lora_dropout=0.0,
-                target_modules=p["TARGET_MODULES"], use_dora=dora, task_type="CAUSAL_LM"))
-            utils.train(m, batches, max_steps=OPTIMIZER_STEPS, lr=p["LR"], progress=False)
-            kept[dora] = m.eval()
-    with ctx.meter.phase("full fine-tuning"):
-        full = copy.deepcopy(model)
-        history = utils.train(full, batches, max_steps=OPTIMIZER_STEPS, lr=p["FULL_FT_LR"], progress=False)
-    full.eval()
-    with ctx.meter.phase("generate GEN_BATCH answers"):
-        _generate(ctx, full, p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
-    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps, "
-                        f"{history['settings']['trainable_parameters']:,} trained parameters "
-                        f"(masters: {history['settings']['float32_master_copies']}); QLoRA not measured")
+            m = adapted(dora)
+            utils.train(m, batches, max_steps=OPTIMIZER_STEPS, lr=p["LR"], micro_batch_size=p.get("MICRO_BATCH"),
+                        progress=False)
+            with torch.no_grad():
+                kept[f"logits {dora}"] = m.eval()(**probe).logits
+            if dora:
+                kept["DoRA"] = m
+            del m
+    if "full fine-tuning" not in p.get("SKIP_METHODS", []):
+        with ctx.meter.phase("full fine-tuning"):
+            full = copy.deepcopy(model)
+            utils.train(full, batches, max_steps=OPTIMIZER_STEPS, lr=p["FULL_FT_LR"],
+                        micro_batch_size=p.get("MICRO_BATCH"), progress=False)
+            del full
+    with ctx.meter.phase("generate GEN_BATCH answers (DoRA)"):
+        _generate(ctx, kept["DoRA"], p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
+    with ctx.meter.phase("sweep copy (rank 32) + utils.train"):
+        m = get_peft_model(copy.deepcopy(model), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0,
+                                                            target_modules=p["TARGET_MODULES"], task_type="CAUSAL_LM"))
+        utils.train(m, batches, max_steps=OPTIMIZER_STEPS, lr=p["LR"], micro_batch_size=p.get("MICRO_BATCH"),
+                    progress=False)
+        del m
+    with ctx.meter.phase("two adapters on one copy + logits"), torch.no_grad():
+        multi = adapted(False)
+        multi.eval()(**probe)
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']} in micro-batches of {p.get('MICRO_BATCH')}, "
+                        f"{OPTIMIZER_STEPS} of {p['STEPS']} steps; skipped: {p.get('SKIP_METHODS') or 'nothing'}; "
+                        f"generation {p['GEN_BATCH']} x ({p['MAX_LENGTH']} + {p['MAX_NEW_TOKENS']}); "
+                        "QLoRA not measured")
 
 
 def ch07_nb04_rank1_lab(ctx: Context) -> None:
@@ -1308,7 +1332,8 @@ STEPS: list[Step] = [
          ch07_nb01_quantization),
     Step("CH07_NB02:lora", "specialist.add_lora + utils.train, batched generation, merge + save_with_card",
          ch07_nb02_lora),
-    Step("CH07_NB03:full-ft", "full fine-tuning beside LoRA and DoRA models", ch07_nb03_full_ft),
+    Step("CH07_NB03:adapters", "LoRA, DoRA (kept), full fine-tuning unless skipped, sweep copy, two adapters",
+         ch07_nb03_adapters),
     Step("CH07_NB04:ranks", "rank-1 and rank-8 LoRA copies trained and merged, batched generation",
          ch07_nb04_rank1_lab),
     Step("CH08_NB01:kv", "perplexity + generation through the cache", ch08_nb01_kv),
