@@ -778,54 +778,89 @@ def _generate(ctx: Context, model, batch_size: int, prompt_tokens: int, new_toke
 
 
 def ch07_nb02_lora(ctx: Context) -> None:
-    """CH07_NB02: LoRA on every Linear of a copy (peft) trained with ``utils.train`` at the notebook's batch and
-    length, then GEN_BATCH notes generated together (MAX_NEW_TOKENS each) with the base model resident."""
-    from peft import LoraConfig, get_peft_model
+    """CH07_NB02: ``specialist.add_lora`` on a copy, trained with ``specialist.train_specialist``'s loop
+    (``utils.train`` at the notebook's batch, length and micro-batch), then GEN_BATCH notes generated together
+    (MAX_NEW_TOKENS each) with the base model resident; then a fresh base with the adapter reloaded and merged
+    (three models resident) and the merged specialist written with ``publish.save_with_card``."""
+    from utils import specialist
 
     p = ctx.params("CH07_NB02")
     with ctx.meter.phase("load"):
         model = ctx.build(p["MODEL_ID"])
-    with ctx.meter.phase("peft LoRA copy + utils.train"):
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
-            r=p["RANK"], lora_alpha=p["ALPHA"], lora_dropout=0.0, target_modules=p["TARGET_MODULES"],
-            task_type="CAUSAL_LM"))
-        utils.train(peft_model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
-                    max_steps=OPTIMIZER_STEPS, lr=p["LR"], progress=False)
+    with ctx.meter.phase("specialist.add_lora copy + utils.train"):
+        peft_model = specialist.add_lora(copy.deepcopy(model), rank=p["RANK"], alpha=p["ALPHA"],
+                                         target_modules=p["TARGET_MODULES"], last_blocks=p["LORA_LAST_BLOCKS"])
+        history = utils.train(peft_model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
+                              max_steps=OPTIMIZER_STEPS, lr=p["LR"], micro_batch_size=p.get("MICRO_BATCH"),
+                              progress=False)
     peft_model.eval()
     with ctx.meter.phase("generate GEN_BATCH answers"):
         _generate(ctx, peft_model, p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
-    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps; "
-                        f"generation {p['GEN_BATCH']} prompts of {p['MAX_LENGTH']} tokens (an upper bound of a note) "
+    with ctx.meter.phase("reload on a fresh base, merge, save_with_card"), tempfile.TemporaryDirectory() as folder:
+        merged = specialist.add_lora(ctx.build(p["MODEL_ID"]), rank=p["RANK"], alpha=p["ALPHA"],
+                                     target_modules=p["TARGET_MODULES"],
+                                     last_blocks=p["LORA_LAST_BLOCKS"]).merge_and_unload()
+        utils.publish.save_with_card(merged, _tokenizer(), folder, base_model=p["MODEL_ID"], changes=["LoRA"],
+                                     results={"schema compliance": 1.0})
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']} in micro-batches of {p.get('MICRO_BATCH')}, "
+                        f"{OPTIMIZER_STEPS} of {p['STEPS']} steps, trained tensors "
+                        f"{sorted({str(q.dtype) for q in peft_model.parameters() if q.requires_grad})} "
+                        f"(float32 masters: {history['settings']['float32_master_copies']}); generation "
+                        f"{p['GEN_BATCH']} prompts of {p['MAX_LENGTH']} tokens (an upper bound of a note) "
                         f"+ {p['MAX_NEW_TOKENS']} new")
 
 
-def ch07_nb03_full_ft(ctx: Context) -> None:
-    """CH07_NB03 §3: full fine-tuning (every weight, float32 masters + AdamW) of a copy, beside the base and the
-    trained LoRA and DoRA models the notebook keeps; then GEN_BATCH answers generated. QLoRA/QDoRA (4-bit
-    bitsandbytes base) train less and hold a 4-bit base: not the peak, not measured here."""
+def ch07_nb03_adapters(ctx: Context) -> None:
+    """CH07_NB03 §3-5: LoRA trained (``utils.train`` in micro-batches of MICRO_BATCH), its logits on one batch kept
+    and the copy freed; DoRA trained and kept (the exercise reads it); full fine-tuning (float32 masters + AdamW on
+    every weight) only where SKIP_METHODS does not leave it out (``full`` does: 16 bytes a weight); GEN_BATCH
+    answers generated; a sweep copy trained beside the base and DoRA; two adapters loaded on one more copy.
+    QLoRA/QDoRA (4-bit bitsandbytes base, CUDA) hold less than a float16 copy: not measured here."""
     from peft import LoraConfig, get_peft_model
 
     p = ctx.params("CH07_NB03")
     with ctx.meter.phase("load"):
         model = ctx.build(p["MODEL_ID"])
     batches = _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"])
+    probe = {k: v.to(ctx.device) for k, v in batches[0].items()}
+
+    def adapted(dora: bool):
+        return get_peft_model(copy.deepcopy(model), LoraConfig(
+            r=p["RANK"], lora_alpha=p["ALPHA_PER_RANK"] * p["RANK"], lora_dropout=0.0,
+            target_modules=p["TARGET_MODULES"], use_dora=dora, task_type="CAUSAL_LM"))
+
     kept = {}
-    with ctx.meter.phase("LoRA and DoRA trained and kept"):
+    with ctx.meter.phase("LoRA trained, logits kept, freed; DoRA trained and kept"):
         for dora in (False, True):
-            m = get_peft_model(copy.deepcopy(model), LoraConfig(
-                r=p["RANK"], lora_alpha=p["ALPHA_PER_RANK"] * p["RANK"], lora_dropout=0.0,
-                target_modules=p["TARGET_MODULES"], use_dora=dora, task_type="CAUSAL_LM"))
-            utils.train(m, batches, max_steps=OPTIMIZER_STEPS, lr=p["LR"], progress=False)
-            kept[dora] = m.eval()
-    with ctx.meter.phase("full fine-tuning"):
-        full = copy.deepcopy(model)
-        history = utils.train(full, batches, max_steps=OPTIMIZER_STEPS, lr=p["FULL_FT_LR"], progress=False)
-    full.eval()
-    with ctx.meter.phase("generate GEN_BATCH answers"):
-        _generate(ctx, full, p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
-    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['STEPS']} steps, "
-                        f"{history['settings']['trainable_parameters']:,} trained parameters "
-                        f"(masters: {history['settings']['float32_master_copies']}); QLoRA not measured")
+            m = adapted(dora)
+            utils.train(m, batches, max_steps=OPTIMIZER_STEPS, lr=p["LR"], micro_batch_size=p.get("MICRO_BATCH"),
+                        progress=False)
+            with torch.no_grad():
+                kept[f"logits {dora}"] = m.eval()(**probe).logits
+            if dora:
+                kept["DoRA"] = m
+            del m
+    if "full fine-tuning" not in p.get("SKIP_METHODS", []):
+        with ctx.meter.phase("full fine-tuning"):
+            full = copy.deepcopy(model)
+            utils.train(full, batches, max_steps=OPTIMIZER_STEPS, lr=p["FULL_FT_LR"],
+                        micro_batch_size=p.get("MICRO_BATCH"), progress=False)
+            del full
+    with ctx.meter.phase("generate GEN_BATCH answers (DoRA)"):
+        _generate(ctx, kept["DoRA"], p["GEN_BATCH"], p["MAX_LENGTH"], p["MAX_NEW_TOKENS"])
+    with ctx.meter.phase("sweep copy (rank 32) + utils.train"):
+        m = get_peft_model(copy.deepcopy(model), LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0,
+                                                            target_modules=p["TARGET_MODULES"], task_type="CAUSAL_LM"))
+        utils.train(m, batches, max_steps=OPTIMIZER_STEPS, lr=p["LR"], micro_batch_size=p.get("MICRO_BATCH"),
+                    progress=False)
+        del m
+    with ctx.meter.phase("two adapters on one copy + logits"), torch.no_grad():
+        multi = adapted(False)
+        multi.eval()(**probe)
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']} in micro-batches of {p.get('MICRO_BATCH')}, "
+                        f"{OPTIMIZER_STEPS} of {p['STEPS']} steps; skipped: {p.get('SKIP_METHODS') or 'nothing'}; "
+                        f"generation {p['GEN_BATCH']} x ({p['MAX_LENGTH']} + {p['MAX_NEW_TOKENS']}); "
+                        "QLoRA not measured")
 
 
 def ch07_nb04_rank1_lab(ctx: Context) -> None:
@@ -999,10 +1034,12 @@ def ch09_nb01_moe(ctx: Context) -> None:
 
 
 def ch09_nb02_upcycle(ctx: Context) -> None:
-    """CH09_NB02: a copy whose last UPCYCLE_LAST blocks' MLPs train (``utils.train``), the upcycled model built from
-    both, the specialist freed, router-only training with the load-balancing loss, then the export reloaded with
-    ``utils.load_model`` and compared on EXPORT_CHECK_BATCHES batches."""
-    from utils import moe
+    """CH09_NB02: the CH07 specialist made here when no folder or Hub id gives one (its heaviest case:
+    ``specialist.add_lora`` on a copy, trained with ``utils.train`` at SPECIALIST_BATCH in micro-batches, merged),
+    the upcycled model built from the base and the specialist, the specialist freed, router-only training with the
+    load-balancing loss, then the export reloaded with ``utils.load_model`` and compared on EXPORT_CHECK_BATCHES
+    batches."""
+    from utils import moe, specialist
 
     p = ctx.params("CH09_NB02")
     with ctx.meter.phase("load"):
@@ -1010,28 +1047,22 @@ def ch09_nb02_upcycle(ctx: Context) -> None:
     dtype = next(model.parameters()).dtype
     n = model.config.num_hidden_layers
     layers = list(range(n - p["UPCYCLE_LAST"], n))
-    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"]["sms_spam"], p["BATCH_SIZE"]), p["BATCH_SIZE"],
+    second = p["DOMAINS"][1]
+    eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"][second], p["BATCH_SIZE"]), p["BATCH_SIZE"],
                           p["MAX_LENGTH"])
     train_dl = _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"])
-    with ctx.meter.phase("specialist: utils.train of the last MLPs"):
-        specialist = copy.deepcopy(model)
-        mlp_params = [q for i in layers for q in utils.glu_mlps(specialist)[i].parameters()]
-        utils.train(specialist, train_dl, max_steps=OPTIMIZER_STEPS, lr=p["SPECIALIST_LR"], params=mlp_params,
+    with ctx.meter.phase("specialist trained here: add_lora + utils.train on a copy, merged"):
+        clinical = specialist.add_lora(copy.deepcopy(model), rank=p["RANK"], alpha=p["ALPHA"])
+        utils.train(clinical, _train_batches(ctx, model, p["SPECIALIST_BATCH"], p["MAX_LENGTH"]),
+                    max_steps=OPTIMIZER_STEPS, lr=p["SPECIALIST_LR"], micro_batch_size=p.get("SPECIALIST_MICRO_BATCH"),
                     progress=False)
+        clinical = clinical.merge_and_unload().eval()
     with ctx.meter.phase("upcycle + router training"):
-        upcycled = moe.upcycle(copy.deepcopy(model), layers, [model, specialist], top_k=2, seed=ctx.seed)
-        del specialist
+        upcycled = moe.upcycle(copy.deepcopy(model), layers, [model, clinical], top_k=2, seed=ctx.seed)
+        del clinical
         moe.set_routing(upcycled, top_k=2, noise_std=p["NOISE_STD"])
-
-        def router_loss(m, b):
-            with moe.keep_router_logits(m) as kept:
-                lm = utils.causal_lm_loss(m, b)
-                balance = moe.load_balancing_loss([layer.last_router_logits for layer in kept], 1,
-                                                  b["attention_mask"])
-            return lm + p["BALANCE_WEIGHT"] * balance
-
-        utils.train(upcycled, train_dl, router_loss, max_steps=OPTIMIZER_STEPS, lr=p["ROUTER_LR"],
-                    params=moe.router_parameters(upcycled), progress=False)
+        utils.train(upcycled, train_dl, moe.router_loss_fn(p["BALANCE_WEIGHT"], top_k=1), max_steps=OPTIMIZER_STEPS,
+                    lr=p["ROUTER_LR"], params=moe.router_parameters(upcycled), progress=False)
         moe.set_routing(upcycled, noise_std=0.0)
         upcycled.eval()
     with ctx.meter.phase("export: save, utils.load_model, compare"), tempfile.TemporaryDirectory() as folder:
@@ -1039,8 +1070,10 @@ def ch09_nb02_upcycle(ctx: Context) -> None:
         reloaded, _ = utils.load_model(folder, dtype=dtype, device=ctx.device)
         check_dl = eval_dl[:p["EXPORT_CHECK_BATCHES"]] if p.get("EXPORT_CHECK_BATCHES") else eval_dl
         moe.compare_logits(upcycled, reloaded, check_dl)
-    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['SPECIALIST_STEPS']} "
-                        f"specialist and {p['ROUTER_STEPS']} router steps; blocks {layers[0]}-{layers[-1]} upcycled")
+    ctx.settings.append(f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, specialist batch {p['SPECIALIST_BATCH']} in "
+                        f"micro-batches of {p.get('SPECIALIST_MICRO_BATCH')}, {OPTIMIZER_STEPS} of "
+                        f"{p['SPECIALIST_STEPS']} specialist and {p['ROUTER_STEPS']} router steps; blocks "
+                        f"{layers[0]}-{layers[-1]} upcycled")
 
 
 def ch09_nb03_three_experts(ctx: Context) -> None:
@@ -1297,8 +1330,10 @@ STEPS: list[Step] = [
     Step("CH06_NB04:scaling", "a point of the data series (utils.distill) + perplexity", ch06_nb04_data_scaling),
     Step("CH07_NB01:quantization", "LoRA/DoRA vs peft copies, fake-quantised copy + perplexity (float32)",
          ch07_nb01_quantization),
-    Step("CH07_NB02:lora", "peft LoRA + utils.train, batched generation", ch07_nb02_lora),
-    Step("CH07_NB03:full-ft", "full fine-tuning beside LoRA and DoRA models", ch07_nb03_full_ft),
+    Step("CH07_NB02:lora", "specialist.add_lora + utils.train, batched generation, merge + save_with_card",
+         ch07_nb02_lora),
+    Step("CH07_NB03:adapters", "LoRA, DoRA (kept), full fine-tuning unless skipped, sweep copy, two adapters",
+         ch07_nb03_adapters),
     Step("CH07_NB04:ranks", "rank-1 and rank-8 LoRA copies trained and merged, batched generation",
          ch07_nb04_rank1_lab),
     Step("CH08_NB01:kv", "perplexity + generation through the cache", ch08_nb01_kv),
@@ -1306,7 +1341,8 @@ STEPS: list[Step] = [
     Step("CH08_NB03:bypass", "5 models resident, one-pass scoring, decode at batch 8 x 1,024", ch08_nb03_bypass),
     Step("CH08_NB04:decode", "3 models, measure_decode batch 8 + static cache", ch08_nb04_decode),
     Step("CH09_NB01:moe", "dense + MoE + pruned, utils.distill (last blocks), export", ch09_nb01_moe),
-    Step("CH09_NB02:upcycle", "specialist training, upcycle + router training, export", ch09_nb02_upcycle),
+    Step("CH09_NB02:upcycle", "CH07 specialist (trained here: LoRA), upcycle + router training, export",
+         ch09_nb02_upcycle),
     Step("CH09_NB03:experts", "three expert copies trained, upcycle + router training", ch09_nb03_three_experts),
     Step("CH10_NB01:glu", "glu_statistics + capture_activations", ch10_nb01_glu),
     Step("CH10_NB02:ablations", "neuron/block importance, cut copy + perplexity", ch10_nb02_ablations),

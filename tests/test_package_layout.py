@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "bypass": 3, "distillation": 3, "lora": 3, "quantization": 3, "extraction": 3,
     "moe": 3, "activations": 3, "bias": 3, "benchmarks": 3, "energy": 3,
     "abilities": 3,  # CH05: instruction following vs reasoning, built on benchmarks
+    "specialist": 3,  # CH07's clinical specialist: trained (lora via peft, training), saved, found again (CH09)
     "publish": 3,  # saves any technique's model (a mixture of experts the moe way) with its model card
     # 4: the exercises' checks, which compare a reader's answer with any technique's result
     "exercises": 4,

@@ -228,5 +228,5 @@ from .moe import (
 
 # isort: split
 # CH06_NB03: a model folder with its model card (and a push to the Hub, only when asked)
-from . import publish
+from . import publish, specialist
 from .publish import read_card, save_with_card
