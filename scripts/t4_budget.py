@@ -908,32 +908,88 @@ def ch08_nb01_kv(ctx: Context) -> None:
                         "are a formula, not allocated; vLLM (GPU only) not measured")
 
 
-def ch08_nb02_distill(ctx: Context) -> None:
-    """CH08_NB02 §6: ``utils.distill`` of a copy of the attention-cut model with held-out evaluation, while the
-    base and the cut / reloaded copies the notebook still holds are resident."""
+LM_EVAL_LENGTH = 256  # tokens per request in the stand-in for lm-eval's scoring (context + choice of a standard task)
+
+
+def _free() -> None:
+    utils.precision.free_memory()
+
+
+def _n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def ch08_nb02_cuts(ctx: Context) -> None:
+    """CH08_NB02 (after the T4 redesign): the base and ONE other model at a time. The block cut measured and freed,
+    then the attention cut kept with its logits on one batch; the attention cut freed and the portable (zeroed,
+    full-size) copy compared with those logits (§5; §6 builds it again, and its reloaded copies, the same way);
+    the recovery by ``utils.distill`` only where RECOVER is true (cpu/tiny: a 3B student does not fit a T4);
+    then §8's sweep: the largest drop-k cut beside the base, scored at the notebook's BATCH_SIZE (a stand-in for
+    lm-eval: forward passes of LM_EVAL_LENGTH tokens; the standard tasks need the Hub). The models the notebook
+    still holds at §6 and §8 are read from its code (none, if the redesign holds)."""
     p = ctx.params("CH08_NB02")
     with ctx.meter.phase("load"):
         model = ctx.build(p["MODEL_ID"])
+    n_blocks = model.config.num_hidden_layers
     calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], p["BATCH_SIZE"]), p["BATCH_SIZE"], p["MAX_LENGTH"])
     eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"], p["BATCH_SIZE"]), p["BATCH_SIZE"], p["MAX_LENGTH"])
-    with ctx.meter.phase("choose attention, cut copies"):
-        chosen = utils.choose_attention_to_remove(model, calib, max(1, p["N_BLOCKS_CUT"] * 2))
+    scores = utils.sublayer_importance(model, calib)["attention"]
+    block = utils.depth.decoder_blocks(model)[0]
+    n_attention = round(p["N_BLOCKS_CUT"] * _n_params(block) / (_n_params(block.self_attn)  # as the notebook's §1
+                                                                 + _n_params(block.input_layernorm)))
+    chosen = utils.choose_attention_to_remove(model, None, n_attention, scores=scores)
+    with ctx.meter.phase("block cut + perplexity, freed; attention cut + perplexity"):
+        block_cut = utils.remove_blocks(copy.deepcopy(model), utils.choose_blocks_to_remove(
+            model, calib, p["N_BLOCKS_CUT"], progress=False))
+        utils.perplexity(block_cut, eval_dl, progress=False)
+        del block_cut
+        _free()
         attention_cut = utils.remove_attention(copy.deepcopy(model), chosen)
-        others = _alive_copies(ctx, "CH08_NB02", ["block_cut", "zeroed", "with_block0", "loaded"],
-                               "distill(student, model", model)
-    with ctx.meter.phase("utils.distill + eval"):
-        student = copy.deepcopy(attention_cut)
-        utils.distill(student, model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
-                      max_steps=OPTIMIZER_STEPS, eval_dataloader=eval_dl, progress=False)
-    ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, {OPTIMIZER_STEPS} of {p['DISTILL_STEPS']} "
-                           f"steps, eval {len(eval_dl)} batch(es)")
+        utils.perplexity(attention_cut, eval_dl, progress=False)
+        batch = {k: v.to(ctx.device) for k, v in eval_dl[0].items()}
+        with torch.no_grad():
+            cut_logits = attention_cut(**batch).logits
+    others = _alive_copies(ctx, "CH08_NB02", ["block_cut", "attention_cut", "with_block0", "reloaded", "loaded"],
+                           "zeroed.save_pretrained", model)
+    with ctx.meter.phase("portable full-size copy vs the kept logits"):
+        del attention_cut
+        _free()
+        zeroed = utils.remove_attention(copy.deepcopy(model), chosen, portable=True)
+        with torch.no_grad():
+            (zeroed(**batch).logits - cut_logits).abs().max()
+        del zeroed
+        _free()
+    del others
+    if p["RECOVER"]:
+        with ctx.meter.phase("utils.distill + eval (RECOVER)"):
+            attention_cut = utils.remove_attention(copy.deepcopy(model), chosen)
+            student = copy.deepcopy(attention_cut)
+            utils.distill(student, model, _train_batches(ctx, model, p["BATCH_SIZE"], p["MAX_LENGTH"]),
+                          max_steps=OPTIMIZER_STEPS, eval_dataloader=eval_dl, progress=False)
+            del student, attention_cut
+            _free()
+        ctx.settings.append(f"distill {OPTIMIZER_STEPS} of {p['DISTILL_STEPS']} steps")
+    else:
+        ctx.settings.append("no distillation (RECOVER is False)")
+    others = _alive_copies(ctx, "CH08_NB02", ["block_cut", "zeroed", "with_block0", "reloaded", "loaded", "plain",
+                                              "student"], "compare_models(", model)
+    smallest_k = min((k for k in p["DROP_K"] if k), default=1)
+    with ctx.meter.phase(f"drop-{smallest_k} cut + scoring at BATCH_SIZE (lm-eval stand-in)"):
+        drop = utils.remove_attention(copy.deepcopy(model), utils.choose_attention_to_remove(
+            model, None, min(smallest_k, n_blocks - 1), scores=scores))
+        requests = ctx.batches(model, 1, p["BATCH_SIZE"], LM_EVAL_LENGTH)
+        for m in (model, drop):
+            utils.perplexity(m, requests, progress=False)
+    ctx.settings.insert(0, f"batch {p['BATCH_SIZE']}x{p['MAX_LENGTH']}, eval {len(eval_dl)} batch(es); sweep stand-in "
+                           f"{p['BATCH_SIZE']}x{LM_EVAL_LENGTH}")
     del others
 
 
 def ch08_nb03_bypass(ctx: Context) -> None:
-    """CH08_NB03: the base and the two attention-removed copies of §1 resident; the one-pass scoring of a skip
-    pattern at batch 8; the cache bytes under a live bypass; then the decode timing's largest setting: a bypass
-    copy and a static copy next to the base, prefilled once at batch 8 with the long context, and decoded."""
+    """CH08_NB03 (after the T4 redesign): the base, and one copy at a time. §1's two switched-off copies measured one
+    after the other; the one-pass scoring of a skip pattern at batch 8; the cache bytes under a live bypass; then the
+    decode timing's largest setting: TIMING_BATCH prompts of LONG_CONTEXT tokens, prefilled once, the base and
+    TIMED_AT_ONCE copies (all four methods where it is None) in one alternation, a bypass copy first."""
     from utils import bypass
     from utils.kv_cache import prompt_cache_bytes
 
@@ -942,47 +998,65 @@ def ch08_nb03_bypass(ctx: Context) -> None:
         model = ctx.build(p["MODEL_ID"])
     eval_dl = ctx.batches(model, ctx.n_batches(p["N_EVAL"], 8), 8, p["MAX_LENGTH"])
     blocks = list(range(1, 1 + p["MEAN_SKIPPED"]))
-    with ctx.meter.phase("two removal copies + perplexity"):
-        wrong, right = copy.deepcopy(model), utils.remove_attention(copy.deepcopy(model), blocks)
-        for m in (model, wrong, right):
-            utils.perplexity(m, eval_dl, progress=False)
-        del wrong
+    with ctx.meter.phase("two removal copies, one at a time + perplexity"):
+        utils.perplexity(model, eval_dl, progress=False)
+        for build in (lambda: utils.remove_attention(copy.deepcopy(model), blocks), lambda: copy.deepcopy(model)):
+            other = build()
+            utils.perplexity(other, eval_dl, progress=False)
+            del other
+            _free()
     with ctx.meter.phase("one-pass scoring + cache bytes under the bypass"):
         n_texts = sum(int(b["input_ids"].shape[0]) for b in eval_dl)
         bypass.perplexity_with_skips(model, eval_dl, prefix_tokens=p["PROMPT_SHARE"], skips=[blocks] * n_texts,
                                      skip_from="decode", progress=False)
         with bypass.attention_bypass(model, rule=lambda signal: blocks):
             prompt_cache_bytes(model, eval_dl, prefix_tokens=p["PROMPT_SHARE"], decode_first=True, progress=False)
-    with ctx.meter.phase("decode timing, batch 8, long context, prefill once"):
-        copies = {"base": model, "static": right, "bypass": copy.deepcopy(model), "early": copy.deepcopy(model)}
+    batch, together = p["TIMING_BATCH"], p["TIMED_AT_ONCE"] or 4
+    with ctx.meter.phase(f"decode timing, batch {batch}, long context, prefill once, base + {together} copies"):
+        kinds = ["bypass", "static", "early", "late"][:together]
+        copies = {"base": model}
+        for kind in kinds:
+            copies[kind] = (utils.remove_attention(copy.deepcopy(model), blocks) if kind == "static"
+                            else copy.deepcopy(model))
         prompt = " ".join(["word"] * p["LONG_CONTEXT"])
-        with bypass.attention_bypass(copies["bypass"], rule=lambda signal: blocks), \
-                bypass.attention_bypass(copies["early"], rule=lambda signal: blocks, decide_after=0):
-            utils.measure_decode(copies, _tokenizer(), [prompt] * 8, new_tokens=2, runs=1, warmup=0, prefill="once",
-                                 ideals={"bypass": 1.1, "early": 1.1})
-    ctx.settings.append(f"eval {len(eval_dl)} batch(es) of 8x{p['MAX_LENGTH']}, timing 8x{p['LONG_CONTEXT']}")
+        with contextlib.ExitStack() as stack:
+            for kind in kinds:
+                if kind != "static":
+                    stack.enter_context(bypass.attention_bypass(copies[kind], rule=lambda signal: blocks,
+                                                                decide_after=0 if kind == "early" else None))
+            inputs = {k: v.to(ctx.device) for k, v in _tokenizer()([prompt] * batch, return_tensors="pt").items()}
+            with torch.no_grad():  # the notebook's own prefill, to learn each bypass's decision
+                copies[kinds[0]](**inputs, use_cache=True, logits_to_keep=1)
+            utils.measure_decode(copies, _tokenizer(), [prompt] * batch, new_tokens=2, runs=1, warmup=0,
+                                 prefill="once", ideals={k: 1.1 for k in kinds if k != "static"})
+        del copies
+    ctx.settings.append(f"eval {len(eval_dl)} batch(es) of 8x{p['MAX_LENGTH']}, timing {batch}x{p['LONG_CONTEXT']} "
+                        f"(tiny tokenizer: about that many tokens), {together} cop{'y' if together == 1 else 'ies'} "
+                        "beside the base")
 
 
 def ch08_nb04_decode(ctx: Context) -> None:
-    """CH08_NB04: base, attention-cut and depth-cut models resident; ``utils.measure_decode`` at the largest batch
-    (dynamic cache) and with a static cache. The compiled run (COMPILE, full only) is not measured here."""
+    """CH08_NB04 (after the T4 redesign): the base and CUTS_AT_ONCE cuts (both, where it is None) per alternation;
+    ``utils.measure_decode`` at the largest batch (dynamic cache) and with a static cache, the attention cut (the
+    larger) first. The compiled run (COMPILE, full only) is not measured here."""
     p = ctx.params("CH08_NB04")
     with ctx.meter.phase("load"):
         model = ctx.build(p["MODEL_ID"])
     n_blocks = model.config.num_hidden_layers
     calib = ctx.batches(model, ctx.n_batches(p["N_CALIB"], 8), 8, p["MAX_LENGTH"])
-    with ctx.meter.phase("choose + two cut copies"):
-        attention = utils.choose_attention_to_remove(model, calib, p["N_ATTENTION"])
-        depth = utils.choose_blocks_to_remove(model, calib, max(1, round(p["DEPTH_FRACTION"] * n_blocks)),
-                                              progress=False)
-        models = {"base": model, "attention cut": utils.remove_attention(copy.deepcopy(model), attention),
-                  "depth cut": utils.remove_blocks(copy.deepcopy(model), depth)}
+    attention = utils.choose_attention_to_remove(model, calib, p["N_ATTENTION"])
+    depth = utils.choose_blocks_to_remove(model, calib, max(1, round(p["DEPTH_FRACTION"] * n_blocks)), progress=False)
+    builders = [lambda: utils.remove_attention(copy.deepcopy(model), attention),
+                lambda: utils.remove_blocks(copy.deepcopy(model), depth)]
+    together = p["CUTS_AT_ONCE"] or len(builders)
     tokenizer = _tokenizer()
     prompts = p["PROMPTS"][:max(p["BATCH_SIZES"])]
-    with ctx.meter.phase("measure_decode, batch 8 dynamic + static cache"):
+    with ctx.meter.phase(f"base + {together} cut(s), measure_decode batch {len(prompts)} dynamic + static cache"):
+        models = {"base": model, **{f"cut {i}": build() for i, build in enumerate(builders[:together])}}
         utils.measure_decode(models, tokenizer, prompts, new_tokens=p["NEW_TOKENS"], runs=1, warmup=0)
         utils.measure_decode(models, tokenizer, prompts[:1], new_tokens=p["NEW_TOKENS"], runs=1, warmup=0,
                              cache="static")
+        del models
     ctx.settings.append(f"{len(prompts)} prompts (tiny tokenizer), {p['NEW_TOKENS']} new tokens, 1 run of "
                         f"{p['RUNS']}; compile=True (full) not measured")
 
@@ -1337,9 +1411,9 @@ STEPS: list[Step] = [
     Step("CH07_NB04:ranks", "rank-1 and rank-8 LoRA copies trained and merged, batched generation",
          ch07_nb04_rank1_lab),
     Step("CH08_NB01:kv", "perplexity + generation through the cache", ch08_nb01_kv),
-    Step("CH08_NB02:distill", "attention-cut student + utils.distill + eval", ch08_nb02_distill),
-    Step("CH08_NB03:bypass", "5 models resident, one-pass scoring, decode at batch 8 x 1,024", ch08_nb03_bypass),
-    Step("CH08_NB04:decode", "3 models, measure_decode batch 8 + static cache", ch08_nb04_decode),
+    Step("CH08_NB02:cuts", "base + one cut at a time; distill only where RECOVER; drop-k stand-in", ch08_nb02_cuts),
+    Step("CH08_NB03:bypass", "base + one copy at a time; decode at TIMING_BATCH x 1,024", ch08_nb03_bypass),
+    Step("CH08_NB04:decode", "base + CUTS_AT_ONCE cuts, measure_decode batch 8 + static cache", ch08_nb04_decode),
     Step("CH09_NB01:moe", "dense + MoE + pruned, utils.distill (last blocks), export", ch09_nb01_moe),
     Step("CH09_NB02:upcycle", "CH07 specialist (trained here: LoRA), upcycle + router training, export",
          ch09_nb02_upcycle),

@@ -304,6 +304,15 @@ def test_bypass_decode_timing_with_prefill_once(tokenizer):
     assert entry["ideal"] == ideal and entry["decode_step_s"] > 0 and entry["tokens_per_s"] > 0
     assert entry["realised_share"] == pytest.approx((entry["speedup"] - 1) / (ideal - 1))
     assert out["models"]["static"]["ideal"] > 1
+    seen = []  # the untimed prefill asks for the last position's logits only (a 128k vocabulary: GBs otherwise)
+    handle = base.register_forward_hook(lambda m, args, kwargs, output: seen.append(output.logits.shape[1]),
+                                        with_kwargs=True)
+    try:
+        measure_decode({"base": base}, tokenizer, ["a prompt of some length"], new_tokens=2, runs=1, warmup=0,
+                       prefill="once")
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {1}
     with pytest.raises(ValueError, match="prefill must be"):
         measure_decode({"base": base}, tokenizer, "hi", prefill="never")
     with pytest.raises(ValueError, match="dynamic cache"):

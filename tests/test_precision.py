@@ -103,3 +103,20 @@ def test_the_policy_on_a_device():
     assert t4.on("cpu") is t4  # a simulated T4 keeps the T4's decisions for tensors on the CPU
     with pytest.raises(RuntimeError):
         a100.on("no-such-device")
+
+
+def test_free_memory_collects_what_is_no_longer_referenced():
+    import weakref
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+            self.me = self  # a reference cycle: `del` alone leaves it alive until the collector runs
+
+    holder = Holder()
+    alive = weakref.ref(holder)
+    del holder
+    left = precision.free_memory()
+    assert alive() is None
+    assert left is None if not torch.cuda.is_available() else isinstance(left, int)

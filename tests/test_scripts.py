@@ -314,7 +314,7 @@ def test_t4_budget_tiny_end_to_end(tmp_path, capsys):
 
 NEW_STEPS = ["CH06_NB03:challenge",
              "CH07_NB01:quantization", "CH07_NB02:lora", "CH07_NB03:adapters", "CH07_NB04:ranks", "CH08_NB01:kv",
-             "CH08_NB02:distill", "CH08_NB03:bypass", "CH08_NB04:decode", "CH09_NB01:moe", "CH09_NB02:upcycle",
+             "CH08_NB02:cuts", "CH08_NB03:bypass", "CH08_NB04:decode", "CH09_NB01:moe", "CH09_NB02:upcycle",
              "CH09_NB03:experts", "CH10_NB01:glu",
              "CH10_NB02:ablations", "CH11_NB01:scale", "CH11_NB02:copies", "CH11_NB03:benchmark",
              "CH12_NB01:capstone", "CH12_NB02:lab",

@@ -24,6 +24,7 @@ Gemma 3 blocks (which also normalise the attention output with ``post_attention_
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -383,7 +384,9 @@ def _step_jobs(models: Mapping, tokenizer, prompts: list[str], new_tokens: int) 
         on_model = to_device(inputs, device_of(model))
         kv = make_cache(model)
         arg = cache_arg(model)
-        first = model(**on_model, use_cache=True, **{arg: kv}).logits[:, -1:].argmax(-1)
+        # only the last position's logits: over a large vocabulary, all of them can outweigh the cache
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        first = model(**on_model, use_cache=True, **{arg: kv}, **keep).logits[:, -1:].argmax(-1)
         mask = on_model["attention_mask"]
 
         @torch.no_grad()
