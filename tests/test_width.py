@@ -42,7 +42,7 @@ def _ids(tok):
 def test_prune_save_reload_same_logits(tiny, calib, model_id, tmp_path):
     model, tok = tiny(model_id)
     before, original = utils.count_parameters(model), model.config.intermediate_size
-    utils.prune_glu(model, 0.25, dataloader=calib, progress=False)
+    utils.prune_glu(model, 0.25, dataloader=calib, allocation="uniform", progress=False)  # one width: plain reload
     width = model.config.intermediate_size
     assert width == original - int(0.25 * original)
     for mlp in utils.glu_mlps(model):
@@ -172,7 +172,8 @@ def test_padded_norms_equal_optipfair_on_one_batch(tiny):
     keep = utils.target_width(256, model.config.hidden_size, 0.25)
     kept = utils.width.kept_indices(scores, keep)
     for reconstruct in (False, True):
-        pruned = utils.prune_glu(copy.deepcopy(model), 0.25, dataloader=batch, reconstruct=reconstruct, progress=False)
+        pruned = utils.prune_glu(copy.deepcopy(model), 0.25, dataloader=batch, reconstruct=reconstruct,
+                                 allocation="uniform", progress=False)
         for layer, (mlp, index) in enumerate(zip(utils.glu_mlps(pruned), kept)):
             torch.testing.assert_close(mlp.up_proj.weight, utils.glu_mlps(model)[layer].up_proj.weight[index])
 
@@ -291,12 +292,14 @@ def test_repair_lowers_mlp_output_error_on_calibration_text(tiny, calib):
     assert errors[True] < errors[False]
 
 
-def test_layer_groups_give_the_same_result(tiny, calib, monkeypatch):
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_layer_groups_give_the_same_result(tiny, calib, monkeypatch, allocation):
+    """One calibration pass (global: scores and Gram matrices together) or one per group of layers: same model."""
     model, _ = tiny(FAMILIES[2])
-    one_pass = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, progress=False)
+    one_pass = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, allocation=allocation, progress=False)
     monkeypatch.setattr(utils.width, "GRAM_BUDGET_BYTES", 256 * 256 * 4 * 2)  # two layers per pass
     assert len(utils.width.layer_groups(utils.glu_mlps(model), utils.width.GRAM_BUDGET_BYTES)) > 1
-    grouped = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, progress=False)
+    grouped = utils.prune_glu(copy.deepcopy(model), 0.3, dataloader=calib, allocation=allocation, progress=False)
     for (name, a), (_, b) in zip(one_pass.state_dict().items(), grouped.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -304,7 +307,8 @@ def test_layer_groups_give_the_same_result(tiny, calib, monkeypatch):
 def test_static_selection_with_repair_keeps_static_neurons(tiny, calib):
     model, _ = tiny(FAMILIES[0])
     static = utils.prune_glu(copy.deepcopy(model), 0.2, method="maw", progress=False)
-    repaired = utils.prune_glu(copy.deepcopy(model), 0.2, method="maw", dataloader=calib, progress=False)
+    repaired = utils.prune_glu(copy.deepcopy(model), 0.2, method="maw", dataloader=calib, allocation="uniform",
+                               progress=False)
     for a, b in zip(utils.glu_mlps(static), utils.glu_mlps(repaired)):
         assert torch.equal(a.gate_proj.weight, b.gate_proj.weight)
         assert not torch.equal(a.down_proj.weight, b.down_proj.weight)
@@ -419,7 +423,7 @@ def test_global_allocation_keeps_the_total_and_round_trips(tiny, calib, tmp_path
     before = model.config.intermediate_size
     n = len(utils.width.glu_mlps(model))
     keep = utils.width.target_width(before, model.config.hidden_size, 0.2)
-    pruned = utils.prune_glu(copy.deepcopy(model), 0.2, dataloader=calib, allocation="global", progress=False)
+    pruned = utils.prune_glu(copy.deepcopy(model), 0.2, dataloader=calib, progress=False)  # global: the default
     widths = [m.gate_proj.out_features for m in utils.width.glu_mlps(pruned)]
     assert sum(widths) <= n * keep and len(set(widths)) > 1  # never more neurons than the uniform cut
     assert pruned.config.mlp_intermediate_sizes == widths and pruned.config.intermediate_size == max(widths)
@@ -434,3 +438,8 @@ def test_global_allocation_keeps_the_total_and_round_trips(tiny, calib, tmp_path
         assert torch.allclose(pruned(ids).logits, reloaded(ids).logits, atol=1e-5)
     with pytest.raises(ValueError, match="allocation must be one of"):
         utils.prune_glu(copy.deepcopy(model), 0.2, allocation="layerwise")
+    # the defaults: global with calibration data, uniform without; a static score may drive a global cut too
+    assert getattr(utils.prune_glu(copy.deepcopy(model), 0.2, progress=False).config, "mlp_intermediate_sizes",
+                   None) is None
+    static_global = utils.prune_glu(copy.deepcopy(model), 0.2, method="maw", dataloader=calib, progress=False)
+    assert len(set(static_global.config.mlp_intermediate_sizes)) > 1

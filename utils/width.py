@@ -37,8 +37,13 @@ idea is the one of FLAP's bias compensation (An et al., 2024) and of structured 
 surgeon methods (ZipLM, Kurtic et al., 2023), done here as one ridge regression per layer; it changes
 only the values of the kept ``down_proj`` columns, never the architecture.
 
-:func:`prune_glu` keeps the same number of neurons in every layer, so ``config.intermediate_size``
-stays a single integer and the pruned model saves and reloads with plain ``transformers``.
+How the cut is spread over the layers (``allocation`` of :func:`prune_glu`). ``"uniform"`` takes the same share
+of every layer, so ``config.intermediate_size`` stays a single integer and the pruned model reloads with plain
+``transformers``; it is the default without calibration data (the static scores, which match optipfair's).
+``"global"`` removes the same total but lets one ranking over all layers choose where
+(:func:`allocate_widths`: each layer's scores over their median, the first and last blocks protected); the layers
+then get different widths, recorded in the config for :func:`utils.load_model`. It is the default with calibration
+data since issue 33: GLOBAL_EVIDENCE_PLACEHOLDER
 """
 
 from __future__ import annotations
@@ -411,15 +416,17 @@ def allocate_widths(scores: list[torch.Tensor], remove: int, *, step: int = ALLO
 
 
 ALLOCATIONS: tuple[str, ...] = ("uniform", "global")
-#: How :func:`prune_glu` spreads the cut over the layers by default (see ``allocation`` there).
-DEFAULT_ALLOCATION = "uniform"
+#: How :func:`prune_glu` spreads the cut over the layers: with calibration data, and without (see the module
+#: docstring for the evidence).
+DEFAULT_DATA_ALLOCATION = "global"
+DEFAULT_STATIC_ALLOCATION = "uniform"
 
 
 @torch.no_grad()
 def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: float | None = None,
               divisor: int | None = None, method: str | None = None, dataloader: Iterable | None = None,
               scores: list[torch.Tensor] | None = None, reconstruct: bool | None = None,
-              damping: float = DEFAULT_DAMPING, allocation: str = DEFAULT_ALLOCATION,
+              damping: float = DEFAULT_DAMPING, allocation: str | None = None,
               progress: bool = True) -> nn.Module:
     """Remove the least important neurons of the GLU MLPs, in place, and return the model.
 
@@ -441,6 +448,7 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
             ``"global"``, the same total removed (rounded up to whole steps) but chosen by one ranking over all
             layers (:func:`allocate_widths`), so the layers get different widths, recorded in
             ``config.mlp_intermediate_sizes`` for :func:`utils.load_model` (as :func:`remove_neurons` does).
+            Default: ``"global"`` with a dataloader, ``"uniform"`` without (module docstring: the evidence).
 
     The three Linear layers are rebuilt with the same dtype, device and bias. With the repair, the
     statistics are measured on the unpruned model (one calibration pass, or one per group of layers for
@@ -458,6 +466,8 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
         raise ValueError("reconstruct=True re-fits down_proj on calibration activations: pass dataloader= "
                          "(e.g. utils.make_dataloader(utils.load_texts('wikitext', n=64), tokenizer)).")
     check_damping(damping, DEFAULT_DAMPING)
+    if allocation is None:
+        allocation = DEFAULT_DATA_ALLOCATION if dataloader is not None else DEFAULT_STATIC_ALLOCATION
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}.")
     if method is None:
@@ -466,14 +476,21 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
     if scores is not None and (len(scores) != len(mlps) or any(len(s) != intermediate for s in scores)):
         raise ValueError(f"scores must hold {len(mlps)} vectors of length {intermediate} (one per layer).")
     keeps = [keep] * len(mlps)
+    grams = None
     if allocation == "global":
-        if scores is None:
-            scores = neuron_importance(model, method=method, dataloader=dataloader, progress=progress)
+        if scores is None and reconstruct and method in DATA_METHODS and SCORE_PADDING \
+                and len(layer_groups(mlps, GRAM_BUDGET_BYTES)) == 1:  # one pass gives the scores and the Gram matrices
+            padded: dict[int, torch.Tensor] = {}
+            grams = activation_grams(model, dataloader, progress=progress, padded_norms=padded)
+            scores = [_data_scores(m, padded[i], method) for i, m in enumerate(mlps)]
+        elif scores is None:
+            scores = neuron_importance(model, method=method, progress=progress,
+                                       dataloader=dataloader if method in DATA_METHODS else None)
         step = divisor or (ALLOCATION_STEP if intermediate >= 16 * ALLOCATION_STEP else 1)
         removed = allocate_widths(scores, len(mlps) * (intermediate - keep), step=step)
         keeps = [intermediate - r for r in removed]
     kept, new_down = _select_and_repair(model, mlps, keeps, method, dataloader, scores, reconstruct, damping,
-                                        progress)
+                                        progress, grams)
     for mlp, index, down in zip(mlps, kept, new_down):
         mlp.gate_proj = _sliced_linear(mlp.gate_proj, index, 0)
         mlp.up_proj = _sliced_linear(mlp.up_proj, index, 0)
@@ -484,17 +501,20 @@ def prune_glu(model: nn.Module, ratio: float | None = None, *, expansion_ratio: 
     return model
 
 
-def _select_and_repair(model, mlps, keeps, method, dataloader, scores, reconstruct, damping, progress):
-    """The kept indices of each layer (``keeps[i]`` best scores) and, with the repair, its new ``down_proj``."""
+def _select_and_repair(model, mlps, keeps, method, dataloader, scores, reconstruct, damping, progress, grams=None):
+    """The kept indices of each layer (``keeps[i]`` best scores) and, with the repair, its new ``down_proj``
+    (from ``grams`` when the caller already gathered every layer's Gram matrix)."""
     kept: list[torch.Tensor] = [torch.empty(0)] * len(mlps)
     new_down: list[torch.Tensor | None] = [None] * len(mlps)
     if not reconstruct:
         if scores is None:
             scores = neuron_importance(model, method=method, dataloader=dataloader, progress=progress)
         return [kept_indices([s], k)[0] for s, k in zip(scores, keeps)], new_down
-    for group in layer_groups(mlps, GRAM_BUDGET_BYTES):
+    groups = [list(range(len(mlps)))] if grams is not None else layer_groups(mlps, GRAM_BUDGET_BYTES)
+    for group in groups:
         padded: dict[int, torch.Tensor] = {}
-        grams = activation_grams(model, dataloader, layers=group, progress=progress, padded_norms=padded)
+        if grams is None:
+            grams = activation_grams(model, dataloader, layers=group, progress=progress, padded_norms=padded)
         for i in group:
             if scores is not None:
                 layer_scores = scores[i]
@@ -507,7 +527,7 @@ def _select_and_repair(model, mlps, keeps, method, dataloader, scores, reconstru
             kept[i] = kept_indices([layer_scores], keeps[i])[0]
             down = mlps[i].down_proj.weight
             new_down[i] = compensate_down_proj(down, grams[i].to(down.device), kept[i], damping=damping)
-        del grams
+        grams = None
     return kept, new_down
 
 
