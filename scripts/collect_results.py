@@ -34,7 +34,7 @@ CHAPTER_TITLES = {
     "APPB": "Appendix B · Benchmark evaluation with lm-evaluation-harness",
     "APPC": "Appendix C · Energy and cost per token",
     "BENCH": "Benchmark · our utilities next to optipfair",
-    "SWEEP": "Sweep · distillation settings (the evidence for utils.distill's defaults)",
+    "SWEEP": "Sweeps · the evidence for utils' defaults (distillation settings, width pruning)",
 }
 
 

@@ -244,7 +244,14 @@ def main() -> None:
                              float(np.exp(np.mean(np.log(ratios))))}
     print(summary)
     utils.save_results(f"SWEEP_width_{args.split}", {"model": MODEL_ID, "split": args.split, "ratio": RATIO,
-                                                      "rows": rows, "summary": summary})
+                                                      "table": flat_table(rows), "rows": rows, "summary": summary})
+
+
+def flat_table(rows: list[dict]) -> list[dict]:
+    """The rows for RESULTS.md: one flat dict each, the per-block widths reduced to their range."""
+    keys = ("domain", "calibration_texts", "variant", "ppl", "vs_optipfair", "base_ppl", "parameters", "prune_s")
+    return [{**{k: r[k] for k in keys}, "narrowest_block": min(r["widths"]), "widest_block": max(r["widths"])}
+            for r in rows]
 
 
 if __name__ == "__main__":
