@@ -22,11 +22,12 @@ Running the script twice writes identical bytes; ``--check`` is what the tests r
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jsonl_outputs import write_or_check  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTRUCTIONS_OUTPUT = ROOT / "data" / "instruction_prompts.jsonl"
@@ -147,29 +148,10 @@ def build_arithmetic() -> list[dict]:
     return [{"id": f"ar{k:03d}", **r} for k, r in enumerate(records)]
 
 
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
-    args = parser.parse_args(argv)
-    stale = []
-    for output, build in [(INSTRUCTIONS_OUTPUT, build_instructions), (ARITHMETIC_OUTPUT, build_arithmetic)]:
-        text = _jsonl(build())
-        if args.check:
-            if not output.exists() or output.read_text(encoding="utf-8") != text:
-                stale.append(output.name)
-            continue
-        output.write_text(text, encoding="utf-8")
-        print(f"wrote {text.count(chr(10))} records to {output}")
-    if stale:
-        print(f"{', '.join(stale)} differ from a fresh build: run python scripts/build_ability_data.py")
-        return 1
-    if args.check:
-        print("both ability files are up to date.")
-    return 0
+    outputs = [(INSTRUCTIONS_OUTPUT, build_instructions), (ARITHMETIC_OUTPUT, build_arithmetic)]
+    return write_or_check(outputs, argv, script="build_ability_data.py",
+                          what="both ability files are", description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -19,12 +19,14 @@ position like the other samples (20 % test, 10 % validation).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from jsonl_outputs import write_or_check  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROSE_OUTPUT = ROOT / "data" / "course_prose_sample.jsonl"
@@ -98,29 +100,10 @@ def build_python_reference() -> list[dict]:
     return _thin(records)
 
 
-def _jsonl(records: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing")
-    args = parser.parse_args(argv)
-    stale = []
-    for output, build in [(PROSE_OUTPUT, build_course_prose), (REFERENCE_OUTPUT, build_python_reference)]:
-        text = _jsonl(build())
-        if args.check:
-            if not output.exists() or output.read_text(encoding="utf-8") != text:
-                stale.append(output.name)
-            continue
-        output.write_text(text, encoding="utf-8")
-        print(f"wrote {text.count(chr(10))} records to {output}")
-    if stale:
-        print(f"{', '.join(stale)} differ from a fresh build: run python scripts/build_heldout_domains.py")
-        return 1
-    if args.check:
-        print("both held-out domain files are up to date.")
-    return 0
+    outputs = [(PROSE_OUTPUT, build_course_prose), (REFERENCE_OUTPUT, build_python_reference)]
+    return write_or_check(outputs, argv, script="build_heldout_domains.py",
+                          what="both held-out domain files are", description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

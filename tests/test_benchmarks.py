@@ -349,3 +349,12 @@ def test_run_lm_eval_skips_lm_evals_environment_report(models, monkeypatch):
     assert calls == [] and evaluator.add_env_info is not None  # skipped during the call, restored after it
     evaluator.add_env_info({})
     assert len(calls) == 1
+
+
+def test_check_models_names_and_reference():
+    assert benchmarks.check_models({"a": 1, "b": 2}) == (["a", "b"], "a")
+    assert benchmarks.check_models({"a": 1, "b": 2}, "b") == (["a", "b"], "b")
+    with pytest.raises(ValueError, match="non-empty dict"):
+        benchmarks.check_models([])
+    with pytest.raises(ValueError, match="reference 'c' is not one of"):
+        benchmarks.check_models({"a": 1}, "c")

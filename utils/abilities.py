@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .benchmarks import bootstrap_ci, compare_models, paired_difference
+from .benchmarks import bootstrap_ci, check_models, compare_models, paired_difference
 from .precision import device_of
 from .profiles import DATA_DIR, get_profile
 
@@ -257,12 +257,7 @@ def compare_generation(models: Mapping[str, nn.Module | Callable[[], nn.Module]]
     """Several models on the same items of local generation tasks, in :func:`utils.benchmarks.compare_models`'
     shape: ``{"reference", "tasks": {task: {name: {"metric", "score", "ci", "n", "vs_reference"}}},
     "responses": {task: {name: [reply, ...]}}}``. A model may be given as a function that builds it."""
-    if not isinstance(models, Mapping) or not models:
-        raise ValueError("models must be a non-empty dict {name: model}, e.g. {'base': base, 'pruned': pruned}.")
-    names = list(models)
-    reference = names[0] if reference is None else reference
-    if reference not in models:
-        raise ValueError(f"reference {reference!r} is not one of the models {names}.")
+    names, reference = check_models(models, reference)
     if isinstance(tasks, str):
         raise ValueError(f"tasks must be a list of task names, not a single string: [{tasks!r}].")
     for task in tasks:

@@ -617,6 +617,18 @@ def _task_metric(task: str, entry: Mapping) -> str:
     return metric
 
 
+def check_models(models: Mapping, reference: str | None = None) -> tuple[list[str], str]:
+    """The names of a ``{name: model}`` dict, in order, and the reference among them (default: the first);
+    a clear ``ValueError`` for an empty dict or an unknown reference."""
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError("models must be a non-empty dict {name: model}, e.g. {'base': base, 'pruned': pruned}.")
+    names = list(models)
+    reference = names[0] if reference is None else reference
+    if reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the models {names}.")
+    return names, reference
+
+
 def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], tokenizer,
                    tasks: Sequence[str] | None = None, *, limit: int | None = None, reference: str | None = None,
                    n_boot: int = 1000, seed: int = 0, batch_size: int = 16, num_fewshot: int = 0) -> dict:
@@ -635,12 +647,7 @@ def compare_models(models: Mapping[str, nn.Module | Callable[[], nn.Module]], to
     reference on the same items, and ``values``, each item's score (so :func:`paired_between` can pair any two
     models later without evaluating again). Print it with :func:`comparison_table`.
     """
-    if not isinstance(models, Mapping) or not models:
-        raise ValueError("models must be a non-empty dict {name: model}, e.g. {'base': base, 'pruned': pruned}.")
-    names = list(models)
-    reference = names[0] if reference is None else reference
-    if reference not in models:
-        raise ValueError(f"reference {reference!r} is not one of the models {names}.")
+    names, reference = check_models(models, reference)
     tasks = benchmark_tasks() if tasks is None else list(tasks)
     raw = {}
     for name in names:
