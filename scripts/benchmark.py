@@ -15,10 +15,13 @@ and perplexity is measured on that domain's test split (texts never used for cal
     (the n blocks of lowest ``analyze_layer_importance``), no recovery for either.
 Each row reports both perplexities, their ratio and whether the course's target holds (width: ours at
 least 5 % lower; depth: ours at most 0.75x optipfair's), and, as ablations, the defaults with one choice
-undone or changed: width with every layer cut by the same share (``allocation="uniform"``, the default before
-issue 33) and with the sequential repair of ``scripts/width_search.py`` (each layer's statistics taken on the
-model whose earlier layers are already cut; uniform widths), depth without the linear replacement (the plain
-angular-window cut). (The real-token ablations of issue 17 are in that issue's note and in utils/width.py.)
+undone: width with every layer cut by the same share (``allocation="uniform"``, the default before issue 33),
+depth without the linear replacement (the plain angular-window cut). (The real-token ablations of issue 17 are in
+that issue's note and in utils/width.py; the sequential repair of ``scripts/width_search.py``, one calibration pass
+per layer, was measured on the validation split's first row only: too slow for every row on a 2-core CPU.)
+
+``--domains`` runs some of the domains and ``--save-as`` names the file, so that two processes can share the
+domains (one thread each); ``--merge A B`` then writes BENCH_pruning_domains.json from their files.
 
 Part 2, ``speed`` (BENCH_utils_vs_optipfair.json), on wikitext:
 
@@ -52,9 +55,6 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import utils  # noqa: E402
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import width_search  # noqa: E402  (the sequential repair, an ablation)
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CALIBRATION, EVALUATION = 32, 48  # texts
@@ -147,7 +147,6 @@ def domain_rows(base, tokenizer, domains=DOMAINS, sizes=CALIBRATION_SIZES, *, he
         "width": {
             "uniform_ppl": lambda m, c: utils.prune_glu(  # the default before issue 33
                 m, WIDTH_RATIO, dataloader=c, allocation="uniform", progress=False),
-            "sequential_ppl": lambda m, c: width_search.prune_variant(m, c, "sequential"),
         },
         "depth": {
             "plain_cut_ppl": lambda m, c: utils.prune_depth(m, n_remove, c, linear_replacement=False, progress=False),
@@ -183,15 +182,27 @@ def domain_rows(base, tokenizer, domains=DOMAINS, sizes=CALIBRATION_SIZES, *, he
     return rows
 
 
-def run_domains(base, tokenizer) -> None:
-    rows = domain_rows(base, tokenizer)
+def run_domains(base, tokenizer, domains=DOMAINS, save_as: str = "BENCH_pruning_domains") -> None:
+    save_domain_rows(domain_rows(base, tokenizer, domains), base.name_or_path, save_as)
+
+
+def merge_domain_runs(names: list[str]) -> None:
+    """BENCH_pruning_domains.json from runs that each covered some domains (``--save-as``), rows in DOMAINS order."""
+    parts = [utils.load_results(name) for name in names]
+    if any(part is None for part in parts):
+        raise SystemExit(f"missing run(s): {[n for n, p in zip(names, parts) if p is None]}")
+    rows = sorted((r for part in parts for r in part["table"]), key=lambda r: DOMAINS.index(r["domain"]))
+    save_domain_rows(rows, parts[0]["model"], "BENCH_pruning_domains")
+
+
+def save_domain_rows(rows: list[dict], model_name: str, save_as: str) -> None:
     summary = {}
     for kind in ("width", "depth"):
         mine = [r for r in rows if r["pruning"] == kind]
         summary[f"{kind}_rows_meeting_target"] = f"{sum(r['meets_target'] for r in mine)} of {len(mine)}"
         summary[f"{kind}_worst_ratio"] = max(r["ours_vs_optipfair"] for r in mine)
         summary[f"{kind}_best_ratio"] = min(r["ours_vs_optipfair"] for r in mine)
-    utils.save_results("BENCH_pruning_domains", {"model": base.name_or_path, "table": rows, "summary": summary})
+    utils.save_results(save_as, {"model": model_name, "table": rows, "summary": summary})
     for row in rows:
         print(f"{row['pruning']:5s} {row['domain']:15s} n={row['calibration_texts']:2d}  ours {row['ours_ppl']:9.2f}  "
               f"optipfair {row['optipfair_ppl']:9.2f}  ratio {row['ours_vs_optipfair']:.3f}  "
@@ -270,10 +281,16 @@ def run_speed(base, tokenizer) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="The course's pruning utilities next to optipfair.")
     parser.add_argument("--part", choices=("all", "domains", "speed"), default="all")
+    parser.add_argument("--domains", nargs="*", default=list(DOMAINS), choices=DOMAINS)
+    parser.add_argument("--save-as", default="BENCH_pruning_domains")
+    parser.add_argument("--merge", nargs="*", help="write BENCH_pruning_domains from these runs' files, and stop")
     args = parser.parse_args()
+    if args.merge:
+        merge_domain_runs(args.merge)
+        return
     base, tokenizer = utils.load_model(MODEL_ID)
     if args.part in ("all", "domains"):
-        run_domains(base, tokenizer)
+        run_domains(base, tokenizer, tuple(args.domains), args.save_as)
     if args.part in ("all", "speed"):
         run_speed(base, tokenizer)
 
