@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(VARIANTS), choices=ALL_VARIANTS)
     parser.add_argument("--domains", nargs="*", default=list(SEEN_DOMAINS))
     parser.add_argument("--sizes", nargs="*", type=int, default=list(SIZES))
+    parser.add_argument("--save-as", default=None, help="results name (default: SWEEP_width_<split>)")
     args = parser.parse_args()
     base, tokenizer = utils.load_model(MODEL_ID)
     base_params = utils.count_parameters(base)
@@ -243,8 +244,9 @@ def main() -> None:
             summary[name] = {"worst_vs_optipfair": max(ratios), "geomean_vs_optipfair":
                              float(np.exp(np.mean(np.log(ratios))))}
     print(summary)
-    utils.save_results(f"SWEEP_width_{args.split}", {"model": MODEL_ID, "split": args.split, "ratio": RATIO,
-                                                      "table": flat_table(rows), "rows": rows, "summary": summary})
+    utils.save_results(args.save_as or f"SWEEP_width_{args.split}",
+                       {"model": MODEL_ID, "split": args.split, "ratio": RATIO, "table": flat_table(rows), "rows": rows,
+                        "summary": summary})
 
 
 def flat_table(rows: list[dict]) -> list[dict]:
