@@ -48,9 +48,10 @@ five domains x 16 and 64 calibration texts): it beat the uniform cut on all ten 
 of the uniform cut's; wikitext with 16 texts 21.91 vs 23.74) and optipfair's hybrid by x0.768 to x0.906. Measured
 and not kept: optipfair's per-batch sum of norms as the statistic (all ten rows: never more than 0.4 % better than
 the single norm, up to 2.1 % worse); on wikitext only, a per-layer share from each layer's repaired output error
-(23.13 vs 21.91), the optimal-brain-surgeon choice of neurons (33.75), and the sequential repair, each layer's
-statistics taken on the model whose earlier layers are cut (16 texts 24.04; 64 texts 21.38 against the uniform
-cut's 21.68 and the global cut's 20.40). On the test split (BENCH_pruning_domains in RESULTS.md,
+(23.13 vs 21.91) and the optimal-brain-surgeon choice of neurons (33.75); and on all ten rows the sequential
+repair, each layer's statistics taken on the model whose earlier layers are cut (uniform widths): worse than the
+one-pass uniform repair on 9 of 10 rows (better only on wikitext/64, 21.38 vs 21.68) and worse than the global
+cut on all 10, at one calibration pass per layer (``scripts/width_search.py --only sequential``). On the test split (BENCH_pruning_domains in RESULTS.md,
 ``scripts/benchmark.py``) the global default is at most 0.921x optipfair's perplexity on all 14 rows, the two
 domains added after this choice included, and below the uniform cut on all 14 (x0.943 to x0.991).
 """
