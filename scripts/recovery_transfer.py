@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 from pathlib import Path
@@ -123,8 +122,7 @@ def run(names: list[str], split: str, seeds: tuple[int, ...] = SEEDS) -> dict:
             if options.pop("trainable", None) == "neighbours":
                 _freeze_all_but_neighbours(student)
             loader = _loader(train_texts, tokenizer, shuffle=True, seed=seed)
-            history = utils.distill(student, teacher, loader, max_steps=STEPS, epochs=math.ceil(STEPS / len(loader)),
-                                    progress=False, **options)
+            history = utils.distill(student, teacher, loader, max_steps=STEPS, progress=False, **options)
             assert history["settings"]["steps"] == STEPS, history["settings"]
             rows.append(_row(name, seed, measure(student), base, history["seconds"]))
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)

@@ -73,7 +73,99 @@ def test_micro_batches_give_the_same_update_as_the_whole_batch():
 def test_gradient_accumulation_counts_optimizer_steps():
     history = train(_model(), _batches(5), epochs=2, grad_accum=2, progress=False)
     assert len(history["step"]) == 6  # ceil(5 / 2) per epoch
-    assert history["settings"]["grad_accum"] == 2
+    settings = history["settings"]
+    assert settings["grad_accum"] == 2 and (settings["steps"], settings["epochs"], settings["batches"]) == (6, 2, 10)
+
+
+class _CountSteps:
+    """Counts AdamW's optimizer steps, independently of the history train keeps."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        step = torch.optim.AdamW.step
+
+        def counted(optimizer, *args, **kwargs):
+            self.count += 1
+            return step(optimizer, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+
+
+@pytest.mark.parametrize("n_batches, max_steps, grad_accum, passes, batches", [
+    (3, 8, 1, 3, 8),  # more steps than one pass: 3 + 3 + 2 batches
+    (3, 5, 2, 3, 8),  # 2 steps per pass (2 batches, then the 1 left): 2 + 2 + 1 steps
+    (5, 2, 1, 1, 2),  # fewer steps than one pass: stops early
+])
+def test_max_steps_trains_exactly_that_many_steps(monkeypatch, n_batches, max_steps, grad_accum, passes, batches):
+    counter = _CountSteps(monkeypatch)
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(batch["input_ids"][0, 0].item())
+        return causal_lm_loss(m, batch)
+
+    history = train(_model(), _batches(n_batches), loss_fn, max_steps=max_steps, grad_accum=grad_accum,
+                    eval_fn=lambda m: 1.0, progress=False)
+    assert counter.count == max_steps and history["step"] == list(range(1, max_steps + 1))
+    settings = history["settings"]
+    assert (settings["steps"], settings["epochs"], settings["batches"], settings["max_steps"]) == (
+        max_steps, passes, batches, max_steps)
+    assert len(seen) == batches
+    assert history["eval_epoch"] == list(range(passes + 1))  # before training, then after every pass
+
+
+def test_max_steps_reads_a_shuffling_loader_again_in_a_new_order():
+    rows = [{"input_ids": torch.full((10,), i), "attention_mask": torch.ones(10, dtype=torch.long)} for i in range(8)]
+    loader = torch.utils.data.DataLoader(rows, batch_size=1, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def loss_fn(m, batch):
+        seen.append(batch["input_ids"][0, 0].item())
+        return causal_lm_loss(m, batch)
+
+    history = train(_model(), loader, loss_fn, max_steps=16, progress=False)
+    assert history["settings"]["epochs"] == 2
+    assert sorted(seen[:8]) == sorted(seen[8:]) == list(range(8))  # each pass reads every row once ...
+    assert seen[:8] != seen[8:]  # ... in a new order
+
+
+# epochs=2, grad_accum=2 over 3 batches: ceil(3 / 2) = 2 steps per pass, twice; neither: one pass of 3 steps
+@pytest.mark.parametrize("kwargs, total", [({"max_steps": 10}, 10), ({"epochs": 2, "grad_accum": 2}, 4), ({}, 3)])
+def test_the_schedule_spans_the_steps_the_run_makes(kwargs, total):
+    lr = 1e-3
+    history = train(_model(), _batches(3), lr=lr, warmup_steps=2, progress=False, **kwargs)
+    assert history["lr"] == pytest.approx([lr * lr_factor(step, total, 2) for step in range(total)])
+    assert history["lr"][-1] == pytest.approx(lr * lr_factor(total - 1, total, 2))  # the decay ends with the run
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_max_steps_and_epochs_together_are_refused(epochs):
+    with pytest.raises(ValueError, match="max_steps or epochs, not both"):
+        train(_model(), _batches(2), max_steps=4, epochs=epochs, progress=False)
+    teacher = _model()
+    with pytest.raises(ValueError, match="max_steps or epochs, not both"):
+        utils.distill(copy.deepcopy(teacher), teacher, _batches(2), max_steps=4, epochs=epochs, progress=False)
+
+
+class _Unreadable:
+    """A loader that claims batches but yields none after its first ``passes`` reads (an iterator, say)."""
+
+    def __init__(self, batches: list[dict], passes: int):
+        self.batches, self.passes = batches, passes
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes -= 1
+        return iter(self.batches if self.passes >= 0 else [])
+
+
+@pytest.mark.parametrize("passes", [0, 1])
+def test_a_loader_that_yields_nothing_is_an_error_not_an_endless_loop(passes):
+    with pytest.raises(ValueError, match=f"Pass {passes + 1} .*yielded no batch"):
+        train(_model(), _Unreadable(_batches(2), passes), max_steps=5, progress=False)
 
 
 def test_frozen_parameters_get_no_gradient_and_do_not_move():
@@ -114,7 +206,7 @@ def test_train_rejects_bad_settings(kwargs, match):
 
 
 def _options(**changes) -> utils.training.TrainOptions:
-    settings = dict(max_steps=None, epochs=1, lr=5e-4, warmup_steps=3, grad_accum=1, micro_batch_size=None,
+    settings = dict(max_steps=None, epochs=None, lr=5e-4, warmup_steps=3, grad_accum=1, micro_batch_size=None,
                     weight_decay=0.0, max_grad_norm=1.0, eval_every=None, eval_after_epoch=True, progress=False,
                     desc="train")
     return utils.training.TrainOptions(**{**settings, **changes})
@@ -122,9 +214,11 @@ def _options(**changes) -> utils.training.TrainOptions:
 
 def test_train_options_count_the_steps_and_reject_bad_values():
     assert _options(epochs=2, grad_accum=2).total_steps(5) == 6  # ceil(5 / 2) per epoch
-    assert _options(epochs=2, max_steps=4).total_steps(5) == 4
-    assert _options(max_steps=50).total_steps(5) == 5  # the epochs end first
+    assert _options().total_steps(5) == 5  # neither: one pass
+    assert _options(max_steps=4).total_steps(5) == 4
+    assert _options(max_steps=50).total_steps(5) == 50  # more than one pass: the data is read again
     for changes, match in [({"epochs": True}, "epochs"), ({"eval_every": 0}, "eval_every"),
+                           ({"epochs": 2, "max_steps": 4}, "not both"),
                            ({"lr": math.inf}, "lr"), ({"lr": "1e-3"}, "lr"), ({"warmup_steps": 1.0}, "warmup")]:
         with pytest.raises(ValueError, match=match):
             _options(**changes)

@@ -509,11 +509,12 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, dataloader, *,
             with one teacher block index per student block (e.g. :func:`kept_blocks`). With a map
             and ``beta > 0`` or ``gamma > 0``, the feature terms compare those blocks' outputs.
         eval_dataloader: held-out text; perplexity is measured before training, after each
-            epoch, and at the end when ``max_steps`` stops early.
-        **options: passed on to :func:`utils.train` (:data:`TRAIN_OPTIONS`): ``epochs=1``,
-            ``max_steps=None`` (train ``epochs`` passes, or stop after ``max_steps`` optimizer steps),
-            ``lr=DEFAULT_LR`` (5e-4), ``warmup_steps=DEFAULT_WARMUP_STEPS`` (3), ``grad_accum=1``,
-            ``micro_batch_size=None``, ``weight_decay=0.0``, ``max_grad_norm=1.0``, ``progress=True``.
+            pass over ``dataloader``, and at the end.
+        **options: passed on to :func:`utils.train` (:data:`TRAIN_OPTIONS`): ``max_steps`` (exactly that
+            many optimizer steps, reading ``dataloader`` again as often as needed) or ``epochs`` (that many
+            passes; one pass when neither is given, a ValueError when both are), ``lr=DEFAULT_LR`` (5e-4),
+            ``warmup_steps=DEFAULT_WARMUP_STEPS`` (3), ``grad_accum=1``, ``micro_batch_size=None``,
+            ``weight_decay=0.0``, ``max_grad_norm=1.0``, ``progress=True``.
 
     Returns:
         A dict: ``step``, ``loss``, ``soft``, ``ce``, ``feature``, ``dynamics``, ``lr`` (one entry per

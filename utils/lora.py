@@ -389,7 +389,8 @@ def train_lora_adapter(model: nn.Module, dataloader, *, steps: int, rank: int = 
     try:
         batches = len(dataloader)
     except TypeError:
-        raise TypeError("dataloader must have a length (a torch DataLoader or a list of batches).") from None
+        raise TypeError("dataloader must have a length and be readable again, as a torch DataLoader or a list of "
+                        "batches is: training reads it as many times as `steps` need.") from None
     if batches == 0:
         raise ValueError("dataloader is empty: check the records and max_length (too-long examples are left out).")
     find_target_modules(model, target_modules)  # a clear error for a name that matches no Linear layer
@@ -401,8 +402,8 @@ def train_lora_adapter(model: nn.Module, dataloader, *, steps: int, rank: int = 
     if not trainable or any("lora_" not in name for name, _ in trainable):
         raise RuntimeError("peft left parameters other than the adapter's trainable: this should not happen.")
     adapter = [p for _, p in trainable]
-    history = train(peft_model, dataloader, loss_fn=loss_fn, max_steps=steps, epochs=math.ceil(steps / batches),
-                    lr=lr, warmup_steps=min(warmup_steps, steps - 1), params=adapter, progress=progress, desc=desc)
+    history = train(peft_model, dataloader, loss_fn=loss_fn, max_steps=steps, lr=lr,
+                    warmup_steps=min(warmup_steps, steps - 1), params=adapter, progress=progress, desc=desc)
     history["trainable_parameters"] = sum(p.numel() for p in adapter)
     peft_model.eval()
     return peft_model, history

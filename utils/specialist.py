@@ -17,7 +17,6 @@ notebooks go through this module, so the folder's name, the adapter's settings a
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -100,7 +99,7 @@ def train_specialist(peft_model: torch.nn.Module, tokenizer, records: Sequence[M
 
     Args:
         records: labelled notes (``utils.load_records("clinical_notes", split="train")``).
-        steps: optimizer steps (the loader is cycled as many epochs as they need).
+        steps: optimizer steps (the loader is read again from the start as often as they need).
         micro_batch_size: rows per forward pass (the gradient of ``batch_size`` rows, the memory of fewer).
 
     Returns:
@@ -114,9 +113,8 @@ def train_specialist(peft_model: torch.nn.Module, tokenizer, records: Sequence[M
     loader = extraction.make_sft_dataloader(records, tokenizer, batch_size=batch_size, max_length=max_length,
                                             shuffle=True, seed=seed)
     torch.manual_seed(seed)
-    history = train(peft_model, loader, loss_fn=extraction.answer_loss, max_steps=steps,
-                    epochs=math.ceil(steps / len(loader)), lr=lr, warmup_steps=warmup_steps,
-                    micro_batch_size=micro_batch_size, progress=progress, desc=desc)
+    history = train(peft_model, loader, loss_fn=extraction.answer_loss, max_steps=steps, lr=lr,
+                    warmup_steps=warmup_steps, micro_batch_size=micro_batch_size, progress=progress, desc=desc)
     return history, loader
 
 

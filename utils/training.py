@@ -16,6 +16,9 @@ What the loop does, in the order a reader would write it by hand:
   float16 for Gemma, whose activations overflow it); a half-precision model (float16 on a T4) computes in
   its own dtype while AdamW updates **float32 master copies** of the parameters that train, never the
   half-precision weights themselves (float16's smallest steps and AdamW's ``eps`` underflow there);
+* a length of run set one of two ways: ``max_steps`` optimizer steps exactly (the data is read again
+  from the start as often as that takes, so a shuffling loader reshuffles), or ``epochs`` passes over
+  the data (one pass when neither is given; passing both is an error);
 * a progress bar, a history of every step, and an evaluation callback.
 
 The loss is a function ``loss_fn(model, batch)``: the default :func:`causal_lm_loss` is next-token
@@ -161,13 +164,13 @@ class TrainOptions:
     :data:`utils.distillation.TRAIN_OPTIONS`).
 
     Raises:
-        ValueError: a count that is not a positive integer (``epochs``, ``grad_accum``; ``max_steps``,
-            ``micro_batch_size`` and ``eval_every`` may also be None), ``lr`` not a positive finite
-            number, ``warmup_steps`` not an integer >= 0.
+        ValueError: a count that is not a positive integer (``grad_accum``; ``max_steps``, ``epochs``,
+            ``micro_batch_size`` and ``eval_every`` may also be None), both ``max_steps`` and ``epochs``
+            given, ``lr`` not a positive finite number, ``warmup_steps`` not an integer >= 0.
     """
 
     max_steps: int | None
-    epochs: int
+    epochs: int | None
     lr: float
     warmup_steps: int
     grad_accum: int
@@ -180,9 +183,13 @@ class TrainOptions:
     desc: str
 
     def __post_init__(self) -> None:
-        _check_positive_int("epochs", self.epochs)
+        _check_positive_int("epochs", self.epochs, allow_none=True)
         _check_positive_int("grad_accum", self.grad_accum)
         _check_positive_int("max_steps", self.max_steps, allow_none=True)
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"Pass max_steps or epochs, not both (got max_steps={self.max_steps}, "
+                             f"epochs={self.epochs}): max_steps=N trains exactly N optimizer steps, reading the "
+                             "data again as often as needed; epochs=E trains E passes over the data.")
         _check_positive_int("micro_batch_size", self.micro_batch_size, allow_none=True)
         _check_positive_int("eval_every", self.eval_every, allow_none=True)
         if not isinstance(self.lr, (int, float)) or not self.lr > 0 or math.isinf(self.lr):
@@ -190,11 +197,18 @@ class TrainOptions:
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}.")
 
+    @property
+    def passes(self) -> int | None:
+        """Passes over the data the run makes at most: ``epochs`` (1 by default), or None (as many as
+        ``max_steps`` needs)."""
+        return None if self.max_steps is not None else (self.epochs or 1)
+
     def total_steps(self, n_batches: int) -> int:
-        """Optimizer steps of the run over ``n_batches`` batches per epoch: ``epochs`` passes of
-        ``ceil(n_batches / grad_accum)`` steps, or ``max_steps`` if that comes first."""
-        all_epochs = math.ceil(n_batches / self.grad_accum) * self.epochs
-        return all_epochs if self.max_steps is None else min(self.max_steps, all_epochs)
+        """Optimizer steps of the run over ``n_batches`` batches per pass: ``max_steps`` when given
+        (whatever ``n_batches`` is), else ``epochs`` passes of ``ceil(n_batches / grad_accum)`` steps."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(n_batches / self.grad_accum) * self.passes
 
 
 def _sized(dataloader: Iterable[dict]) -> tuple[Iterable[dict], int]:
@@ -296,7 +310,7 @@ class _Loop:
                  opt: _Optimizer, total_steps: int):
         self.model, self.loss_fn, self.eval_fn, self.options = model, loss_fn, eval_fn, options
         self.opt, self.total_steps, self.device = opt, total_steps, device_of(model)
-        self.step = 0
+        self.step, self.passes, self.batches = 0, 0, 0
         self.part_names: list[str] = []
         self.history: dict = {"step": [], "loss": [], "lr": [], "eval_step": [], "eval_epoch": [], "eval": []}
 
@@ -351,52 +365,63 @@ class _Loop:
         if options.eval_every and self.step % options.eval_every == 0 and self.step < self.total_steps:
             self.evaluate(epoch)
 
-    def epoch(self, dataloader: Iterable[dict], n_batches: int, epoch: int, bar) -> None:
+    def epoch(self, dataloader: Iterable[dict], epoch: int, bar) -> None:
         """One pass over ``dataloader`` (or less, when the last step comes first), ``grad_accum``
-        batches per optimizer step (the last step of an epoch takes what is left)."""
+        batches per optimizer step (the last step of a pass takes what is left).
+
+        Raises:
+            ValueError: the pass yielded no batch (an empty loader, or a one-shot iterator read before).
+        """
         self.opt.adamw.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        count = 0
-        for index, batch in enumerate(dataloader):
+        count = read = 0
+        for batch in dataloader:
             self.backward(_to_device(batch, self.device), sums)
-            count += 1
-            if count < self.options.grad_accum and index < n_batches - 1:
+            count, read = count + 1, read + 1
+            if count < self.options.grad_accum:
                 continue
             self.update(sums, count, epoch, bar)
             sums, count = {}, 0
             if self.step >= self.total_steps:
                 break
+        if count:  # the batches left at the end of the pass make one more (smaller) step
+            self.update(sums, count, epoch, bar)
+        self.batches += read
+        if not read:
+            raise ValueError(f"Pass {epoch} over the training data yielded no batch: pass a loader that can be "
+                             "read again (a DataLoader or a list of batches), not an iterator or an empty one.")
         if self.options.eval_after_epoch or self.step >= self.total_steps:
             self.evaluate(epoch)
 
-    def run(self, dataloader: Iterable[dict], n_batches: int) -> None:
-        """Evaluate, then train epoch after epoch until the last step."""
+    def run(self, dataloader: Iterable[dict]) -> None:
+        """Evaluate, then train pass after pass over ``dataloader`` until the last step (``max_steps``: as
+        many passes as that takes; otherwise ``epochs`` passes)."""
         options = self.options
         try:
             self.evaluate(0)
             self.model.train()
             bar = tqdm(total=self.total_steps, desc=options.desc, disable=not options.progress)
-            for epoch in range(1, options.epochs + 1):
-                self.epoch(dataloader, n_batches, epoch, bar)
-                if self.step >= self.total_steps:
-                    break
+            while self.step < self.total_steps and (options.passes is None or self.passes < options.passes):
+                self.passes += 1
+                self.epoch(dataloader, self.passes, bar)
             bar.close()
         finally:
             self.opt.adamw.zero_grad(set_to_none=True)
 
 
-def _settings(options: TrainOptions, steps: int, chosen: list[torch.nn.Parameter], opt: _Optimizer) -> dict:
-    """The ``settings`` entry of the history: what the run was asked for, and what it did."""
+def _settings(options: TrainOptions, loop: _Loop, chosen: list[torch.nn.Parameter], opt: _Optimizer) -> dict:
+    """The ``settings`` entry of the history: what the run was asked for, and what it did (``steps``,
+    ``epochs``: passes begun, the last one possibly partial, ``batches``: batches read)."""
     return {"lr": options.lr, "warmup_steps": options.warmup_steps, "grad_accum": options.grad_accum,
-            "micro_batch_size": options.micro_batch_size, "epochs": options.epochs,
-            "max_steps": options.max_steps, "steps": steps, "weight_decay": options.weight_decay,
+            "micro_batch_size": options.micro_batch_size, "max_steps": options.max_steps, "steps": loop.step,
+            "epochs": loop.passes, "batches": loop.batches, "weight_decay": options.weight_decay,
             "max_grad_norm": options.max_grad_norm, "trainable_parameters": sum(p.numel() for p in chosen),
             "mixed_precision": str(opt.amp_dtype) if opt.amp_dtype else None,
             "float32_master_copies": opt.masters.copies, "loss_scaling": opt.scaler is not None}
 
 
 def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | None = None, *,
-          max_steps: int | None = None, epochs: int = 1, lr: float = 5e-4, warmup_steps: int = 3,
+          max_steps: int | None = None, epochs: int | None = None, lr: float = 5e-4, warmup_steps: int = 3,
           grad_accum: int = 1, micro_batch_size: int | None = None, weight_decay: float = 0.0,
           max_grad_norm: float | None = 1.0, params: Iterable[torch.nn.Parameter] | None = None,
           eval_fn: Callable[[torch.nn.Module], float | dict] | None = None, eval_every: int | None = None,
@@ -408,8 +433,10 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
             and anything ``loss_fn`` reads); every tensor is moved to the model's device.
         loss_fn: ``loss_fn(model, batch)`` returns a scalar loss, or ``(loss, {"part": float})``
             to log parts of it. Default :func:`causal_lm_loss`.
-        max_steps, epochs: stop after ``max_steps`` optimizer steps, or after ``epochs`` passes,
-            whichever comes first.
+        max_steps, epochs: how long to train; give one of them, not both (a ValueError). ``max_steps``:
+            exactly that many optimizer steps, reading ``dataloader`` again from the start as often as
+            needed (a shuffling DataLoader draws a new order each pass). ``epochs``: that many passes.
+            Neither: one pass. The learning-rate schedule spans the steps the run will make.
         lr, warmup_steps: peak learning rate; linear warm-up, then cosine decay to 10 % (:func:`lr_factor`).
         grad_accum: batches per optimizer step (a larger effective batch at the same memory).
         micro_batch_size: cut each batch into chunks of this many rows, accumulating their gradients
@@ -419,12 +446,17 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
             Parameters not listed are frozen for the run (no gradient, no optimizer state) and
             their ``requires_grad`` is restored afterwards.
         eval_fn: ``eval_fn(model)`` -> a float or a dict, called (in eval mode, without gradients)
-            before training, every ``eval_every`` optimizer steps, after each epoch when
+            before training, every ``eval_every`` optimizer steps, after each pass over the data when
             ``eval_after_epoch`` and at the end.
 
     Returns:
         A dict with ``step``, ``loss``, ``lr`` (one entry per optimizer step), one list per loss
-        part, ``eval_step``/``eval_epoch``/``eval`` (each evaluation), ``seconds`` and ``settings``.
+        part, ``eval_step``/``eval_epoch``/``eval`` (each evaluation), ``seconds`` and ``settings`` (what
+        was asked, and what was done: ``steps``, ``epochs`` = passes begun, ``batches`` read).
+
+    Raises:
+        ValueError: bad settings (see :class:`TrainOptions`), both ``max_steps`` and ``epochs``, an empty
+            dataloader, nothing to train.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"train expects a torch.nn.Module, got {type(model).__name__}.")
@@ -438,8 +470,8 @@ def train(model: torch.nn.Module, dataloader: Iterable[dict], loss_fn: LossFn | 
         opt = _optimizer_for(model, chosen, options)
         loop = _Loop(model, loss_fn or causal_lm_loss, eval_fn, options, opt, options.total_steps(n_batches))
         start = time.perf_counter()
-        loop.run(dataloader, n_batches)
+        loop.run(dataloader)
     history = loop.history
     history["seconds"] = time.perf_counter() - start
-    history["settings"] = _settings(options, loop.step, chosen, opt)
+    history["settings"] = _settings(options, loop, chosen, opt)
     return history
