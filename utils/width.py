@@ -51,8 +51,8 @@ the single norm, up to 2.1 % worse); on wikitext only, a per-layer share from ea
 (23.13 vs 21.91) and the optimal-brain-surgeon choice of neurons (33.75); and on all ten rows the sequential
 repair, each layer's statistics taken on the model whose earlier layers are cut (uniform widths): worse than the
 one-pass uniform repair on 8 of 10 rows, level on course_code/64 (15.33 both), better only on wikitext/64 (21.38
-vs 21.68), and worse than the global
-cut on all 10, at one calibration pass per layer (``scripts/width_search.py --only sequential``). On the test split (BENCH_pruning_domains in RESULTS.md,
+vs 21.68), and worse than the global cut on all 10, at one calibration pass per layer
+(``scripts/width_search.py --only sequential``). On the test split (BENCH_pruning_domains in RESULTS.md,
 ``scripts/benchmark.py``) the global default is at most 0.921x optipfair's perplexity on all 14 rows, the two
 domains added after this choice included, and below the uniform cut on all 14 (x0.943 to x0.991).
 """
