@@ -98,8 +98,9 @@ def nb03_held_out(domain: str) -> set[str]:
 
 
 def split_texts(tokenizer, n_fit: int, n_val: int) -> tuple[list[str], dict[str, list[str]], dict[str, int]]:
-    """Training texts, validation texts per domain (each list sorted by length: less padding, same pairs) and the
-    number of candidates left out per domain because NB03 may report on them (duplicates across splits)."""
+    """Training texts, validation texts per domain (each list sorted by length: less padding, same pairs) and, per
+    domain, how many candidates were left out: texts NB03 may report on or training texts, met again as
+    duplicates (sms_spam repeats some messages across its splits)."""
     fit = [t for d in CALIB_DOMAINS for t in utils.load_texts(d, split="train", n=n_fit)]
     val, dropped = {}, {}
     for d in DOMAINS:
@@ -269,7 +270,7 @@ def run(budgets=BUDGETS, *, n_fit: int = N_FIT, n_val: int = N_VAL, ridge: float
             "settings": {"budgets": list(budgets), "calibration_domains": list(CALIB_DOMAINS), "domains": list(DOMAINS),
                          "fit_texts": len(fit_texts), "val_texts_per_domain": n_val, "max_length": MAX_LENGTH,
                          "prompt_share": PROMPT_SHARE, "ridge": ridge, "bootstrap": N_BOOTSTRAP, "seed": SEED,
-                         "nb03_fit_texts_per_domain": NB03_FIT, "left_out_as_nb03_held_out": dropped},
+                         "nb03_fit_texts_per_domain": NB03_FIT, "validation_candidates_left_out": dropped},
             "protected": fitted.protected, "router_blocks": fitted.router.blocks, "static_ranking": fitted.ranking,
             "cost_ranking": fitted.cost_ranking, "training_fit": quality, "training": training,
             "base_ppl": {d: b["perplexity"] for d, b in base.items()}, "table": table, "comparisons": comparisons,
