@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 2, "speed": 2, "training": 2, "plots": 2, "anatomy": 2, "kv_cache": 2,
     # 3: the techniques, one module per chapter's subject
     "depth": 3, "width": 3, "attention": 3,
-    "bypass": 3, "distillation": 3, "lora": 3, "quantization": 3, "extraction": 3,
+    "bypass": 3, "bypass_router": 3, "distillation": 3, "lora": 3, "quantization": 3, "extraction": 3,
     "moe": 3, "activations": 3, "bias": 3, "benchmarks": 3, "energy": 3,
     "abilities": 3,  # CH05: instruction following vs reasoning, built on benchmarks
     "specialist": 3,  # CH07's clinical specialist: trained (lora via peft, training), saved, found again (CH09)

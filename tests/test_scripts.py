@@ -575,3 +575,32 @@ def test_code_sample_rebuilds_from_its_pinned_commit():
     on_disk = [json.loads(line) for line in build_code_sample.OUTPUT.read_text(encoding="utf-8").splitlines()]
     assert records == on_disk
     assert all(build_code_sample.MIN_CHARS <= len(r["text"]) <= build_code_sample.MAX_CHARS for r in records)
+
+
+def test_bypass_router_runs_end_to_end_on_validation_texts_only(tiny, monkeypatch, tmp_path):
+    """The learned-router experiment (issue 27) in tiny: fitted on training texts, every comparison on validation
+    texts that CH08_NB03 never reports on, results saved under runs/<profile>/."""
+    import bypass_router
+
+    import utils.profiles
+    from utils import load_results
+    from utils.models import _tiny_tokenizer
+
+    monkeypatch.setattr(utils.profiles, "REPO_ROOT", tmp_path)  # runs/ under a temporary folder
+    fit, val, _ = bypass_router.split_texts(_tiny_tokenizer(), 4, 3)
+    held_out = {t for d in bypass_router.DOMAINS for t in bypass_router.nb03_held_out(d)}
+    assert len(fit) == 8 and all(len(v) == 3 for v in val.values())
+    assert not set(fit) & {t for v in val.values() for t in v} and not held_out & {t for v in val.values() for t in v}
+    assert bypass_router.main(["--quiet"]) == 0
+    results = load_results("SWEEP_bypass_router_validation")
+    assert results["split"] == "validation" and results["settings"]["budgets"] == [4, 8, 12]
+    comparisons = results["comparisons"]
+    assert len(comparisons) == 3 * len(bypass_router.DOMAINS) * len(bypass_router.COMPARISONS)
+    assert all(c["low"] <= c["diff"] <= c["high"] or c["low"] == c["high"] for c in comparisons)
+    assert all(any(f" {word} " in c["verdict"] for word in ("beats", "ties with", "loses to")) for c in comparisons)
+    same = [c for c in comparisons if c["comparison"] == "router_vs_threshold_same_counts"]
+    assert all(c["skipped_per_token_a"] == c["skipped_per_token_b"] for c in same)  # only *which* differs
+    for k, spent in ((int(k), t["training_skipped_per_token"]) for k, t in results["training"].items()):
+        assert abs(spent["threshold"] - k) < 1 and abs(spent["router"] - k) < 1  # calibrated on these prompts
+    assert not set(results["protected"]) & set(results["router_blocks"])
+    assert all(s["cells"] == 9 and s["beats"] + s["ties"] + s["loses"] == 9 for s in results["summary"].values())

@@ -25,6 +25,7 @@ The modules, in layers (utils/README.md has the map and the chapter of each modu
 3. Techniques: :mod:`~utils.depth` (CH04), :mod:`~utils.width` (CH05), :mod:`~utils.distillation` (CH02, CH06),
    :mod:`~utils.lora` and :mod:`~utils.quantization` and :mod:`~utils.extraction` (CH07), :mod:`~utils.attention`
    (CH08: attention sublayers, decode FLOPs), :mod:`~utils.bypass` (CH08: Adaptive Attention Bypass),
+   :mod:`~utils.bypass_router` (CH08: a router for the bypass, learned from what skipping costs),
    :mod:`~utils.moe` (CH09),
    :mod:`~utils.activations` (CH10), :mod:`~utils.bias` (CH11), :mod:`~utils.benchmarks` (Appendix B),
    :mod:`~utils.energy` (Appendix C), :mod:`~utils.publish` (a model folder with its model card, pushed to the
