@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import utils
 from utils import benchmarks, bias, evaluation
 
 
@@ -345,8 +346,53 @@ def test_fair_pruning_scores_give_each_ranking(models):
     attribution = bias.fair_pruning_scores(model, tok, "attribution", probes=probes)
     torch.testing.assert_close(attribution, bias.stereotype_attribution(model, tok, probes).clamp(min=0))
     assert (attribution >= 0).all() and attribution.max() > 0
-    with pytest.raises(ValueError, match="Known: relative, attribution"):
+    with pytest.raises(ValueError, match="Known: relative, attribution, targeted"):
         bias.fair_pruning_scores(model, tok, "loudest")
+    texts = utils.make_dataloader(["The river ran past the old mill.", "A cat slept on the warm step."], tok,
+                                  batch_size=2, max_length=16)
+    targeted = bias.fair_pruning_scores(model, tok, "targeted", probes=probes, texts=texts)
+    torch.testing.assert_close(targeted, bias.targeted_scores(bias.stereotype_attribution(model, tok, probes),
+                                                              bias.text_loss_attribution(model, texts)))
+
+
+def test_text_loss_attribution_is_the_derivative_of_the_loss_in_each_neurons_scale(models):
+    """|dL/ds_i| at s = 1, where every neuron's activation is multiplied by s_i: an independent computation."""
+    from utils.width import glu_mlps
+
+    model, tok = models()
+    texts = utils.make_dataloader(["The river ran past the old mill and on to the sea.", "A cat slept."], tok,
+                                  batch_size=2, max_length=16)
+    batch = next(iter(texts))
+    scales = [torch.ones(m.down_proj.in_features, requires_grad=True) for m in glu_mlps(model)]
+    handles = [m.down_proj.register_forward_pre_hook(lambda mod, inp, s=s: (inp[0] * s,))
+               for m, s in zip(glu_mlps(model), scales)]
+    try:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        expected = torch.stack([g.abs() for g in torch.autograd.grad(loss, scales)])
+    finally:
+        for h in handles:
+            h.remove()
+    got = bias.text_loss_attribution(model, texts)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="no batch"):
+        bias.text_loss_attribution(model, [])
+    with pytest.raises(ValueError, match="input_ids"):
+        bias.text_loss_attribution(model, [{"text": "x"}])
+
+
+def test_targeted_scores_arithmetic_and_bad_inputs():
+    stereo = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
+    loss = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
+    out = bias.targeted_scores(stereo, loss)
+    med = loss.median()
+    torch.testing.assert_close(out, stereo.clamp(min=0) / (loss + med))
+    assert out[0, 1] == 0  # pushes against the stereotype: never removed first
+    with pytest.raises(ValueError, match="same shape"):
+        bias.targeted_scores(stereo, loss[:1])
+    with pytest.raises(ValueError, match=">= 0"):
+        bias.targeted_scores(stereo, -loss)
 
 
 def test_first_templates_keeps_whole_templates_per_axis():

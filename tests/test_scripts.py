@@ -604,3 +604,24 @@ def test_bypass_router_runs_end_to_end_on_validation_texts_only(tiny, monkeypatc
         assert abs(spent["threshold"] - k) < 1 and abs(spent["router"] - k) < 1  # calibrated on these prompts
     assert not set(results["protected"]) & set(results["router_blocks"])
     assert all(s["cells"] == 9 and s["beats"] + s["ties"] + s["loses"] == 9 for s in results["summary"].values())
+
+
+def test_fair_ranking_search_fits_apart_from_what_judges(tiny):
+    """The search never judges on a probe it fitted on, and every ranking is a non-negative neuron score; the
+    awareness-guarded rankings keep (score 0) the neurons that carry pronoun agreement most."""
+    import fair_ranking_search as search
+
+    from utils import load_model
+
+    model, tok = load_model(search.MODEL_ID)
+    fit_stereo, fit_aware, judge = search.splits(tok)
+    fitted = {p["template"] for p in fit_stereo + fit_aware}
+    assert fitted and judge["stereotype"] and judge["awareness"] and judge["neutral"]
+    assert not fitted & {p["template"] for kind in judge.values() for p in kind}
+    ranks = search.rankings(model, tok, fit_stereo[:4], fit_aware[:4])
+    shape = ranks["relative"].shape
+    assert set(ranks) == {"relative", "relative-aw", "attribution", "targeted", "targeted-aw", "attr-minus-aw"}
+    for name, scores in ranks.items():
+        assert scores.shape == shape and (scores >= 0).all(), name
+    guarded = (ranks["targeted-aw"] == 0) & (ranks["targeted"] > 0)
+    assert guarded.any() and (ranks["targeted-aw"][~guarded] == ranks["targeted"][~guarded]).all()

@@ -54,6 +54,7 @@ from .data import (  # noqa: F401  (the bias data live in utils.data; utils.bias
     load_bias_benchmark,
     load_bias_pairs,
     load_bias_probes,
+    load_texts,
     make_dataloader,
 )
 from .precision import device_of
@@ -705,17 +706,80 @@ def attribution_probes() -> list[dict]:
     return split_templates(load_bias_probes("stereotype", split="validation", words="calibration"))[0]
 
 
+def text_loss_attribution(model: nn.Module, dataloader, *, progress: bool = False) -> torch.Tensor:
+    """How much each MLP neuron matters to ordinary text, to first order: ``[n_layers, I]``, all ``>= 0``.
+
+    Per batch of ``dataloader`` (general text: ``input_ids`` and ``attention_mask``), ``|sum over real tokens of
+    a_i * dL/da_i|``, where ``L`` is the next-token loss and ``a_i`` the neuron's activation at ``down_proj``'s
+    input; summed over batches. Silencing neuron ``i`` changes ``L`` by about ``-a_i * dL/da_i`` (the first-order
+    Taylor importance of Molchanov et al., 2019), so a small value means the text barely needs that neuron.
+    :func:`fair_pruning_scores` divides the stereotype attribution by it (the ``"targeted"`` ranking).
+    """
+    mlps, captured = glu_mlps(model), []
+    total = torch.zeros(len(mlps), mlps[0].down_proj.in_features, dtype=torch.float64)
+    handles = [mlp.down_proj.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+               for mlp in mlps]
+    handles.append(model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: output if output.requires_grad else output.detach().requires_grad_(True)))
+    device, was_training, batches = device_of(model), model.training, 0
+    model.eval()
+    try:
+        for batch in tqdm(dataloader, desc="text-loss attribution", disable=not progress, leave=False):
+            if not isinstance(batch, dict) or "input_ids" not in batch or "attention_mask" not in batch:
+                raise ValueError("dataloader must yield dicts with input_ids and attention_mask "
+                                 "(use utils.make_dataloader).")
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            captured[:] = []
+            with torch.enable_grad():
+                loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+                grads = torch.autograd.grad(loss, captured)
+            real = mask.unsqueeze(-1).to(grads[0].dtype)
+            for layer, (a, g) in enumerate(zip(captured, grads)):
+                total[layer] += (a.detach() * g * real).sum((0, 1)).abs().double().cpu()
+            batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("dataloader gave no batch: pass some general text (utils.make_dataloader).")
+    return total.float()
+
+
+def targeted_scores(stereotype: torch.Tensor, text_loss: torch.Tensor) -> torch.Tensor:
+    """The arithmetic of the ``"targeted"`` ranking: ``max(stereotype, 0) / (text_loss + median(text_loss))``.
+
+    Stereotype pushed per unit of ordinary-text loss: a neuron ranks high when it feeds the stereotyped choice
+    and ordinary text barely needs it. Adding the median keeps neurons that do almost nothing from ranking high
+    only because the division is by almost zero.
+    """
+    if stereotype.shape != text_loss.shape or stereotype.dim() != 2:
+        raise ValueError(f"stereotype and text_loss must be [n_layers, I] of the same shape, got "
+                         f"{tuple(stereotype.shape)} and {tuple(text_loss.shape)}.")
+    if (text_loss < 0).any():
+        raise ValueError("text_loss must be >= 0 (use text_loss_attribution).")
+    return stereotype.clamp(min=0) / (text_loss + text_loss.median().clamp(min=1e-12))
+
+
+def general_text_loader(tokenizer, *, n: int = 32, max_length: int = 192):
+    """The general text the ``"targeted"`` ranking weighs neurons on: ``n`` wikitext **train** texts."""
+    return make_dataloader(load_texts("wikitext", split="train", n=n), tokenizer, batch_size=8,
+                           max_length=max_length)
+
+
 #: The neuron rankings :func:`fair_pruning_scores` knows.
-FAIR_SCORES = ("relative", "attribution")
+FAIR_SCORES = ("relative", "attribution", "targeted")
 
 
 def fair_pruning_scores(model: nn.Module, tokenizer, score: str | None = None, *, pairs: Sequence[dict] | None = None,
-                        probes: Sequence[dict] | None = None, progress: bool = False) -> torch.Tensor:
+                        probes: Sequence[dict] | None = None, texts=None, progress: bool = False) -> torch.Tensor:
     """The ranking Fair Pruning removes from, ``[n_layers, I]`` (high = remove first).
 
     ``"relative"``: :func:`relative_bias_scores` on ``pairs`` (default: the calibration prompt pairs), the neurons
     that react most to the group word. ``"attribution"``: :func:`stereotype_attribution` on ``probes`` (default:
     :func:`attribution_probes`), clamped at 0, the neurons that push the model's choice towards the stereotype.
+    ``"targeted"``: that attribution divided by how much ordinary text needs each neuron
+    (:func:`targeted_scores` of :func:`text_loss_attribution` on ``texts``, default :func:`general_text_loader`).
     ``None`` = :data:`DEFAULT_FAIR_SCORE`, the one CH11_NB02 chose on its validation split.
     """
     score = DEFAULT_FAIR_SCORE if score is None else score
@@ -725,7 +789,11 @@ def fair_pruning_scores(model: nn.Module, tokenizer, score: str | None = None, *
         pairs = load_bias_pairs("calibration", tokenizer=tokenizer) if pairs is None else pairs
         return relative_bias_scores(model, tokenizer, pairs, progress=progress)
     probes = attribution_probes() if probes is None else probes
-    return stereotype_attribution(model, tokenizer, probes, progress=progress).clamp(min=0)
+    attribution = stereotype_attribution(model, tokenizer, probes, progress=progress)
+    if score == "attribution":
+        return attribution.clamp(min=0)
+    texts = general_text_loader(tokenizer) if texts is None else texts
+    return targeted_scores(attribution, text_loss_attribution(model, texts, progress=progress))
 
 
 #: What :func:`measure_behaviour` measures on which probes, and how :func:`behaviour_changes` compares:
