@@ -353,6 +353,8 @@ def test_fair_pruning_scores_give_each_ranking(models):
     targeted = bias.fair_pruning_scores(model, tok, "targeted", probes=probes, texts=texts)
     torch.testing.assert_close(targeted, bias.targeted_scores(bias.stereotype_attribution(model, tok, probes),
                                                               bias.text_loss_attribution(model, texts)))
+    general = list(bias.general_text_loader(tok, n=3, max_length=16))
+    assert sum(len(b["input_ids"]) for b in general) == 3 and general[0]["input_ids"].shape[1] <= 16
 
 
 def test_text_loss_attribution_is_the_derivative_of_the_loss_in_each_neurons_scale(models):

@@ -70,8 +70,11 @@ from .width import check_neuron_selection, glu_mlps, peak_to_peak, remove_neuron
 #: (within noise) and pronoun agreement by -0.083 [-0.167, -0.014]: at this scale it removes awareness of the
 #: group word, not bias. It stays the default because it is the least damaging, not because it works.
 DEFAULT_FAIR_RATIO = 0.0025
-#: The ranking it removes from (:func:`fair_pruning_scores`): "relative" (reacts to the group word) or
-#: "attribution" (pushes towards the stereotype). The fallback of CH11_NB02's validation rule (see above).
+#: The ranking it removes from (:func:`fair_pruning_scores`): "relative" (reacts to the group word),
+#: "attribution" (pushes towards the stereotype) or "targeted" (the attribution per unit of text loss). The
+#: fallback of CH11_NB02's validation rule (see above). "targeted" was added on 2026-12-07 after a search on
+#: validation probes only (scripts/fair_ranking_search.py: stereotype change below 0 with its interval at every
+#: share, no pronoun drop, perplexity x1.011-1.031); it becomes the default only if NB02's rule chooses it.
 DEFAULT_FAIR_SCORE = "relative"
 #: The first blocks never lose a neuron (CH04: they are the ones a model cannot do without).
 DEFAULT_PROTECTED_BLOCKS = 3
