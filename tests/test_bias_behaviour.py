@@ -384,6 +384,32 @@ def test_text_loss_attribution_is_the_derivative_of_the_loss_in_each_neurons_sca
         bias.text_loss_attribution(model, [{"text": "x"}])
 
 
+
+def test_attributions_leave_no_hooks_and_restore_the_training_mode(models):
+    """Both attribution scores share one hook set-up: after them (even after a bad batch) the model has no
+    hook left, is back in training mode if it was, and its embeddings give outputs without a graph."""
+    from utils.width import glu_mlps
+
+    model, tok = models()
+    texts = utils.make_dataloader(["The river ran past the old mill."], tok, batch_size=1, max_length=16)
+
+    def hooks():
+        return sum(len(m.down_proj._forward_pre_hooks) for m in glu_mlps(model)) + \
+            len(model.get_input_embeddings()._forward_hooks)
+
+    before = hooks()
+    model.train()
+    try:
+        bias.stereotype_attribution(model, tok, _stereo_probes()[:1])
+        bias.text_loss_attribution(model, texts)
+        with pytest.raises(ValueError, match="input_ids"):
+            bias.text_loss_attribution(model, [{"text": "x"}])
+        assert hooks() == before and model.training
+    finally:
+        model.eval()
+    with torch.no_grad():
+        assert not model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
+
 def test_targeted_scores_arithmetic_and_bad_inputs():
     stereo = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])
     loss = torch.tensor([[1.0, 1.0, 0.0], [2.0, 0.0, 1.0]])

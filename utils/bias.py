@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -612,6 +613,38 @@ def swap_sensitivity(model: nn.Module, tokenizer, pairs: Sequence[dict], *, batc
     return _divergences(model, tokenizer, pairs, batch_size)
 
 
+def _neuron_totals(model: nn.Module) -> torch.Tensor:
+    """A float64 accumulator with one entry per MLP neuron: ``[n_layers, I]`` zeros."""
+    mlps = glu_mlps(model)
+    return torch.zeros(len(mlps), mlps[0].down_proj.in_features, dtype=torch.float64)
+
+
+@contextmanager
+def _activation_graph(model: nn.Module):
+    """Shared set-up of the two attribution scores: while active, every forward pass appends each block's input
+    to ``down_proj`` (the neurons' activations) to the yielded list, and the autograd graph starts at the
+    embeddings, so ``torch.autograd.grad`` can differentiate with respect to those activations although the
+    weights are frozen. Yields ``(captured, device)``; the model is in eval mode inside and is restored after."""
+    captured: list[torch.Tensor] = []
+
+    def capture(module, inputs):
+        captured.append(inputs[0])
+
+    def track(module, inputs, output):  # frozen weights: let the graph start at the embeddings
+        return output if output.requires_grad else output.detach().requires_grad_(True)
+
+    handles = [mlp.down_proj.register_forward_pre_hook(capture) for mlp in glu_mlps(model)]
+    handles.append(model.get_input_embeddings().register_forward_hook(track))
+    was_training = model.training
+    model.eval()
+    try:
+        yield captured, device_of(model)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def stereotype_attribution(model: nn.Module, tokenizer, probes: Sequence[dict], *, batch_size: int = 8,
                            progress: bool = False) -> torch.Tensor:
     """A **signed, behavioural** neuron score: how much each MLP neuron pushes the stereotype score up.
@@ -633,23 +666,10 @@ def stereotype_attribution(model: nn.Module, tokenizer, probes: Sequence[dict], 
     requests = choice_requests(tokenizer, items)
     # request k = (item, choice): + for (target, stereo) and (other, anti), - for the other two
     signs = torch.tensor([1.0 if (i % 2 == 0) == (j == 0) else -1.0 for i, j, _, _ in requests])
-    mlps = glu_mlps(model)
-    captured: list[torch.Tensor] = []
-
-    def capture(module, inputs):
-        captured.append(inputs[0])
-
-    def track(module, inputs, output):  # frozen weights: let the graph start at the embeddings
-        return output if output.requires_grad else output.detach().requires_grad_(True)
-
-    handles = [mlp.down_proj.register_forward_pre_hook(capture) for mlp in mlps]
-    handles.append(model.get_input_embeddings().register_forward_hook(track))
-    total = torch.zeros(len(mlps), mlps[0].down_proj.in_features, dtype=torch.float64)
+    total = _neuron_totals(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device, was_training = device_of(model), model.training
-    model.eval()
     step = 4 * max(1, batch_size // 4)  # whole probes per batch (4 requests each)
-    try:
+    with _activation_graph(model) as (captured, device):
         for start in tqdm(range(0, len(requests), step), desc="attribution", disable=not progress, leave=False):
             chunk, captured[:] = requests[start: start + step], []
             ids, mask = pad_requests(chunk, pad)
@@ -660,10 +680,6 @@ def stereotype_attribution(model: nn.Module, tokenizer, probes: Sequence[dict], 
             for layer, (a, g) in enumerate(zip(captured, grads)):
                 if g is not None:
                     total[layer] += (a.detach().float() * g.float()).sum((0, 1)).double().cpu()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return (total / len(probes)).float()
 
 
@@ -716,15 +732,8 @@ def text_loss_attribution(model: nn.Module, dataloader, *, progress: bool = Fals
     Taylor importance of Molchanov et al., 2019), so a small value means the text barely needs that neuron.
     :func:`fair_pruning_scores` divides the stereotype attribution by it (the ``"targeted"`` ranking).
     """
-    mlps, captured = glu_mlps(model), []
-    total = torch.zeros(len(mlps), mlps[0].down_proj.in_features, dtype=torch.float64)
-    handles = [mlp.down_proj.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
-               for mlp in mlps]
-    handles.append(model.get_input_embeddings().register_forward_hook(
-        lambda module, inputs, output: output if output.requires_grad else output.detach().requires_grad_(True)))
-    device, was_training, batches = device_of(model), model.training, 0
-    model.eval()
-    try:
+    total, batches = _neuron_totals(model), 0
+    with _activation_graph(model) as (captured, device):
         for batch in tqdm(dataloader, desc="text-loss attribution", disable=not progress, leave=False):
             if not isinstance(batch, dict) or "input_ids" not in batch or "attention_mask" not in batch:
                 raise ValueError("dataloader must yield dicts with input_ids and attention_mask "
@@ -738,10 +747,6 @@ def text_loss_attribution(model: nn.Module, dataloader, *, progress: bool = Fals
             for layer, (a, g) in enumerate(zip(captured, grads)):
                 total[layer] += (a.detach() * g * real).sum((0, 1)).abs().double().cpu()
             batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     if batches == 0:
         raise ValueError("dataloader gave no batch: pass some general text (utils.make_dataloader).")
     return total.float()
