@@ -399,10 +399,13 @@ def decisions(rows: Sequence[dict], rule: Rule, *, protect: Iterable[int],
     return out
 
 
-def _weights(rows: Sequence, weights: Sequence[float] | None) -> np.ndarray:
-    w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=float)
-    if w.shape != (len(rows),) or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must hold one non-negative number per prompt ({len(rows)}), not all zero.")
+def check_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
+    """Per-prompt weights as an array of ``n`` finite, non-negative numbers that are not all zero (all ones for
+    ``None``). Every calibration of this module and :class:`utils.bypass_router.CostRouter` reads its weights
+    (e.g. each prompt's decoded tokens) through this check, so a wrong length or a NaN gets one clear error."""
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must hold one finite, non-negative number per prompt ({n}), not all zero.")
     return w
 
 
@@ -419,7 +422,7 @@ def calibrate_threshold(scores: Sequence, mean_skipped: float, *, protect: Itera
     rows = [row["scores"] if isinstance(row, dict) else row for row in scores]
     if not rows:
         raise ValueError("scores is empty: pass one list of attention scores per calibration prompt.")
-    w = _weights(rows, weights)
+    w = check_weights(weights, len(rows))
     pooled = sorted((s, w[p]) for p, row in enumerate(rows) for i, s in enumerate(row)
                     if i not in protect and not math.isnan(s))
     per_prompt = len(pooled) / len(rows)
@@ -441,7 +444,7 @@ def calibrate_scale(features: Sequence[float], mean_skipped: float, *, limit: in
     ``mean_skipped`` on average (weighted by ``weights``, e.g. decoded tokens): the count of a
     :func:`ranked_rule`. Found by bisection on the training prompts' features (all >= 0)."""
     f = np.asarray(features, dtype=float)
-    w = _weights(f, weights)
+    w = check_weights(weights, len(f))
     if f.size == 0 or (f < 0).any() or f.max() <= 0:
         raise ValueError("features must be non-negative numbers, at least one above zero.")
     if not 0 <= mean_skipped <= limit:
@@ -463,7 +466,8 @@ def matched_counts(weights: Sequence[float], mean_skipped: float, *, limit: int,
     *realised* on the texts, not the one it was calibrated to. The match is as close as the weights allow:
     compute the realised mean with ``np.average(counts, weights=weights)``.
     """
-    w = _weights(list(weights), weights)
+    weights = [] if weights is None else list(weights)
+    w = check_weights(weights, len(weights))
     if not isinstance(limit, int) or limit < 0:
         raise ValueError(f"limit must be a non-negative whole number (the blocks that may be cut), got {limit!r}.")
     if not isinstance(mean_skipped, (int, float)) or not 0 <= mean_skipped <= limit:

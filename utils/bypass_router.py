@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import removed_attention
-from .bypass import PromptSignal, Rule, as_signal, calibrate_threshold, default_protected, perplexity_with_skips
+from .bypass import (PromptSignal, Rule, as_signal, calibrate_threshold, check_weights, default_protected,
+                     perplexity_with_skips)
 from .kv_cache import prompt_splits
 from .precision import device_of
 from .structure import decoder_blocks
@@ -87,10 +88,8 @@ def skip_costs(model, dataloader: Iterable[dict], *, prefix_tokens: int | float,
     return costs.tolist()
 
 
-def _check_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
-    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must hold one non-negative number per training prompt ({n}), not all zero.")
+def _mean_one_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
+    w = check_weights(weights, n)
     return w * n / w.sum()  # mean 1: the ridge penalty keeps its meaning whatever the units
 
 
@@ -155,7 +154,7 @@ class CostRouter:
         if y.ndim != 2 or y.shape != scores.shape:
             raise ValueError(f"every costs list must have one entry per block, like the rows' scores: "
                              f"got costs {y.shape}, scores {scores.shape}.")
-        w = _check_weights(weights, len(rows))
+        w = _mean_one_weights(weights, len(rows))
         usable = np.isfinite(y).all(0) & np.isfinite(scores).all(0)
         self.n_blocks = y.shape[1]
         self.blocks = [i for i in range(self.n_blocks) if usable[i] and i not in self.protect]
