@@ -27,8 +27,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import removed_attention
-from .bypass import (PromptSignal, Rule, as_signal, calibrate_threshold, check_weights, default_protected,
-                     perplexity_with_skips)
+from .bypass import (
+    PromptSignal,
+    Rule,
+    as_signal,
+    calibrate_threshold,
+    check_weights,
+    default_protected,
+    perplexity_with_skips,
+)
 from .kv_cache import prompt_splits
 from .precision import device_of
 from .structure import decoder_blocks
