@@ -4,7 +4,9 @@
     python scripts/collect_results.py --profile tiny   # -> runs/tiny/RESULTS.md
 
 Each notebook's ``results["table"]`` (a list of flat dicts) becomes a table; ``results["summary"]``
-(the key numbers; older runs call it ``quality_bar``) becomes a list of lines. Nothing is typed in by
+(the key numbers; older runs call it ``quality_bar``) becomes a list of lines; ``results["differences_vs_base"]``
+(``{model: {metric: {"value", "ci"}}}``, paired differences from a reference model) becomes one line per difference
+with its interval. Nothing is typed in by
 hand: the report only shows what the runs measured.
 
 Re-running some notebooks does not erase the others: a notebook that has a section in the existing
@@ -60,6 +62,15 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def difference_line(model: str, metric: str, difference) -> str:
+    """``- model, metric: +0.020 [-0.031, +0.075]`` (the interval left out when there is none)."""
+    if not isinstance(difference, dict) or difference.get("value") is None:
+        return f"- {model}, {metric}: undefined"
+    ci = difference.get("ci")
+    interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    return f"- {model}, {metric}: {difference['value']:+.3f}{interval}"
 
 
 def flat_items(data, prefix: str = ""):
@@ -166,6 +177,12 @@ def collect(profile: str = "cpu", root: Path = ROOT, *, keep_previous: bool = Tr
             if summary:
                 lines += ["Key numbers:", ""]
                 lines += [f"- {k}: {fmt(v)}" for k, v in flat_items(summary)]
+                lines.append("")
+            differences = results.get("differences_vs_base")
+            if differences:
+                lines += ["Paired differences from the base model (95 % interval):", ""]
+                lines += [difference_line(name, metric, d) for name, metrics in differences.items()
+                          for metric, d in metrics.items()]
                 lines.append("")
             if payload["notebook"] in timings:
                 lines += [f"Notebook run time: {timings[payload['notebook']]:.0f} s", ""]

@@ -76,6 +76,22 @@ def test_collector_builds_tables_from_json(tmp_path):
     assert "Key numbers:" in text
 
 
+def test_collector_shows_paired_differences_with_their_intervals(tmp_path):
+    run_dir = tmp_path / "runs" / "cpu"
+    run_dir.mkdir(parents=True)
+    env = {"profile": "cpu", "date": "2026-01-01 00:00 UTC", "device": "CPU", "cpu_threads": 2, "python": "3.11",
+           "torch": "2", "transformers": "5", "optipfair": "0.4.2"}
+    differences = {"pruned": {"s_dis": {"value": 0.0202, "ci": [-0.0312, 0.0754]},
+                              "s_amb": {"value": None, "ci": None}, "acc": {"value": -0.5, "ci": None}}}
+    payload = {"notebook": "CH11_NB03_x", "environment": env,
+               "results": {"summary": {"v": 1.0}, "differences_vs_base": differences}}
+    (run_dir / "CH11_NB03_x.json").write_text(json.dumps(payload))
+    text = collect_results.collect("cpu", root=tmp_path).read_text()
+    assert "Paired differences from the base model (95 % interval):" in text
+    assert "- pruned, s_dis: +0.020 [-0.031, +0.075]" in text
+    assert "- pruned, s_amb: undefined" in text and "- pruned, acc: -0.500\n" in text
+
+
 def test_collector_puts_appendices_after_the_chapters(tmp_path):
     run_dir = tmp_path / "runs" / "cpu"
     run_dir.mkdir(parents=True)
