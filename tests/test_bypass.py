@@ -227,6 +227,11 @@ def test_check_weights_gives_ones_or_the_weights_and_rejects_bad_ones():
     for bad in ([1, 2], [1, -1, 2], [0, 0, 0], [1, float("nan"), 1], [1, float("inf"), 1]):
         with pytest.raises(ValueError, match="finite, non-negative number per prompt"):
             check_weights(bad, 3)
+    for bad_n in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="number of prompts"):
+            check_weights(None, bad_n)
+    with pytest.raises(ValueError, match="weights"):  # no prompt at all: nothing to weigh
+        check_weights(None, 0)
     rows = [[0.1, 0.5, 0.3], [0.2, 0.4, 0.6]]
     with pytest.raises(ValueError, match="finite"):  # a NaN weight used to give a NaN threshold
         calibrate_threshold(rows, 1, protect=(), weights=[1, float("nan")])

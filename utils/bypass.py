@@ -403,6 +403,8 @@ def check_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
     """Per-prompt weights as an array of ``n`` finite, non-negative numbers that are not all zero (all ones for
     ``None``). Every calibration of this module and :class:`utils.bypass_router.CostRouter` reads its weights
     (e.g. each prompt's decoded tokens) through this check, so a wrong length or a NaN gets one clear error."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be the number of prompts, a whole number, got {n!r}.")
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
     if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must hold one finite, non-negative number per prompt ({n}), not all zero.")
