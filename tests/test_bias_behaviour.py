@@ -384,7 +384,6 @@ def test_text_loss_attribution_is_the_derivative_of_the_loss_in_each_neurons_sca
         bias.text_loss_attribution(model, [{"text": "x"}])
 
 
-
 def test_attributions_leave_no_hooks_and_restore_the_training_mode(models):
     """Both attribution scores share one hook set-up: after them (even after a bad batch) the model has no
     hook left, is back in training mode if it was, and its embeddings give outputs without a graph."""
@@ -409,6 +408,7 @@ def test_attributions_leave_no_hooks_and_restore_the_training_mode(models):
         model.eval()
     with torch.no_grad():
         assert not model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
+
 
 def test_targeted_scores_arithmetic_and_bad_inputs():
     stereo = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, 1.0]])

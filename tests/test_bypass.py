@@ -220,7 +220,6 @@ def test_matched_counts_reach_the_realised_budget_per_token():
         matched_counts([], 1, limit=3)
 
 
-
 def test_check_weights_gives_ones_or_the_weights_and_rejects_bad_ones():
     np.testing.assert_array_equal(check_weights(None, 3), np.ones(3))
     np.testing.assert_array_equal(check_weights([0, 2, 5], 3), np.array([0.0, 2.0, 5.0]))
@@ -235,6 +234,7 @@ def test_check_weights_gives_ones_or_the_weights_and_rejects_bad_ones():
     rows = [[0.1, 0.5, 0.3], [0.2, 0.4, 0.6]]
     with pytest.raises(ValueError, match="finite"):  # a NaN weight used to give a NaN threshold
         calibrate_threshold(rows, 1, protect=(), weights=[1, float("nan")])
+
 
 def test_embedding_spread_and_complexity_score():
     torch.manual_seed(0)
