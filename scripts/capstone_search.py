@@ -1,0 +1,271 @@
+"""The capstone's recipe (CH12_NB01): which calibration, width allocation, distillation and LoRA keep general ability?
+
+    RLLM_PROFILE=cpu python scripts/capstone_search.py --variant calib=mix,alloc=global --stage cut
+    RLLM_PROFILE=cpu python scripts/capstone_search.py --variant calib=mix,alloc=global,dlr=1e-4,lora=plain,seed=0
+    RLLM_PROFILE=cpu python scripts/capstone_search.py --baseline --seed 0
+    RLLM_PROFILE=cpu python scripts/capstone_search.py --table                 # the rows saved so far
+
+Issue 29 asks the capstone to keep its general abilities: wikitext perplexity at most 1.6x the base model's,
+and each of the four task metrics (schema compliance, field exact match, symptom F1, medication F1) at most 5
+points below the baseline (the unpruned model with the same LoRA budget), at <= 75 % of the parameters and a
+pipeline under 20 minutes. This script runs CH12_NB01's pipeline with the notebook's `cpu` settings (the same
+model, cut sizes, step counts, batch sizes and learning rates) and changes one stage at a time:
+
+* ``calib``: the text that chooses and repairs both cuts: ``clinical`` (the notebook before this search: 64
+  clinical notes), ``general`` (64 wikitext train texts), ``mix`` (32 of each);
+* ``alloc``: the width cut's allocation: ``uniform`` (the same share of every block) or ``global`` (one ranking
+  over all blocks, CH05's default);
+* ``dlr``: the distillation's learning rate (``5e-4``, `utils.distill`'s default, or ``1e-4``);
+* ``lora``: ``plain`` (CH12's adapter), ``lr1e-3`` (half the learning rate) or ``replay`` (every batch of 4
+  notes carries one more row: a wikitext train text of at most 128 tokens, with the loss on all its tokens);
+* ``seed``: the LoRA seed (adapter initialisation and order of the notes).
+
+Everything is measured on VALIDATION data: the 40 validation notes of ``clinical_notes`` (answers generated and
+scored as the notebook scores its test notes) and the 24 validation texts of wikitext and of cosmopedia; the
+notebook reports on the test split once, with the recipe chosen here.
+
+The rule, fixed before the runs: a recipe qualifies when, on validation, its wikitext ratio is at most 1.6 and
+no task metric is more than 5 points below the baseline of the same seed; among those that qualify, the lowest
+wikitext ratio wins. When none qualifies, the recipe with the fewest failed targets wins, ties broken by the
+wikitext ratio. Stages are cached under ``--cache`` (one file per stage prefix), so variants that share a cut or
+a distillation reuse it. Rows go to runs/<profile>/SWEEP_capstone_<split>_<tag>.json (one file per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+from utils import depth, distillation, lora, width  # noqa: E402
+from utils import extraction as ex  # noqa: E402
+
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TASK, GENERAL, SECOND = "clinical_notes", "wikitext", "cosmopedia"
+CUT_BLOCKS, WIDTH_RATIO = 6, 0.22
+N_CALIB = utils.budget(full=128, cpu=64, tiny=8)
+DISTILL_STEPS = utils.budget(full=300, cpu=42, tiny=2)
+LORA_STEPS = utils.budget(full=120, cpu=96, tiny=2)
+LORA_BATCH = utils.budget(full=8, cpu=4, tiny=4)
+LORA_LR, RANK, ALPHA = 2e-3, 8, 16
+MAX_NEW_TOKENS = utils.budget(full=200, cpu=150, tiny=8)
+GEN_BATCH = utils.budget(full=32, cpu=40, tiny=4)
+N_EVAL = utils.budget(full=None, cpu=None, tiny=4)  # every validation text / note
+DEFAULTS = {"calib": "clinical", "alloc": "uniform", "dlr": "5e-4", "lora": "plain", "seed": "0"}
+CHOICES = {"calib": ("clinical", "general", "mix"), "alloc": ("uniform", "global"), "dlr": ("5e-4", "1e-4"),
+           "lora": ("plain", "lr1e-3", "replay")}
+STAGES = ("cut", "distill", "lora")
+REPLAY_TOKENS = 128
+
+
+def parse_variant(text: str) -> dict[str, str]:
+    """``"calib=mix,dlr=1e-4"`` -> every field, the defaults filled in; a clear error for a typo."""
+    spec = dict(DEFAULTS)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in DEFAULTS:
+            raise SystemExit(f"Bad variant field {part!r}: use key=value with keys {', '.join(DEFAULTS)}.")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise SystemExit(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}.")
+        spec[key] = value
+    return spec
+
+
+def key_of(spec: dict[str, str], stage: str) -> str:
+    fields = {"cut": ("calib", "alloc"), "distill": ("calib", "alloc", "dlr"),
+              "lora": ("calib", "alloc", "dlr", "lora", "seed")}[stage]
+    return ",".join(f"{f}={spec[f]}" for f in fields)
+
+
+class Setup:
+    """The model, tokenizer and every loader a run reads (validation data for measuring)."""
+
+    def __init__(self, split: str):
+        torch.manual_seed(0)
+        self.model, self.tokenizer = utils.load_model(MODEL_ID)
+        tok = self.tokenizer
+        self.train_records = utils.load_records(TASK, split="train")
+        self.records = utils.load_records(TASK, split=split, n=N_EVAL)
+        notes = [r["text"] for r in self.train_records[:N_CALIB]]
+        general = utils.load_texts(GENERAL, split="train", n=N_CALIB)
+        half = N_CALIB // 2
+        self.calib = {"clinical": notes, "general": general, "mix": notes[:half] + general[:N_CALIB - half]}
+        self.general_train = utils.load_texts(GENERAL, split="train")
+        self.evals = {d: utils.make_dataloader(utils.load_texts(d, split=split, n=N_EVAL), tok, batch_size=8,
+                                               max_length=256) for d in (GENERAL, SECOND)}
+        self.evals["task"] = utils.make_dataloader(
+            [ex.chat_prompt(tok, r["text"]) + ex.format_answer(r["label"]) for r in self.records], tok,
+            batch_size=8, max_length=384)
+
+    def calib_loader(self, name: str):
+        return utils.make_dataloader(self.calib[name], self.tokenizer, batch_size=8, max_length=256)
+
+    def perplexities(self, m) -> dict[str, float]:
+        return {f"ppl_{d}": utils.perplexity(m, dl, progress=False) for d, dl in self.evals.items()}
+
+
+def replay_batches(sft_loader, texts: list[str], tokenizer, steps: int) -> list[dict]:
+    """``steps`` batches of the SFT loader (read pass after pass, as utils.train reads it), each with one more
+    row: a general text (at most REPLAY_TOKENS tokens) whose every token is a label."""
+    out, passes, i = [], iter(()), 0
+    while len(out) < steps:
+        batch = next(passes, None)
+        if batch is None:
+            passes = iter(sft_loader)
+            continue
+        ids = tokenizer(texts[i % len(texts)], add_special_tokens=False).input_ids[:REPLAY_TOKENS]
+        i += 1
+        length = max(batch["input_ids"].shape[1], len(ids))
+        pad = tokenizer.pad_token_id
+
+        def widen(t, value):
+            return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+        row = torch.tensor(ids + [pad] * (length - len(ids))).unsqueeze(0)
+        mask = torch.tensor([1] * len(ids) + [0] * (length - len(ids))).unsqueeze(0)
+        labels = torch.where(mask.bool(), row, torch.full_like(row, -100))
+        out.append({"input_ids": torch.cat([widen(batch["input_ids"], pad), row]),
+                    "attention_mask": torch.cat([widen(batch["attention_mask"], 0), mask]),
+                    "labels": torch.cat([widen(batch["labels"], -100), labels])})
+    return out
+
+
+def cached(cache: Path, key: str, build):
+    path = cache / (key.replace(",", "__").replace("=", "-") + ".pt")
+    if path.exists():
+        return torch.load(path, weights_only=False), 0.0, True
+    start = time.perf_counter()
+    model = build()
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, path)
+    return model, seconds, False
+
+
+def run_variant(s: Setup, spec: dict[str, str], stage: str, cache: Path, rows: list[dict]) -> None:
+    base_ppl = s.perplexities(s.model)
+
+    def row(name: str, m, seconds: float, **extra) -> dict:
+        ppl = s.perplexities(m)
+        r = {"stage": name, "key": key_of(spec, name), **ppl, "x_base_wikitext": ppl[f"ppl_{GENERAL}"]
+             / base_ppl[f"ppl_{GENERAL}"], "x_base_cosmopedia": ppl[f"ppl_{SECOND}"] / base_ppl[f"ppl_{SECOND}"],
+             "parameters": utils.count_parameters(m), "seconds": seconds, **extra}
+        rows.append(r)
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+        return r
+
+    def build_cut():
+        loader = s.calib_loader(spec["calib"])
+        student = depth.prune_depth(copy.deepcopy(s.model), CUT_BLOCKS, loader, progress=False)
+        width.prune_glu(student, ratio=WIDTH_RATIO, dataloader=loader, allocation=spec["alloc"], progress=False)
+        return student
+
+    student, seconds, hit = cached(cache, key_of(spec, "cut"), build_cut)
+    row("cut", student, seconds, cached=hit, removed_blocks=list(student.config.removed_layers))
+    if stage == "cut":
+        return
+
+    def build_distilled():
+        loader = utils.make_dataloader(s.general_train, s.tokenizer, batch_size=8, max_length=128, shuffle=True,
+                                       seed=0)
+        distillation.distill(student, s.model, loader, max_steps=DISTILL_STEPS, lr=float(spec["dlr"]),
+                             progress=False)
+        return student.eval()
+
+    student, seconds, hit = cached(cache, key_of(spec, "distill"), build_distilled)
+    row("distill", student, seconds, cached=hit)
+    if stage == "distill":
+        return
+    lora_row(s, spec, student, rows, row)
+
+
+def lora_row(s: Setup, spec: dict[str, str], start_model, rows: list[dict], row, name: str = "lora") -> None:
+    seed = int(spec["seed"])
+    sft = ex.make_sft_dataloader(s.train_records, s.tokenizer, batch_size=LORA_BATCH, max_length=320, seed=seed)
+    lr = 1e-3 if spec["lora"] == "lr1e-3" else LORA_LR
+    data = replay_batches(sft, s.general_train, s.tokenizer, LORA_STEPS) if spec["lora"] == "replay" else sft
+    peft_model, history = lora.train_lora_adapter(start_model, data, steps=LORA_STEPS, rank=RANK, alpha=ALPHA, lr=lr,
+                                                  loss_fn=ex.answer_loss, seed=seed, progress=False)
+    merged = peft_model.merge_and_unload().eval()
+    start = time.perf_counter()
+    answers = ex.generate_answers(merged, s.tokenizer, [r["text"] for r in s.records], max_new_tokens=MAX_NEW_TOKENS,
+                                  batch_size=GEN_BATCH, progress=False)
+    scores = ex.score_extraction(answers, s.records)
+    row(name, merged, history["seconds"], generation_seconds=time.perf_counter() - start,
+        **{m: scores[m] for m in ex.HEADLINE_METRICS})
+
+
+def table(paths: list[Path]) -> str:
+    rows = [r for p in paths for r in json.loads(p.read_text())["results"]["rows"]]
+    baselines = {r["key"]: r for r in rows if r["stage"] == "baseline"}
+    metrics = ("schema_compliance", "field_exact_match", "symptom_f1", "medication_f1")
+    lines = ["| stage | recipe | wikitext x | cosmopedia x | task ppl | " + " | ".join(metrics)
+             + " | targets failed | seconds |", "|" + " --- |" * (7 + len(metrics))]
+    for r in rows:
+        cells = [r["stage"], r["key"], f"{r['x_base_wikitext']:.3f}", f"{r['x_base_cosmopedia']:.3f}",
+                 f"{r['ppl_task']:.2f}"]
+        failed = ""
+        if "schema_compliance" in r:
+            base = baselines.get("seed=" + r["key"].rsplit("seed=", 1)[-1])
+            gaps = {m: (r[m] - base[m]) * 100 if base else None for m in metrics}
+            cells += [f"{r[m]:.3f}" + ("" if gaps[m] is None else f" ({gaps[m]:+.1f})") for m in metrics]
+            if base and r["stage"] != "baseline":
+                failed = str(int(r["x_base_wikitext"] > 1.6) + sum(round(g, 6) < -5 for g in gaps.values()))
+        else:
+            cells += [""] * len(metrics)
+        lines.append("| " + " | ".join(cells + [failed, f"{r['seconds']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", nargs="*", default=[], help="recipes, e.g. calib=mix,alloc=global,dlr=1e-4")
+    parser.add_argument("--stage", choices=STAGES, default="lora", help="the last stage to run")
+    parser.add_argument("--baseline", action="store_true", help="the unpruned model with the same LoRA")
+    parser.add_argument("--seed", type=int, default=0, help="the baseline's LoRA seed")
+    parser.add_argument("--split", choices=["validation", "test"], default="validation")
+    parser.add_argument("--tag", default="a", help="names this process's output file")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/capstone_cache"))
+    parser.add_argument("--table", action="store_true", help="print the saved rows as a table and stop")
+    args = parser.parse_args(argv)
+    out_dir = utils.runs_dir()
+    if args.table:
+        print(table(sorted(out_dir.glob(f"SWEEP_capstone_{args.split}_*.json"))))
+        return 0
+    s = Setup(args.split)
+    rows: list[dict] = []
+    name = f"SWEEP_capstone_{args.split}_{args.tag}"
+    if args.baseline:
+        spec = {**DEFAULTS, "seed": str(args.seed)}
+
+        def row(stage, m, seconds, **extra):
+            ppl = s.perplexities(m)
+            base = s.perplexities(s.model)
+            r = {"stage": "baseline", "key": f"seed={args.seed}", **ppl,
+                 "x_base_wikitext": ppl[f"ppl_{GENERAL}"] / base[f"ppl_{GENERAL}"],
+                 "x_base_cosmopedia": ppl[f"ppl_{SECOND}"] / base[f"ppl_{SECOND}"],
+                 "parameters": utils.count_parameters(m), "seconds": seconds, **extra}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+
+        lora_row(s, spec, copy.deepcopy(s.model), rows, row, name="baseline")
+        utils.save_results(name, {"split": args.split, "rows": rows})
+    for text in args.variant:
+        run_variant(s, parse_variant(text), args.stage, args.cache / args.split, rows)
+        utils.save_results(name, {"split": args.split, "rows": rows})  # after every variant: a crash keeps the rest
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
