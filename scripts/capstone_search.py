@@ -114,6 +114,17 @@ class Setup:
     def perplexities(self, m) -> dict[str, float]:
         return {f"ppl_{d}": utils.perplexity(m, dl, progress=False) for d, dl in self.evals.items()}
 
+    def ratios(self, m) -> dict[str, float]:
+        """The perplexities of ``m`` and their ratios to the base model's on the two general domains."""
+        if not hasattr(self, "base_ppl"):
+            self.base_ppl = self.perplexities(self.model)
+        ppl = self.perplexities(m)
+        return {**ppl, **{f"x_base_{d}": ppl[f"ppl_{d}"] / self.base_ppl[f"ppl_{d}"] for d in (GENERAL, SECOND)}}
+
+
+def _widen(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
 
 def replay_batches(sft_loader, texts: list[str], tokenizer, steps: int) -> list[dict]:
     """``steps`` batches of the SFT loader (read pass after pass, as utils.train reads it), each with one more
@@ -129,15 +140,12 @@ def replay_batches(sft_loader, texts: list[str], tokenizer, steps: int) -> list[
         length = max(batch["input_ids"].shape[1], len(ids))
         pad = tokenizer.pad_token_id
 
-        def widen(t, value):
-            return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
-
         row = torch.tensor(ids + [pad] * (length - len(ids))).unsqueeze(0)
         mask = torch.tensor([1] * len(ids) + [0] * (length - len(ids))).unsqueeze(0)
         labels = torch.where(mask.bool(), row, torch.full_like(row, -100))
-        out.append({"input_ids": torch.cat([widen(batch["input_ids"], pad), row]),
-                    "attention_mask": torch.cat([widen(batch["attention_mask"], 0), mask]),
-                    "labels": torch.cat([widen(batch["labels"], -100), labels])})
+        out.append({"input_ids": torch.cat([_widen(batch["input_ids"], length, pad), row]),
+                    "attention_mask": torch.cat([_widen(batch["attention_mask"], length, 0), mask]),
+                    "labels": torch.cat([_widen(batch["labels"], length, -100), labels])})
     return out
 
 
@@ -154,13 +162,9 @@ def cached(cache: Path, key: str, build):
 
 
 def run_variant(s: Setup, spec: dict[str, str], stage: str, cache: Path, rows: list[dict]) -> None:
-    base_ppl = s.perplexities(s.model)
-
     def row(name: str, m, seconds: float, **extra) -> dict:
-        ppl = s.perplexities(m)
-        r = {"stage": name, "key": key_of(spec, name), **ppl, "x_base_wikitext": ppl[f"ppl_{GENERAL}"]
-             / base_ppl[f"ppl_{GENERAL}"], "x_base_cosmopedia": ppl[f"ppl_{SECOND}"] / base_ppl[f"ppl_{SECOND}"],
-             "parameters": utils.count_parameters(m), "seconds": seconds, **extra}
+        r = {"stage": name, "key": key_of(spec, name), **s.ratios(m), "parameters": utils.count_parameters(m),
+             "seconds": seconds, **extra}
         rows.append(r)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
         return r
@@ -250,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {**DEFAULTS, "seed": str(args.seed)}
 
         def row(stage, m, seconds, **extra):
-            ppl = s.perplexities(m)
-            base = s.perplexities(s.model)
-            r = {"stage": "baseline", "key": f"seed={args.seed}", **ppl,
-                 "x_base_wikitext": ppl[f"ppl_{GENERAL}"] / base[f"ppl_{GENERAL}"],
-                 "x_base_cosmopedia": ppl[f"ppl_{SECOND}"] / base[f"ppl_{SECOND}"],
+            r = {"stage": "baseline", "key": f"seed={args.seed}", **s.ratios(m),
                  "parameters": utils.count_parameters(m), "seconds": seconds, **extra}
             rows.append(r)
             print(json.dumps(r), flush=True)
