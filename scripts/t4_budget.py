@@ -127,17 +127,22 @@ def alive_names(name: str, names: list[str], before: str) -> list[str]:
     """Which of ``names`` the notebook has assigned, and not deleted, in the cells before the first cell
     that contains ``before``: the module-level objects still held when that cell runs."""
     assigned: set[str] = set()
+
+    class Tracker(ast.NodeVisitor):  # depth first, in source order: a `del` counts only after the assignment
+        def visit_Name(self, node: ast.Name) -> None:
+            if isinstance(node.ctx, ast.Store):
+                assigned.add(node.id)
+
+        def visit_Delete(self, node: ast.Delete) -> None:
+            for target in node.targets:
+                for sub in ast.walk(target):
+                    if isinstance(sub, ast.Name):
+                        assigned.discard(sub.id)
+
     for source in code_cells(name):
         if before in source:
             return [n for n in names if n in assigned]
-        for node in ast.walk(_parse(source)):
-            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                assigned.add(node.id)
-            elif isinstance(node, ast.Delete):
-                for target in node.targets:
-                    for sub in ast.walk(target):
-                        if isinstance(sub, ast.Name):
-                            assigned.discard(sub.id)
+        Tracker().visit(_parse(source))
     raise SystemExit(f"{name}: no code cell contains {before!r}; update the step in scripts/t4_budget.py.")
 
 
