@@ -122,33 +122,6 @@ class Setup:
         return {**ppl, **{f"x_base_{d}": ppl[f"ppl_{d}"] / self.base_ppl[f"ppl_{d}"] for d in (GENERAL, SECOND)}}
 
 
-def _widen(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
-
-
-def replay_batches(sft_loader, texts: list[str], tokenizer, steps: int) -> list[dict]:
-    """``steps`` batches of the SFT loader (read pass after pass, as utils.train reads it), each with one more
-    row: a general text (at most REPLAY_TOKENS tokens) whose every token is a label."""
-    out, passes, i = [], iter(()), 0
-    while len(out) < steps:
-        batch = next(passes, None)
-        if batch is None:
-            passes = iter(sft_loader)
-            continue
-        ids = tokenizer(texts[i % len(texts)], add_special_tokens=False).input_ids[:REPLAY_TOKENS]
-        i += 1
-        length = max(batch["input_ids"].shape[1], len(ids))
-        pad = tokenizer.pad_token_id
-
-        row = torch.tensor(ids + [pad] * (length - len(ids))).unsqueeze(0)
-        mask = torch.tensor([1] * len(ids) + [0] * (length - len(ids))).unsqueeze(0)
-        labels = torch.where(mask.bool(), row, torch.full_like(row, -100))
-        out.append({"input_ids": torch.cat([_widen(batch["input_ids"], length, pad), row]),
-                    "attention_mask": torch.cat([_widen(batch["attention_mask"], length, 0), mask]),
-                    "labels": torch.cat([_widen(batch["labels"], length, -100), labels])})
-    return out
-
-
 def cached(cache: Path, key: str, build):
     path = cache / (key.replace(",", "__").replace("=", "-") + ".pt")
     if path.exists():
@@ -198,7 +171,8 @@ def lora_row(s: Setup, spec: dict[str, str], start_model, rows: list[dict], row,
     seed = int(spec["seed"])
     sft = ex.make_sft_dataloader(s.train_records, s.tokenizer, batch_size=LORA_BATCH, max_length=320, seed=seed)
     lr = 1e-3 if spec["lora"] == "lr1e-3" else LORA_LR
-    data = replay_batches(sft, s.general_train, s.tokenizer, LORA_STEPS) if spec["lora"] == "replay" else sft
+    data = (ex.with_replay(sft, s.general_train, s.tokenizer, steps=LORA_STEPS, max_tokens=REPLAY_TOKENS)
+            if spec["lora"] == "replay" else sft)
     peft_model, history = lora.train_lora_adapter(start_model, data, steps=LORA_STEPS, rank=RANK, alpha=ALPHA, lr=lr,
                                                   loss_fn=ex.answer_loss, seed=seed, progress=False)
     merged = peft_model.merge_and_unload().eval()

@@ -182,6 +182,61 @@ def test_sft_dataloader_batches(tokenizer, tiny):
     assert tokenizer.decode(answer[:-1]) == ex.format_answer(records[0]["label"])
 
 
+def test_with_replay_adds_general_rows_with_every_token_learned(tokenizer, tiny):
+    records = load_records("clinical_notes", split="train", n=6)
+    loader = ex.make_sft_dataloader(records, tokenizer, batch_size=4, max_length=512, shuffle=True, seed=3)
+    reference = ex.make_sft_dataloader(records, tokenizer, batch_size=4, max_length=512, shuffle=True, seed=3)
+    task = [b for _ in range(3) for b in reference][:5]  # what utils.train would read in 5 steps: 2 passes and a half
+    texts = ["one two three four five six seven eight", "a b c", "hello world again"]
+    batches = ex.with_replay(loader, texts, tokenizer, steps=5, rows=2, max_tokens=4)
+    assert len(batches) == 5
+    cycle = [tokenizer(t, add_special_tokens=False).input_ids[:4] for t in texts]
+    for k, (mixed, plain) in enumerate(zip(batches, task)):
+        n, width = plain["input_ids"].shape
+        assert mixed["input_ids"].shape == (n + 2, width)  # the task rows are wider than 4 tokens here
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(mixed[key][:n], plain[key])  # the task rows are untouched, same batches, same order
+        for r in range(2):
+            ids = cycle[(2 * k + r) % 3]
+            row = mixed["input_ids"][n + r]
+            assert row[:len(ids)].tolist() == ids and mixed["attention_mask"][n + r].sum() == len(ids)
+            labels = mixed["labels"][n + r]
+            assert labels[:len(ids)].tolist() == ids and (labels[len(ids):] == -100).all()
+
+
+def test_with_replay_widens_the_task_rows_for_a_longer_text(tokenizer, tiny):
+    records = load_records("clinical_notes", split="train", n=2)
+    loader = ex.make_sft_dataloader(records, tokenizer, batch_size=2, max_length=512, shuffle=False)
+    plain = next(iter(loader))
+    long_text = " ".join(["word"] * 2000)
+    mixed = ex.with_replay(loader, [long_text], tokenizer, steps=1, max_tokens=plain["input_ids"].shape[1] + 7)[0]
+    width = plain["input_ids"].shape[1] + 7
+    assert mixed["input_ids"].shape == (3, width)
+    assert (mixed["labels"][:2, -7:] == -100).all() and (mixed["attention_mask"][:2, -7:] == 0).all()
+    assert (mixed["labels"][2] != -100).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"steps": 0}, "steps must be a positive int"),
+    ({"steps": True}, "steps must be a positive int"),
+    ({"rows": 0}, "rows must be a positive int"),
+    ({"max_tokens": 1}, "max_tokens must be an int >= 2"),
+    ({"texts": "one text"}, "non-empty list"),
+    ({"texts": []}, "non-empty list"),
+    ({"texts": ["fine text", "  "]}, "non-empty list"),
+    ({"texts": ["a"]}, "at least 2 tokens"),
+])
+def test_with_replay_rejects_bad_input(tokenizer, tiny, kwargs, match):
+    loader = ex.make_sft_dataloader(load_records("clinical_notes", split="train", n=2), tokenizer, batch_size=2)
+    args = {"texts": ["general text to replay"], "steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ex.with_replay(loader, args.pop("texts"), tokenizer, **args)
+    with pytest.raises(ValueError, match="input_ids, attention_mask and labels"):
+        ex.with_replay([{"input_ids": torch.ones(1, 3, dtype=torch.long)}], ["general text"], tokenizer, steps=1)
+    with pytest.raises(ValueError, match="dataloader is empty"):
+        ex.with_replay([], ["general text"], tokenizer, steps=1)
+
+
 def test_sft_dataloader_leaves_out_long_examples(tokenizer, tiny, capsys):
     records = load_records("clinical_notes", split="train", n=6)
     lengths = sorted(len(ex.encode_example(tokenizer, r["text"], r["label"])["input_ids"]) for r in records)

@@ -651,3 +651,31 @@ def test_fair_ranking_search_fits_apart_from_what_judges(tiny):
         assert scores.shape == shape and (scores >= 0).all(), name
     guarded = (ranks["targeted-aw"] == 0) & (ranks["targeted"] > 0)
     assert guarded.any() and (ranks["targeted-aw"][~guarded] == ranks["targeted"][~guarded]).all()
+
+
+def test_capstone_search_runs_the_stages_reuses_them_and_counts_failed_targets(tiny, tmp_path, monkeypatch, capsys):
+    import capstone_search
+
+    from utils import profiles
+
+    monkeypatch.setattr(profiles, "REPO_ROOT", tmp_path)  # results under tmp_path/runs/tiny, not the repository's
+    cache = ["--cache", str(tmp_path / "cache")]
+    assert capstone_search.main(["--baseline", "--tag", "b", *cache]) == 0
+    assert capstone_search.main(["--variant", "calib=mix,alloc=global,lora=replay", "--tag", "v", *cache]) == 0
+    out = tmp_path / "runs" / "tiny"
+    rows = json.loads((out / "SWEEP_capstone_validation_v.json").read_text())["results"]["rows"]
+    assert [r["stage"] for r in rows] == ["cut", "distill", "lora"] and not rows[0]["cached"]
+    assert rows[-1]["key"] == "calib=mix,alloc=global,dlr=5e-4,lora=replay,seed=0"
+    assert capstone_search.main(["--variant", "calib=mix,alloc=global,dlr=5e-4", "--stage", "distill", "--tag", "w",
+                                 *cache]) == 0
+    reused = json.loads((out / "SWEEP_capstone_validation_w.json").read_text())["results"]["rows"]
+    assert [r["cached"] for r in reused] == [True, True]  # the same cut and distillation, read back
+    assert reused[1]["ppl_wikitext"] == pytest.approx(rows[1]["ppl_wikitext"])
+    capsys.readouterr()
+    assert capstone_search.main(["--table"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| lora |"))
+    assert line.split("|")[-3].strip() == str(int(rows[-1]["x_base_wikitext"] > 1.6))  # tiny scores 0 = the baseline
+    with pytest.raises(SystemExit, match="not one of"):
+        capstone_search.parse_variant("calib=nope")
+    with pytest.raises(SystemExit, match="key=value"):
+        capstone_search.parse_variant("clib=mix")

@@ -383,6 +383,62 @@ def make_sft_dataloader(records: Sequence[Mapping], tokenizer, *, system_prompt:
                       collate_fn=lambda batch: collate_answer_only(batch, pad_id))
 
 
+def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def with_replay(dataloader, texts: Sequence[str], tokenizer, *, steps: int, rows: int = 1,
+                max_tokens: int = 128) -> list[dict[str, torch.Tensor]]:
+    """``steps`` training batches that mix the task with general text (replay, against forgetting).
+
+    The batches of ``dataloader`` (e.g. :func:`make_sft_dataloader`; read pass after pass, as
+    :func:`utils.train` reads them, so the task batches are the same ones in the same order), each
+    with ``rows`` more rows: the next texts of ``texts`` (cycled), at most ``max_tokens`` tokens each,
+    with **every** token a label. So each optimizer step also practises plain language modelling on
+    general text, which limits how far the adapter pulls the model away from it. Rows are
+    right-padded to a common width (``-100`` labels and ``attention_mask == 0`` on the padding).
+    Pass the list to :func:`utils.train_lora_adapter` with ``loss_fn=answer_loss``; it costs the
+    compute of the extra rows.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int (optimizer steps), got {steps!r}.")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive int (general-text rows per batch), got {rows!r}.")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+        raise ValueError(f"max_tokens must be an int >= 2, got {max_tokens!r}.")
+    if isinstance(texts, str) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError("texts must be a non-empty list of non-empty strings (general text to replay).")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token: set tokenizer.pad_token = tokenizer.eos_token.")
+    encoded = [tokenizer(t, add_special_tokens=False).input_ids[:max_tokens] for t in texts]
+    if any(len(ids) < 2 for ids in encoded):
+        raise ValueError("Every replay text needs at least 2 tokens (one to read, one to predict).")
+    pad, out, next_text = tokenizer.pad_token_id, [], 0
+    while len(out) < steps:
+        empty = True
+        for batch in dataloader:
+            empty = False
+            if not {"input_ids", "attention_mask", "labels"} <= set(batch):
+                raise ValueError("with_replay needs batches with input_ids, attention_mask and labels "
+                                 "(build them with make_sft_dataloader).")
+            replay = [encoded[(next_text + i) % len(encoded)] for i in range(rows)]
+            next_text += rows
+            width = max(batch["input_ids"].shape[1], *(len(ids) for ids in replay))
+            ids = torch.full((rows, width), pad, dtype=torch.long)
+            mask = torch.zeros((rows, width), dtype=torch.long)
+            for r, row in enumerate(replay):
+                ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+                mask[r, :len(row)] = 1
+            out.append({"input_ids": torch.cat([_pad_to(batch["input_ids"], width, pad), ids]),
+                        "attention_mask": torch.cat([_pad_to(batch["attention_mask"], width, 0), mask]),
+                        "labels": torch.cat([_pad_to(batch["labels"], width, -100), ids.masked_fill(mask == 0, -100)])})
+            if len(out) == steps:
+                break
+        if empty:
+            raise ValueError("dataloader is empty: check the records and max_length.")
+    return out
+
+
 def answer_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The same loss as :func:`utils.causal_lm_loss` (next-token cross-entropy on ``batch["labels"]``),
     computing the output layer only where a label counts.
