@@ -25,7 +25,8 @@ scored as the notebook scores its test notes) and the 24 validation texts of wik
 notebook reports on the test split once, with the recipe chosen here.
 
 The rule, fixed before the runs: a recipe qualifies when, on validation, its wikitext ratio is at most 1.6 and
-no task metric is more than 5 points below the baseline of the same seed; among those that qualify, the lowest
+no task metric is more than 5 points below the baseline of the same seed (trained with the same LoRA recipe when
+that baseline was run, else the plain one); among those that qualify, the lowest
 wikitext ratio wins. When none qualifies, the recipe with the fewest failed targets wins, ties broken by the
 wikitext ratio. Stages are cached under ``--cache`` (one file per stage prefix), so variants that share a cut or
 a distillation reuse it. Rows go to runs/<profile>/SWEEP_capstone_<split>_<tag>.json (one file per process).
@@ -195,7 +196,9 @@ def table(paths: list[Path]) -> str:
                  f"{r['ppl_task']:.2f}"]
         failed = ""
         if "schema_compliance" in r:
-            base = baselines.get("seed=" + r["key"].rsplit("seed=", 1)[-1])
+            seed = "seed=" + r["key"].rsplit("seed=", 1)[-1]
+            recipe = next((p for p in r["key"].split(",") if p.startswith("lora=")), "lora=plain")
+            base = baselines.get(f"{recipe},{seed}") or baselines.get(seed)
             gaps = {m: (r[m] - base[m]) * 100 if base else None for m in metrics}
             cells += [f"{r[m]:.3f}" + ("" if gaps[m] is None else f" ({gaps[m]:+.1f})") for m in metrics]
             if base and r["stage"] != "baseline":
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=STAGES, default="lora", help="the last stage to run")
     parser.add_argument("--baseline", action="store_true", help="the unpruned model with the same LoRA")
     parser.add_argument("--seed", type=int, default=0, help="the baseline's LoRA seed")
+    parser.add_argument("--baseline-lora", choices=CHOICES["lora"], default="plain",
+                        help="the baseline's LoRA recipe (the same as the specialist's, for a fair comparison)")
     parser.add_argument("--split", choices=["validation", "test"], default="validation")
     parser.add_argument("--tag", default="a", help="names this process's output file")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/capstone_cache"))
@@ -225,10 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     name = f"SWEEP_capstone_{args.split}_{args.tag}"
     if args.baseline:
-        spec = {**DEFAULTS, "seed": str(args.seed)}
+        spec = {**DEFAULTS, "seed": str(args.seed), "lora": args.baseline_lora}
 
         def row(stage, m, seconds, **extra):
-            r = {"stage": "baseline", "key": f"seed={args.seed}", **s.ratios(m),
+            key = f"seed={args.seed}"
+            if args.baseline_lora != "plain":
+                key = f"lora={args.baseline_lora},{key}"
+            r = {"stage": "baseline", "key": key, **s.ratios(m),
                  "parameters": utils.count_parameters(m), "seconds": seconds, **extra}
             rows.append(r)
             print(json.dumps(r), flush=True)
