@@ -135,13 +135,17 @@ def cached(cache: Path, key: str, build):
     return model, seconds, False
 
 
+def _record(s: Setup, rows: list[dict], stage: str, key: str, m, seconds: float, **extra) -> None:
+    """One row: ``m``'s perplexities and ratios to the base, its size and the stage's time; kept and printed."""
+    r = {"stage": stage, "key": key, **s.ratios(m), "parameters": utils.count_parameters(m), "seconds": seconds,
+         **extra}
+    rows.append(r)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+
+
 def run_variant(s: Setup, spec: dict[str, str], stage: str, cache: Path, rows: list[dict]) -> None:
-    def row(name: str, m, seconds: float, **extra) -> dict:
-        r = {"stage": name, "key": key_of(spec, name), **s.ratios(m), "parameters": utils.count_parameters(m),
-             "seconds": seconds, **extra}
-        rows.append(r)
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
-        return r
+    def row(name: str, m, seconds: float, **extra) -> None:
+        _record(s, rows, name, key_of(spec, name), m, seconds, **extra)
 
     def build_cut():
         loader = s.calib_loader(spec["calib"])
@@ -165,10 +169,11 @@ def run_variant(s: Setup, spec: dict[str, str], stage: str, cache: Path, rows: l
     row("distill", student, seconds, cached=hit)
     if stage == "distill":
         return
-    lora_row(s, spec, student, rows, row)
+    lora_row(s, spec, student, row)
 
 
-def lora_row(s: Setup, spec: dict[str, str], start_model, rows: list[dict], row, name: str = "lora") -> None:
+def lora_row(s: Setup, spec: dict[str, str], start_model, row, name: str = "lora") -> None:
+    """Train spec's LoRA on ``start_model`` (changed in place), merge, answer and score the notes; ``row`` records."""
     seed = int(spec["seed"])
     sft = ex.make_sft_dataloader(s.train_records, s.tokenizer, batch_size=LORA_BATCH, max_length=320, seed=seed)
     lr = 1e-3 if spec["lora"] == "lr1e-3" else LORA_LR
@@ -231,17 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     name = f"SWEEP_capstone_{args.split}_{args.tag}"
     if args.baseline:
         spec = {**DEFAULTS, "seed": str(args.seed), "lora": args.baseline_lora}
+        key = f"seed={args.seed}" if args.baseline_lora == "plain" else f"lora={args.baseline_lora},seed={args.seed}"
 
-        def row(stage, m, seconds, **extra):
-            key = f"seed={args.seed}"
-            if args.baseline_lora != "plain":
-                key = f"lora={args.baseline_lora},{key}"
-            r = {"stage": "baseline", "key": key, **s.ratios(m),
-                 "parameters": utils.count_parameters(m), "seconds": seconds, **extra}
-            rows.append(r)
-            print(json.dumps(r), flush=True)
+        def row(stage, m, seconds, **extra) -> None:
+            _record(s, rows, "baseline", key, m, seconds, **extra)
 
-        lora_row(s, spec, copy.deepcopy(s.model), rows, row, name="baseline")
+        lora_row(s, spec, copy.deepcopy(s.model), row, name="baseline")
         utils.save_results(name, {"split": args.split, "rows": rows})
     for text in args.variant:
         run_variant(s, parse_variant(text), args.stage, args.cache / args.split, rows)
