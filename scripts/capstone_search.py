@@ -16,8 +16,11 @@ model, cut sizes, step counts, batch sizes and learning rates) and changes one s
 * ``alloc``: the width cut's allocation: ``uniform`` (the same share of every block) or ``global`` (one ranking
   over all blocks, CH05's default);
 * ``dlr``: the distillation's learning rate (``5e-4``, `utils.distill`'s default, or ``1e-4``);
-* ``lora``: ``plain`` (CH12's adapter), ``lr1e-3`` (half the learning rate) or ``replay`` (every batch of 4
-  notes carries one more row: a wikitext train text of at most 128 tokens, with the loss on all its tokens);
+* ``lora``: ``plain`` (CH12's adapter), ``lr1e-3`` (half the learning rate), ``replay`` (every batch of 4
+  notes carries one more row: a wikitext train text of at most 128 tokens, with the loss on all its tokens) or
+  ``replay2`` (two such rows);
+* ``lsteps``: the LoRA's optimizer steps (96, the notebook's ``cpu`` budget, unless given);
+* ``rank``: the LoRA's rank (8 unless given), with alpha = 2 x rank so the adapter's scale stays 2;
 * ``seed``: the LoRA seed (adapter initialisation and order of the notes).
 
 Everything is measured on VALIDATION data: the 40 validation notes of ``clinical_notes`` (answers generated and
@@ -63,9 +66,11 @@ LORA_LR, RANK, ALPHA = 2e-3, 8, 16
 MAX_NEW_TOKENS = utils.budget(full=200, cpu=150, tiny=8)
 GEN_BATCH = utils.budget(full=32, cpu=40, tiny=4)
 N_EVAL = utils.budget(full=None, cpu=None, tiny=4)  # every validation text / note
-DEFAULTS = {"calib": "clinical", "alloc": "uniform", "dlr": "5e-4", "lora": "plain", "seed": "0"}
+DEFAULTS = {"calib": "clinical", "alloc": "uniform", "dlr": "5e-4", "lora": "plain", "lsteps": str(LORA_STEPS),
+            "rank": str(RANK), "seed": "0"}
 CHOICES = {"calib": ("clinical", "general", "mix"), "alloc": ("uniform", "global"), "dlr": ("5e-4", "1e-4"),
-           "lora": ("plain", "lr1e-3", "replay")}
+           "lora": ("plain", "lr1e-3", "replay", "replay2")}
+POSITIVE_INTS = ("lsteps", "rank", "seed")  # the fields that take a number rather than a choice
 STAGES = ("cut", "distill", "lora")
 REPLAY_TOKENS = 128
 
@@ -79,14 +84,29 @@ def parse_variant(text: str) -> dict[str, str]:
             raise SystemExit(f"Bad variant field {part!r}: use key=value with keys {', '.join(DEFAULTS)}.")
         if key in CHOICES and value not in CHOICES[key]:
             raise SystemExit(f"{key}={value!r} is not one of {', '.join(CHOICES[key])}.")
+        if key in POSITIVE_INTS and not (value.isdigit() and (int(value) > 0 or key == "seed")):
+            raise SystemExit(f"{key}={value!r} must be a whole number{'' if key == 'seed' else ' above 0'}.")
         spec[key] = value
     return spec
 
 
 def key_of(spec: dict[str, str], stage: str) -> str:
-    fields = {"cut": ("calib", "alloc"), "distill": ("calib", "alloc", "dlr"),
-              "lora": ("calib", "alloc", "dlr", "lora", "seed")}[stage]
-    return ",".join(f"{f}={spec[f]}" for f in fields)
+    """The cache key and row name of ``spec``'s ``stage``: the fields it depends on (LoRA steps and rank only when
+    they differ from the defaults, so the rows saved before those fields existed keep their names)."""
+    fields = {"cut": ("calib", "alloc"), "distill": ("calib", "alloc", "dlr")}.get(stage, ("calib", "alloc", "dlr"))
+    head = ",".join(f"{f}={spec[f]}" for f in fields)
+    return head if stage != "lora" else f"{head},lora={spec['lora']},{lora_extras(spec)}seed={spec['seed']}"
+
+
+def lora_extras(spec: dict[str, str]) -> str:
+    """``"lsteps=192,rank=32,"`` for the LoRA fields that differ from the defaults; ``""`` when none does."""
+    return "".join(f"{f}={spec[f]}," for f in ("lsteps", "rank") if spec[f] != DEFAULTS[f])
+
+
+def baseline_key(spec: dict[str, str]) -> str:
+    """The name of the baseline row trained with ``spec``'s LoRA recipe (``"seed=0"`` for the plain default)."""
+    recipe = "" if spec["lora"] == "plain" else f"lora={spec['lora']},"
+    return f"{recipe}{lora_extras(spec)}seed={spec['seed']}"
 
 
 class Setup:
@@ -177,9 +197,12 @@ def lora_row(s: Setup, spec: dict[str, str], start_model, row, name: str = "lora
     seed = int(spec["seed"])
     sft = ex.make_sft_dataloader(s.train_records, s.tokenizer, batch_size=LORA_BATCH, max_length=320, seed=seed)
     lr = 1e-3 if spec["lora"] == "lr1e-3" else LORA_LR
-    data = (ex.with_replay(sft, s.general_train, s.tokenizer, steps=LORA_STEPS, max_tokens=REPLAY_TOKENS)
-            if spec["lora"] == "replay" else sft)
-    peft_model, history = lora.train_lora_adapter(start_model, data, steps=LORA_STEPS, rank=RANK, alpha=ALPHA, lr=lr,
+    steps, rank = int(spec["lsteps"]), int(spec["rank"])
+    alpha = ALPHA * rank / RANK  # the adapter's scale alpha / rank stays ALPHA / RANK = 2
+    replay_rows = {"replay": 1, "replay2": 2}.get(spec["lora"], 0)
+    data = (ex.with_replay(sft, s.general_train, s.tokenizer, steps=steps, rows=replay_rows,
+                           max_tokens=REPLAY_TOKENS) if replay_rows else sft)
+    peft_model, history = lora.train_lora_adapter(start_model, data, steps=steps, rank=rank, alpha=alpha, lr=lr,
                                                   loss_fn=ex.answer_loss, seed=seed, progress=False)
     merged = peft_model.merge_and_unload().eval()
     start = time.perf_counter()
@@ -201,9 +224,8 @@ def table(paths: list[Path]) -> str:
                  f"{r['ppl_task']:.2f}"]
         failed = ""
         if "schema_compliance" in r:
-            seed = "seed=" + r["key"].rsplit("seed=", 1)[-1]
-            recipe = next((p for p in r["key"].split(",") if p.startswith("lora=")), "lora=plain")
-            base = baselines.get(f"{recipe},{seed}") or baselines.get(seed)
+            spec = {**DEFAULTS, **dict(p.split("=", 1) for p in r["key"].split(","))}
+            base = baselines.get(baseline_key(spec)) or baselines.get(baseline_key({**spec, "lora": "plain"}))
             gaps = {m: (r[m] - base[m]) * 100 if base else None for m in metrics}
             cells += [f"{r[m]:.3f}" + ("" if gaps[m] is None else f" ({gaps[m]:+.1f})") for m in metrics]
             if base and r["stage"] != "baseline":
@@ -222,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the baseline's LoRA seed")
     parser.add_argument("--baseline-lora", choices=CHOICES["lora"], default="plain",
                         help="the baseline's LoRA recipe (the same as the specialist's, for a fair comparison)")
+    parser.add_argument("--baseline-steps", type=int, default=LORA_STEPS, help="the baseline's LoRA steps")
+    parser.add_argument("--baseline-rank", type=int, default=RANK, help="the baseline's LoRA rank")
     parser.add_argument("--split", choices=["validation", "test"], default="validation")
     parser.add_argument("--tag", default="a", help="names this process's output file")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/capstone_cache"))
@@ -235,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     name = f"SWEEP_capstone_{args.split}_{args.tag}"
     if args.baseline:
-        spec = {**DEFAULTS, "seed": str(args.seed), "lora": args.baseline_lora}
-        key = f"seed={args.seed}" if args.baseline_lora == "plain" else f"lora={args.baseline_lora},seed={args.seed}"
+        spec = parse_variant(f"lora={args.baseline_lora},lsteps={args.baseline_steps},rank={args.baseline_rank},"
+                             f"seed={args.seed}")
+        key = baseline_key(spec)
 
         def row(stage, m, seconds, **extra) -> None:
             _record(s, rows, "baseline", key, m, seconds, **extra)

@@ -679,3 +679,20 @@ def test_capstone_search_runs_the_stages_reuses_them_and_counts_failed_targets(t
         capstone_search.parse_variant("calib=nope")
     with pytest.raises(SystemExit, match="key=value"):
         capstone_search.parse_variant("clib=mix")
+    with pytest.raises(SystemExit, match="above 0"):
+        capstone_search.parse_variant("rank=0")
+    with pytest.raises(SystemExit, match="whole number"):
+        capstone_search.parse_variant("lsteps=many")
+    # a longer, wider LoRA: its own row name, the cut and distillation reused, compared with its own baseline
+    spec = capstone_search.parse_variant("lora=replay2,lsteps=3,rank=4")
+    assert capstone_search.baseline_key(spec) == "lora=replay2,lsteps=3,rank=4,seed=0"
+    assert capstone_search.main(["--baseline", "--baseline-lora", "replay2", "--baseline-steps", "3",
+                                 "--baseline-rank", "4", "--tag", "b2", *cache]) == 0
+    assert capstone_search.main(["--variant", "calib=mix,alloc=global,lora=replay2,lsteps=3,rank=4", "--tag", "x",
+                                 *cache]) == 0
+    wide = json.loads((out / "SWEEP_capstone_validation_x.json").read_text())["results"]["rows"]
+    assert wide[0]["cached"] and wide[-1]["key"] == "calib=mix,alloc=global,dlr=5e-4,lora=replay2,lsteps=3,rank=4,seed=0"
+    capsys.readouterr()
+    assert capstone_search.main(["--table"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| lora |") and "rank=4" in x)
+    assert line.split("|")[-3].strip() == str(int(wide[-1]["x_base_wikitext"] > 1.6))  # found its own baseline
