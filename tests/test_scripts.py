@@ -691,7 +691,8 @@ def test_capstone_search_runs_the_stages_reuses_them_and_counts_failed_targets(t
     assert capstone_search.main(["--variant", "calib=mix,alloc=global,lora=replay2,lsteps=3,rank=4", "--tag", "x",
                                  *cache]) == 0
     wide = json.loads((out / "SWEEP_capstone_validation_x.json").read_text())["results"]["rows"]
-    assert wide[0]["cached"] and wide[-1]["key"] == "calib=mix,alloc=global,dlr=5e-4,lora=replay2,lsteps=3,rank=4,seed=0"
+    assert wide[0]["cached"]
+    assert wide[-1]["key"] == "calib=mix,alloc=global,dlr=5e-4,lora=replay2,lsteps=3,rank=4,seed=0"
     capsys.readouterr()
     assert capstone_search.main(["--table"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| lora |") and "rank=4" in x)
