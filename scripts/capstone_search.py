@@ -19,8 +19,10 @@ model, cut sizes, step counts, batch sizes and learning rates) and changes one s
 * ``lora``: ``plain`` (CH12's adapter), ``lr1e-3`` (half the learning rate), ``replay`` (every batch of 4
   notes carries one more row: a wikitext train text of at most 128 tokens, with the loss on all its tokens) or
   ``replay2`` (two such rows);
-* ``lsteps``: the LoRA's optimizer steps (96, the notebook's ``cpu`` budget, unless given);
-* ``rank``: the LoRA's rank (8 unless given), with alpha = 2 x rank so the adapter's scale stays 2;
+* ``lsteps``: the LoRA's optimizer steps (96 unless given: the notebook's ``cpu`` budget in the first round);
+* ``rank``: the LoRA's rank (8 unless given), with alpha = 2 x rank so the adapter's scale stays 2. The second
+  round picked ``lsteps=192,rank=32``, which the notebook now uses; the defaults stay the first round's, so the
+  rows saved then keep their names;
 * ``seed``: the LoRA seed (adapter initialisation and order of the notes).
 
 Everything is measured on VALIDATION data: the 40 validation notes of ``clinical_notes`` (answers generated and
@@ -93,7 +95,7 @@ def parse_variant(text: str) -> dict[str, str]:
 def key_of(spec: dict[str, str], stage: str) -> str:
     """The cache key and row name of ``spec``'s ``stage``: the fields it depends on (LoRA steps and rank only when
     they differ from the defaults, so the rows saved before those fields existed keep their names)."""
-    fields = {"cut": ("calib", "alloc"), "distill": ("calib", "alloc", "dlr")}.get(stage, ("calib", "alloc", "dlr"))
+    fields = ("calib", "alloc") if stage == "cut" else ("calib", "alloc", "dlr")
     head = ",".join(f"{f}={spec[f]}" for f in fields)
     return head if stage != "lora" else f"{head},lora={spec['lora']},{lora_extras(spec)}seed={spec['seed']}"
 
