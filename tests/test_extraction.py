@@ -202,6 +202,7 @@ def test_with_replay_adds_general_rows_with_every_token_learned(tokenizer, tiny)
             assert row[:len(ids)].tolist() == ids and mixed["attention_mask"][n + r].sum() == len(ids)
             labels = mixed["labels"][n + r]
             assert labels[:len(ids)].tolist() == ids and (labels[len(ids):] == -100).all()
+        assert mixed["replay"].tolist() == [False] * n + [True] * 2  # which rows are replayed general text
 
 
 def test_with_replay_widens_the_task_rows_for_a_longer_text(tokenizer, tiny):
@@ -286,6 +287,87 @@ def test_answer_loss_equals_the_full_causal_lm_loss_with_the_same_gradient(tiny_
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="needs batch\\['labels'\\]"):
         ex.answer_loss(peft_model, {"input_ids": batch["input_ids"]})
+
+
+def _replay_batch(tokenizer):
+    loader = ex.make_sft_dataloader(load_records("clinical_notes", split="train", n=2), tokenizer, batch_size=2,
+                                    max_length=1024, shuffle=False)
+    return ex.with_replay(loader, ["The river ran past the old mill and on to the sea."], tokenizer, steps=1)[0]
+
+
+def test_replay_distill_loss_is_answer_ce_plus_kl_to_the_teacher_on_replayed_rows(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny_llama
+    teacher = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a teacher that predicts differently from the student
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    batch = _replay_batch(tokenizer)
+    loss, parts = ex.replay_distill_loss(teacher, temperature=2.0)(peft_model, batch)
+    # by hand, on the full logits: CE summed over answer tokens, T^2 KL(teacher || student) summed over replayed ones
+    logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    task = (targets != -100) & ~batch["replay"][:, None]
+    replay = (targets != -100) & batch["replay"][:, None]
+    ce = torch.nn.functional.cross_entropy(logits[task], targets[task], reduction="sum")
+    kl = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(logits[replay] / 2, -1), torch.log_softmax(
+        t_logits[replay] / 2, -1), log_target=True, reduction="sum")
+    expected = (ce + kl) / (task.sum() + replay.sum())
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert parts["kd"] == pytest.approx(float(kl) / int(replay.sum()), rel=1e-4) and parts["kd"] > 0
+    assert parts["ce"] == pytest.approx(float(ce) / int(task.sum()), rel=1e-4)
+    # the gradient matches too
+    peft_model.zero_grad()
+    loss.backward()
+    ours = [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+    peft_model.zero_grad()
+    logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits[task], targets[task], reduction="sum")
+    kl = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(logits[replay] / 2, -1), torch.log_softmax(
+        t_logits[replay] / 2, -1), log_target=True, reduction="sum")
+    ((ce + kl) / (task.sum() + replay.sum())).backward()
+    for a, b in zip(ours, (p.grad for p in peft_model.parameters() if p.requires_grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_replay_distill_loss_with_the_model_as_its_own_teacher_leaves_only_the_answers(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny_llama
+    teacher = copy.deepcopy(model)  # made before the adapter, whose B = 0 leaves the model as it was
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    batch = _replay_batch(tokenizer)
+    loss, parts = ex.replay_distill_loss(teacher)(peft_model, batch)
+    assert parts["kd"] == pytest.approx(0.0, abs=1e-5)
+    targets = batch["labels"][:, 1:]
+    n_task = int(((targets != -100) & ~batch["replay"][:, None]).sum())
+    plain = ex.answer_loss(peft_model, {k: v[~batch["replay"]] for k, v in batch.items()})
+    torch.testing.assert_close(loss, plain * n_task / int((targets != -100).sum()), atol=1e-5, rtol=1e-5)
+    # the full-logits path (models with soft-capped logits) gives the same loss
+    model.config.final_logit_softcapping = 1e9  # read by replay_distill_loss only; Llama ignores it
+    try:
+        torch.testing.assert_close(ex.replay_distill_loss(teacher)(peft_model, batch)[0], loss, atol=1e-5, rtol=1e-5)
+    finally:
+        del model.config.final_logit_softcapping
+
+
+def test_replay_distill_loss_rejects_bad_input(tiny_llama):
+    model, tokenizer = tiny_llama
+    batch = _replay_batch(tokenizer)
+    for bad in (0, -1.0, True, "2"):
+        with pytest.raises(ValueError, match="temperature must be a positive number"):
+            ex.replay_distill_loss(copy.deepcopy(model), temperature=bad)
+    with pytest.raises(ValueError, match="teacher must be a torch model"):
+        ex.replay_distill_loss("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(ValueError, match="shares weights"):
+        ex.replay_distill_loss(model)(model, batch)
+    with pytest.raises(ValueError, match="labels and replay"):
+        ex.replay_distill_loss(copy.deepcopy(model))(model, {k: v for k, v in batch.items() if k != "replay"})
 
 
 # --- generation ---------------------------------------------------------------------------------

@@ -697,3 +697,17 @@ def test_capstone_search_runs_the_stages_reuses_them_and_counts_failed_targets(t
     assert capstone_search.main(["--table"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| lora |") and "rank=4" in x)
     assert line.split("|")[-3].strip() == str(int(wide[-1]["x_base_wikitext"] > 1.6))  # found its own baseline
+    # replay distilled from the base model, then a second distillation after the merge: both reuse the cut
+    assert capstone_search.main(["--variant", "calib=mix,alloc=global,lora=kdreplay,lsteps=3,rank=4,post=2",
+                                 "--tag", "k", *cache]) == 0
+    assert capstone_search.main(["--baseline", "--baseline-steps", "3", "--baseline-rank", "4", "--tag", "b3",
+                                 *cache]) == 0
+    kd = json.loads((out / "SWEEP_capstone_validation_k.json").read_text())["results"]["rows"]
+    assert kd[0]["cached"] and kd[-1]["key"].endswith("lora=kdreplay,lsteps=3,rank=4,post=2,seed=0")
+    assert kd[-1]["ppl_wikitext"] != pytest.approx(wide[-1]["ppl_wikitext"])
+    capsys.readouterr()
+    assert capstone_search.main(["--table"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| lora |") and "post=2" in x)
+    assert line.split("|")[-3].strip() != ""  # compared with the plain baseline of the same steps and rank
+    with pytest.raises(SystemExit, match="whole number"):
+        capstone_search.parse_variant("post=-1")

@@ -396,9 +396,11 @@ def with_replay(dataloader, texts: Sequence[str], tokenizer, *, steps: int, rows
     with ``rows`` more rows: the next texts of ``texts`` (cycled), at most ``max_tokens`` tokens each,
     with **every** token a label. So each optimizer step also practises plain language modelling on
     general text, which limits how far the adapter pulls the model away from it. Rows are
-    right-padded to a common width (``-100`` labels and ``attention_mask == 0`` on the padding).
-    Pass the list to :func:`utils.train_lora_adapter` with ``loss_fn=answer_loss``; it costs the
-    compute of the extra rows.
+    right-padded to a common width (``-100`` labels and ``attention_mask == 0`` on the padding), and
+    each batch's ``replay`` entry (a bool per row) marks the general rows. Pass the list to
+    :func:`utils.train_lora_adapter` with ``loss_fn=answer_loss`` (the replayed text's own next
+    tokens are the targets) or ``loss_fn=replay_distill_loss(teacher)`` (the teacher's next-token
+    distributions are); it costs the compute of the extra rows.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int (optimizer steps), got {steps!r}.")
@@ -431,7 +433,8 @@ def with_replay(dataloader, texts: Sequence[str], tokenizer, *, steps: int, rows
                 mask[r, :len(row)] = 1
             out.append({"input_ids": torch.cat([_pad_to(batch["input_ids"], width, pad), ids]),
                         "attention_mask": torch.cat([_pad_to(batch["attention_mask"], width, 0), mask]),
-                        "labels": torch.cat([_pad_to(batch["labels"], width, -100), ids.masked_fill(mask == 0, -100)])})
+                        "labels": torch.cat([_pad_to(batch["labels"], width, -100), ids.masked_fill(mask == 0, -100)]),
+                        "replay": torch.arange(len(batch["input_ids"]) + rows) >= len(batch["input_ids"])})
             if len(out) == steps:
                 break
         if empty:
@@ -464,6 +467,82 @@ def answer_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> to
         return hidden.sum() * 0.0
     logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+
+
+def replay_distill_loss(teacher: torch.nn.Module, *, temperature: float = 1.0):
+    """``loss_fn(model, batch)`` for batches of :func:`with_replay`: the task rows learn their answers, the
+    replayed general rows learn the **teacher's** next-token distributions instead of the text's own tokens.
+
+    With :func:`answer_loss` a replayed row is ordinary language modelling on a handful of texts, which a
+    long run can fit by heart; here the target at every replayed position is what ``teacher`` (the model
+    before specialisation, a separate frozen copy) predicts there, so the adapter is pulled back towards
+    the teacher's behaviour on general text rather than towards those particular texts (the idea of
+    *Learning without Forgetting*, Li and Hoiem, 2016). The loss is a token-weighted mean, as in
+    :func:`answer_loss`: ``(sum of CE over answer tokens + sum of T^2 KL(teacher || model) over replayed
+    tokens) / (number of both)``; at ``temperature = 1`` a replayed token's gradient is that of the
+    cross-entropy against the teacher's distribution. The function returns ``(loss, {"ce": ..., "kd": ...})``,
+    the per-token means of the two parts (0 where a batch has none).
+
+    Args:
+        teacher: a causal LM with the model's vocabulary, on the model's device; run without gradients.
+        temperature: softens both distributions on the replayed rows (see :func:`utils.soft_target_loss`).
+
+    Raises:
+        ValueError: a non-positive temperature, a teacher that is not a model; when called, a batch
+            without ``labels`` or ``replay``, or a teacher that shares weights with the model being
+            trained (pass ``copy.deepcopy(model)`` made *before* the adapter is added).
+    """
+    from .distillation import soft_target_loss
+
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+    if not isinstance(teacher, torch.nn.Module):
+        raise ValueError("teacher must be a torch model (the model before specialisation), "
+                         f"got {type(teacher).__name__}.")
+    checked: set[int] = set()
+
+    def loss_fn(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
+        if "labels" not in batch or "replay" not in batch:
+            raise ValueError("replay_distill_loss needs batches with labels and replay (build them with "
+                             "with_replay).")
+        if id(model) not in checked:
+            if {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+                raise ValueError("The teacher shares weights with the model being trained: pass a separate copy "
+                                 "(copy.deepcopy(model) before the adapter is added).")
+            checked.add(id(model))
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        targets = batch["labels"][:, 1:]
+        replay = batch["replay"].to(targets.device).bool()
+        task_keep = (targets != -100) & ~replay[:, None]
+        replay_keep = (targets != -100) & replay[:, None]
+        n_task, n_replay = int(task_keep.sum()), int(replay_keep.sum())
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(lm.config, "final_logit_softcapping", None) or not hasattr(lm, "get_decoder"):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+
+            def head(keep):
+                return logits[keep]
+        else:  # the output layer on the counted positions only, as in answer_loss
+            hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+
+            def head(keep):
+                return lm.get_output_embeddings()(hidden[keep])
+        if not n_task + n_replay:
+            return head(task_keep).sum() * 0.0, {"ce": 0.0, "kd": 0.0}
+        ce = kd = torch.zeros((), device=ids.device)
+        if n_task:
+            ce = torch.nn.functional.cross_entropy(head(task_keep).float(), targets[task_keep], reduction="sum")
+        if n_replay:
+            was_training = teacher.training
+            teacher.eval()
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids[replay], attention_mask=None if mask is None else mask[replay],
+                                   use_cache=False).logits[:, :-1][replay_keep[replay]]
+            teacher.train(was_training)
+            kd = soft_target_loss(head(replay_keep)[None], t_logits[None], temperature=temperature) * n_replay
+        loss = (ce + kd) / (n_task + n_replay)
+        return loss, {"ce": float(ce.detach()) / max(1, n_task), "kd": float(kd.detach()) / max(1, n_replay)}
+    return loss_fn
 
 
 # --- generation ---------------------------------------------------------------------------------
