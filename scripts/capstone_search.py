@@ -35,10 +35,11 @@ notebook reports on the test split once, with the recipe chosen here.
 
 The rule, fixed before the runs: a recipe qualifies when, on validation, its wikitext ratio is at most 1.6 and
 no task metric is more than 5 points below the baseline of the same seed (trained with the same LoRA recipe when
-that baseline was run, else the plain one with the same steps and rank and no second distillation); among those that qualify, the lowest
-wikitext ratio wins. When none qualifies, the recipe with the fewest failed targets wins, ties broken by the
-wikitext ratio. Stages are cached under ``--cache`` (one file per stage prefix), so variants that share a cut or
-a distillation reuse it. Rows go to runs/<profile>/SWEEP_capstone_<split>_<tag>.json (one file per process).
+that baseline was run, else the plain one with the same steps and rank and no second distillation); among those
+that qualify, the lowest wikitext ratio wins. When none qualifies, the recipe with the fewest failed targets wins,
+ties broken by the wikitext ratio. Stages are cached under ``--cache`` (one file per stage prefix), so variants
+that share a cut or a distillation reuse it. Rows go to runs/<profile>/SWEEP_capstone_<split>_<tag>.json (one
+file per process).
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def lora_row(s: Setup, spec: dict[str, str], start_model, row, name: str = "lora
     merged = peft_model.merge_and_unload().eval()
     seconds = history["seconds"]
     if int(spec["post"]):
-        merged.train()
+        merged.train().requires_grad_(True)  # peft froze the base weights; the second distillation trains them all
         seconds += distillation.distill(merged, s.model, s.general_loader(), max_steps=int(spec["post"]), lr=1e-4,
                                         progress=False)["seconds"]
         merged.eval()
@@ -243,7 +244,8 @@ def table(paths: list[Path]) -> str:
         failed = ""
         if "schema_compliance" in r:
             spec = {**DEFAULTS, **dict(p.split("=", 1) for p in r["key"].split(","))}
-            base = baselines.get(baseline_key(spec)) or baselines.get(baseline_key({**spec, "lora": "plain", "post": "0"}))
+            plain = {**spec, "lora": "plain", "post": "0"}
+            base = baselines.get(baseline_key(spec)) or baselines.get(baseline_key(plain))
             gaps = {m: (r[m] - base[m]) * 100 if base else None for m in metrics}
             cells += [f"{r[m]:.3f}" + ("" if gaps[m] is None else f" ({gaps[m]:+.1f})") for m in metrics]
             if base and r["stage"] != "baseline":
