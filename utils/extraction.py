@@ -485,7 +485,7 @@ def replay_distill_loss(teacher: torch.nn.Module, *, temperature: float = 1.0):
 
     Args:
         teacher: a causal LM with the model's vocabulary, on the model's device; run without gradients.
-        temperature: softens both distributions on the replayed rows (see :func:`utils.soft_target_loss`).
+        temperature: softens both distributions on the replayed rows (see :func:`utils.distillation.soft_target_loss`).
 
     Raises:
         ValueError: a non-positive temperature, a teacher that is not a model; when called, a batch
