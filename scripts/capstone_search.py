@@ -210,8 +210,7 @@ def lora_row(s: Setup, spec: dict[str, str], start_model, row, name: str = "lora
     lr = 1e-3 if spec["lora"] == "lr1e-3" else LORA_LR
     steps, rank = int(spec["lsteps"]), int(spec["rank"])
     alpha = ALPHA * rank / RANK  # the adapter's scale alpha / rank stays ALPHA / RANK = 2
-    replay_rows = {"replay": 1, "replay2": 2}.get(spec["lora"], 0)
-    replay_rows = 1 if spec["lora"] == "kdreplay" else replay_rows
+    replay_rows = {"replay": 1, "replay2": 2, "kdreplay": 1}.get(spec["lora"], 0)
     data = (ex.with_replay(sft, s.general_train, s.tokenizer, steps=steps, rows=replay_rows,
                            max_tokens=REPLAY_TOKENS) if replay_rows else sft)
     loss_fn = ex.replay_distill_loss(s.model) if spec["lora"] == "kdreplay" else ex.answer_loss

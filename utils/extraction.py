@@ -442,6 +442,31 @@ def with_replay(dataloader, texts: Sequence[str], tokenizer, *, steps: int, rows
     return out
 
 
+def _needs_full_logits(lm: torch.nn.Module) -> bool:
+    """True when the model's logits need more than its output layer (Gemma 2 soft-capping) or it has no decoder."""
+    return bool(getattr(lm.config, "final_logit_softcapping", None)) or not hasattr(lm, "get_decoder")
+
+
+def _counted_logits(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]):
+    """``(head, anchor)``: ``head(keep)`` gives the logits that predict token ``t + 1`` at the positions ``t``
+    where ``keep`` (``[batch, seq - 1]``) is true, running the output layer on those positions only (on every
+    position for models that :func:`_needs_full_logits`); ``anchor`` is the model's output, for a zero loss that
+    stays in the graph."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if _needs_full_logits(lm):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        def head(keep):
+            return logits[:, :-1][keep]
+        return head, logits
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def head(keep):
+        return lm.get_output_embeddings()(hidden[:, :-1][keep])
+    return head, hidden
+
+
 def answer_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The same loss as :func:`utils.causal_lm_loss` (next-token cross-entropy on ``batch["labels"]``),
     computing the output layer only where a label counts.
@@ -454,19 +479,16 @@ def answer_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> to
     """
     if "labels" not in batch:
         raise ValueError("answer_loss needs batch['labels'] (build batches with make_sft_dataloader).")
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(lm.config, "final_logit_softcapping", None) or not hasattr(lm, "get_decoder"):
+    if _needs_full_logits(model.get_base_model() if hasattr(model, "get_base_model") else model):
         from .training import causal_lm_loss  # logits need more than the output layer (Gemma 2 soft-capping)
 
         return causal_lm_loss(model, batch)
-    hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                              use_cache=False).last_hidden_state
+    head, anchor = _counted_logits(model, batch)
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     if not keep.any():
-        return hidden.sum() * 0.0
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        return anchor.sum() * 0.0
+    return torch.nn.functional.cross_entropy(head(keep).float(), targets[keep])
 
 
 def replay_distill_loss(teacher: torch.nn.Module, *, temperature: float = 1.0):
@@ -516,19 +538,9 @@ def replay_distill_loss(teacher: torch.nn.Module, *, temperature: float = 1.0):
         task_keep = (targets != -100) & ~replay[:, None]
         replay_keep = (targets != -100) & replay[:, None]
         n_task, n_replay = int(task_keep.sum()), int(replay_keep.sum())
-        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(lm.config, "final_logit_softcapping", None) or not hasattr(lm, "get_decoder"):
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-
-            def head(keep):
-                return logits[keep]
-        else:  # the output layer on the counted positions only, as in answer_loss
-            hidden = lm.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-
-            def head(keep):
-                return lm.get_output_embeddings()(hidden[keep])
+        head, anchor = _counted_logits(model, batch)  # the output layer on the counted positions only
         if not n_task + n_replay:
-            return head(task_keep).sum() * 0.0, {"ce": 0.0, "kd": 0.0}
+            return anchor.sum() * 0.0, {"ce": 0.0, "kd": 0.0}
         ce = kd = torch.zeros((), device=ids.device)
         if n_task:
             ce = torch.nn.functional.cross_entropy(head(task_keep).float(), targets[task_keep], reduction="sum")
