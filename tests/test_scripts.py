@@ -360,7 +360,9 @@ def test_t4_budget_new_steps_run_in_tiny_mode(tmp_path):
     moe = rows["CH09_NB01:moe"]
     assert "last 8 blocks trained" in moe["settings"]  # the tiny profile's RECOVERY_LAST_BLOCKS
     assert [name for name, _ in moe["phases"]][-1] == "export: save, utils.load_model, compare"
-    assert "notebook still holds" not in rows["CH12_NB01:capstone"]["settings"]  # it deletes each `alt` at once
+    capstone = rows["CH12_NB01:capstone"]
+    assert "notebook still holds" not in capstone["settings"]  # it deletes each `alt` at once
+    assert "second distillation of the merged specialist" in capstone["settings"]  # POST_DISTILL_STEPS > 0
 
 
 def test_t4_budget_fresh_process_and_exit_status_over_budget(capsys):
