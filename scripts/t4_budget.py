@@ -1310,8 +1310,9 @@ def ch12_nb01_capstone(ctx: Context) -> None:
         utils.prune_glu(student, ratio=p["WIDTH_RATIO"], dataloader=calib, allocation=p.get("WIDTH_ALLOCATION"),
                         progress=False)
         alt = _alive_copies(ctx, "CH12_NB01", ["alt"], "distill(student, model", student)
+    general = _train_batches(ctx, model, 8, 128)  # both distillations read the same batches, as in the notebook
     with ctx.meter.phase("utils.distill"):
-        utils.distill(student, model, _train_batches(ctx, model, 8, 128), max_steps=OPTIMIZER_STEPS, progress=False)
+        utils.distill(student, model, general, max_steps=OPTIMIZER_STEPS, progress=False)
     student.eval()
     rows = p["LORA_BATCH"] + p.get("LORA_REPLAY_ROWS", 0)
     sft = _train_batches(ctx, model, rows, 320)
@@ -1325,8 +1326,7 @@ def ch12_nb01_capstone(ctx: Context) -> None:
             merged[name] = peft_model.merge_and_unload().eval()
             if name == "specialist" and post_steps:  # the second distillation: every weight of the merged model
                 merged[name].train().requires_grad_(True)
-                utils.distill(merged[name], model, _train_batches(ctx, model, 8, 128), max_steps=OPTIMIZER_STEPS,
-                              progress=False)
+                utils.distill(merged[name], model, general, max_steps=OPTIMIZER_STEPS, progress=False)
                 merged[name].eval()
             _generate(ctx, merged[name], p["GEN_BATCH"], 320, p["MAX_NEW_TOKENS"])
     post = (f"; second distillation of the merged specialist {OPTIMIZER_STEPS} of {post_steps} steps at 8x128"
